@@ -1,0 +1,756 @@
+//! The local HTTP API: Konsul's service and KV routes with Konsul's JSON
+//! shapes, health probes, `/metrics`, and the edge's own `/v1/edge/...`.
+//!
+//! hyper 1 over smol through smol-hyper: HTTP/1.1 only (clients on a device
+//! talk to 127.0.0.1), a header read timeout against idle sockets, a cap on
+//! open connections, and bodies read through a hard size limit before any
+//! parsing. Routing is a match on method and path segments: a dozen routes
+//! do not need a router crate. Every route's errors map exhaustively from
+//! [`RegistryError`] to a status and Konsul's `{"error","message"}` body.
+//!
+//! Shutdown is graceful: the accept loop stops, each connection finishes
+//! the request it is serving (so an acknowledged write is a committed
+//! write) and closes.
+
+use std::convert::Infallible;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_io::Async;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use smol::future::FutureExt;
+
+use crate::clock::{rfc3339, wall_millis};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError, ServiceEntry, ServiceInput};
+use crate::store::StoreError;
+
+/// Open connections beyond this wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 128;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("http.listen {addr}: cannot listen: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// A one-shot, clonable shutdown flag that tasks can await.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    inner: Arc<(AtomicBool, event_listener::Event)>,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.inner.0.store(true, Ordering::SeqCst);
+        self.inner.1.notify(usize::MAX);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.inner.0.load(Ordering::SeqCst)
+    }
+
+    pub async fn wait(&self) {
+        loop {
+            if self.is_triggered() {
+                return;
+            }
+            let listener = self.inner.1.listen();
+            if self.is_triggered() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Counts open connections so shutdown can wait for them to drain.
+#[derive(Default)]
+struct Inflight {
+    open: AtomicUsize,
+    drained: event_listener::Event,
+}
+
+struct ConnGuard(Arc<Inflight>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify(usize::MAX);
+        }
+    }
+}
+
+pub struct Api {
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub max_body: u64,
+    /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
+    pub test_hooks: bool,
+}
+
+/// A bound listener; bind before READY=1 so "ready" means "accepting".
+pub struct Server {
+    listener: Async<TcpListener>,
+    inflight: Arc<Inflight>,
+}
+
+impl Server {
+    pub fn bind(addr: &str) -> Result<Server, HttpError> {
+        let bind_err = |source| HttpError::Bind {
+            addr: addr.into(),
+            source,
+        };
+        let std_listener = TcpListener::bind(addr).map_err(bind_err)?;
+        let listener = Async::new(std_listener).map_err(bind_err)?;
+        Ok(Server {
+            listener,
+            inflight: Arc::default(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.get_ref().local_addr()
+    }
+
+    /// Serves until `shutdown`, then waits up to `drain` for open
+    /// connections to finish their current request.
+    pub async fn serve(
+        self,
+        api: Arc<Api>,
+        ex: Arc<smol::Executor<'static>>,
+        shutdown: Shutdown,
+        drain: Duration,
+    ) {
+        let slots = Arc::new(smol::lock::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let accept = async {
+                let permit = slots.acquire_arc().await;
+                Some((self.listener.accept().await, permit))
+            };
+            let stop = async {
+                shutdown.wait().await;
+                None
+            };
+            let Some((accepted, permit)) = accept.or(stop).await else {
+                break;
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("http accept failed: {e}");
+                    async_io::Timer::after(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            self.inflight.open.fetch_add(1, Ordering::SeqCst);
+            let guard = ConnGuard(self.inflight.clone());
+            let api = api.clone();
+            let shutdown = shutdown.clone();
+            ex.spawn(async move {
+                serve_connection(stream, api, shutdown).await;
+                drop(permit);
+                drop(guard);
+            })
+            .detach();
+        }
+        let wait_drained = async {
+            loop {
+                if self.inflight.open.load(Ordering::SeqCst) == 0 {
+                    return true;
+                }
+                let l = self.inflight.drained.listen();
+                if self.inflight.open.load(Ordering::SeqCst) == 0 {
+                    return true;
+                }
+                l.await;
+            }
+        };
+        let deadline = async {
+            async_io::Timer::after(drain).await;
+            false
+        };
+        if !wait_drained.or(deadline).await {
+            log::warn!(
+                "{} HTTP connections still open after {drain:?}; closing them",
+                self.inflight.open.load(Ordering::SeqCst)
+            );
+        }
+    }
+}
+
+async fn serve_connection(stream: Async<std::net::TcpStream>, api: Arc<Api>, shutdown: Shutdown) {
+    let io = smol_hyper::rt::FuturesIo::new(stream);
+    let service = hyper::service::service_fn(move |req| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(api.handle(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(smol_hyper::rt::SmolTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let finished = async { Some(conn.as_mut().await) };
+    let stop = async {
+        shutdown.wait().await;
+        None
+    };
+    let result = match finished.or(stop).await {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        log::debug!("http connection ended: {e}");
+    }
+}
+
+/// Konsul's error body.
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    let title = match status {
+        StatusCode::CONFLICT => "CAS conflict",
+        s => s.canonical_reason().unwrap_or("Error"),
+    };
+    json_resp(status, &json!({"error": title, "message": message.into()}))
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn ok(v: Value) -> Resp {
+    json_resp(StatusCode::OK, &v)
+}
+
+fn method_not_allowed(allow: &'static str) -> Resp {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; use {allow}"),
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Maps every registry error to a status, exhaustively: a new error variant
+/// does not compile until it has a status.
+fn registry_error(e: RegistryError, metrics: &Metrics) -> Resp {
+    match e {
+        RegistryError::Invalid { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
+        RegistryError::NotFound { what, .. } => {
+            let what = match what {
+                "service" => "Service",
+                "key" => "Key",
+                other => other,
+            };
+            error(StatusCode::NOT_FOUND, format!("{what} not found"))
+        }
+        RegistryError::CasConflict { .. } => error(StatusCode::CONFLICT, e.to_string()),
+        RegistryError::ServiceLimit { .. } => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        RegistryError::Store(s) => store_error(s, metrics),
+    }
+}
+
+fn store_error(e: StoreError, metrics: &Metrics) -> Resp {
+    metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+    match e {
+        StoreError::LimitReached { .. } | StoreError::DiskFull { .. } => {
+            log::warn!("{e}");
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        StoreError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        StoreError::Open { .. }
+        | StoreError::CreateDir { .. }
+        | StoreError::NotKonsul { .. }
+        | StoreError::Corrupt { .. }
+        | StoreError::NewerSchema { .. }
+        | StoreError::Sqlite { .. }
+        | StoreError::BadRecord { .. } => {
+            log::error!("{e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage error; see the daemon log",
+            )
+        }
+    }
+}
+
+/// The query string as pairs, percent-decoded.
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            // `+` is a space only in query strings, never in paths.
+            (
+                percent_decode(&k.replace('+', " ")),
+                percent_decode(&v.replace('+', " ")),
+            )
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1" | ""))
+    }
+
+    fn cas(&self) -> Result<Option<u64>, Resp> {
+        match self.get("cas") {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| error(StatusCode::BAD_REQUEST, "Invalid CAS parameter")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct KvPut {
+    value: String,
+    #[serde(default)]
+    cas: Option<u64>,
+    #[serde(default)]
+    flags: u64,
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    #[serde(flatten)]
+    service: ServiceInput,
+    #[serde(default)]
+    cas: Option<u64>,
+}
+
+fn service_entry_json(e: &ServiceEntry) -> Value {
+    json!({
+        "service": e.service,
+        "expires_at": e.expires_at_ms.map(rfc3339),
+        "modify_index": e.modify_index,
+        "create_index": e.create_index,
+        "health": e.health,
+    })
+}
+
+impl Api {
+    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+        let (route, resp) = self.route(req).await;
+        self.metrics.request(route, resp.status().as_u16());
+        resp
+    }
+
+    async fn body<T: for<'de> Deserialize<'de>>(&self, req: Request<Incoming>) -> Result<T, Resp> {
+        let too_large = || {
+            self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body exceeds http.max_body_size ({} bytes)",
+                    self.max_body
+                ),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return Err(too_large());
+        }
+        let bytes = match Limited::new(req.into_body(), self.max_body as usize)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read body: {e}"),
+                ))
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| {
+            self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::BAD_REQUEST, format!("Invalid JSON body: {e}"))
+        })
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> (&'static str, Resp) {
+        let path = req.uri().path().to_owned();
+        let query = Query(query_pairs(req.uri().query()));
+        let method = req.method().clone();
+        let segs: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+        let head = segs.first().copied().unwrap_or("");
+        let rest = segs.get(1).copied().unwrap_or("");
+        match (head, rest) {
+            ("register", "") => (
+                "/register",
+                match method {
+                    Method::PUT | Method::POST => self.register(req, &query).await,
+                    _ => method_not_allowed("PUT"),
+                },
+            ),
+            ("deregister", id) if !id.is_empty() => (
+                "/deregister/:id",
+                match method {
+                    Method::DELETE | Method::PUT => {
+                        self.deregister(percent_decode(id), &query).await
+                    }
+                    _ => method_not_allowed("DELETE"),
+                },
+            ),
+            ("heartbeat", id) if !id.is_empty() => (
+                "/heartbeat/:id",
+                match method {
+                    Method::PUT | Method::POST => {
+                        match self.registry.heartbeat(percent_decode(id)).await {
+                            Ok(s) => ok(json!({"message": "heartbeat updated", "service": s.name})),
+                            Err(e) => registry_error(e, &self.metrics),
+                        }
+                    }
+                    _ => method_not_allowed("PUT"),
+                },
+            ),
+            ("services", "") => (
+                "/services/",
+                match method {
+                    Method::GET => match self.registry.services(false).await {
+                        Ok(list) => ok(Value::Array(
+                            list.iter().map(|e| json!(e.service)).collect(),
+                        )),
+                        Err(e) => registry_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("services", name) => (
+                "/services/:name",
+                match method {
+                    Method::GET => match self.registry.service(percent_decode(name)).await {
+                        Ok(e) if query.flag("metadata") => ok(service_entry_json(&e)),
+                        Ok(e) => ok(json!(e.service)),
+                        Err(e) => registry_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("kv", "") => (
+                "/kv/",
+                match method {
+                    Method::GET => match self.registry.kv_keys().await {
+                        Ok(keys) => ok(json!(keys)),
+                        Err(e) => registry_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("kv", key) => (
+                "/kv/:key",
+                self.kv(req, method, percent_decode(key), &query).await,
+            ),
+            ("health", "") => (
+                "/health",
+                match method {
+                    Method::GET => self.health().await,
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("health", "live") => (
+                "/health/live",
+                match method {
+                    Method::GET => {
+                        ok(json!({"status": "alive", "timestamp": rfc3339(wall_millis())}))
+                    }
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("health", "ready") => (
+                "/health/ready",
+                match method {
+                    Method::GET => match self.registry.store().call(|_| ()).await {
+                        Ok(()) => {
+                            ok(json!({"status": "ready", "timestamp": rfc3339(wall_millis())}))
+                        }
+                        Err(e) => store_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("metrics", "") => (
+                "/metrics",
+                match method {
+                    Method::GET => self.metrics_text().await,
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ("v1", rest) => self.edge(req, method, rest, &query).await,
+            _ => (
+                "other",
+                error(StatusCode::NOT_FOUND, format!("no route for {path}")),
+            ),
+        }
+    }
+
+    async fn register(&self, req: Request<Incoming>, query: &Query) -> Resp {
+        let query_cas = match query.cas() {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let body: RegisterBody = match self.body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        match self
+            .registry
+            .register(body.service, body.cas.or(query_cas))
+            .await
+        {
+            Ok((service, index)) => ok(json!({
+                "message": "service registered",
+                "service": service,
+                "modify_index": index,
+            })),
+            Err(e) => registry_error(e, &self.metrics),
+        }
+    }
+
+    async fn deregister(&self, id: String, query: &Query) -> Resp {
+        let cas = match query.cas() {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        match self.registry.deregister(id.clone(), cas).await {
+            Ok(()) => ok(json!({"message": "service deregistered", "name": id})),
+            Err(e) => registry_error(e, &self.metrics),
+        }
+    }
+
+    async fn kv(&self, req: Request<Incoming>, method: Method, key: String, query: &Query) -> Resp {
+        match method {
+            Method::GET => match self.registry.kv_get(key).await {
+                Ok(e) if query.flag("metadata") => ok(json!({
+                    "key": e.key,
+                    "value": e.value,
+                    "modify_index": e.modify_index,
+                    "create_index": e.create_index,
+                    "flags": e.flags,
+                })),
+                Ok(e) => ok(json!({"key": e.key, "value": e.value})),
+                Err(e) => registry_error(e, &self.metrics),
+            },
+            Method::PUT | Method::POST => {
+                let query_cas = match query.cas() {
+                    Ok(c) => c,
+                    Err(r) => return r,
+                };
+                let body: KvPut = match self.body(req).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                match self
+                    .registry
+                    .kv_put(key.clone(), body.value, body.flags, body.cas.or(query_cas))
+                    .await
+                {
+                    Ok(index) => {
+                        ok(json!({"message": "key set", "key": key, "modify_index": index}))
+                    }
+                    Err(e) => registry_error(e, &self.metrics),
+                }
+            }
+            Method::DELETE => {
+                let cas = match query.cas() {
+                    Ok(c) => c,
+                    Err(r) => return r,
+                };
+                match self.registry.kv_delete(key.clone(), cas).await {
+                    Ok(()) => ok(json!({"message": "key deleted", "key": key})),
+                    Err(e) => registry_error(e, &self.metrics),
+                }
+            }
+            _ => method_not_allowed("GET, PUT, DELETE"),
+        }
+    }
+
+    async fn health(&self) -> Resp {
+        let services = match self.registry.services(true).await {
+            Ok(s) => s,
+            Err(e) => return registry_error(e, &self.metrics),
+        };
+        let keys = match self.registry.kv_keys().await {
+            Ok(k) => k.len(),
+            Err(e) => return registry_error(e, &self.metrics),
+        };
+        let active = services
+            .iter()
+            .filter(|s| s.health == crate::registry::Health::Passing)
+            .count();
+        ok(json!({
+            "status": "healthy",
+            "version": env!("CARGO_PKG_VERSION"),
+            "node_id": self.registry.store().node_id(),
+            "uptime": format!("{}s", self.metrics.uptime_secs()),
+            "timestamp": rfc3339(wall_millis()),
+            "services": {"total": services.len(), "active": active, "expired": services.len() - active},
+            "kv_store": {"total_keys": keys},
+            "system": {"resident_memory_bytes": crate::metrics::rss_bytes()},
+        }))
+    }
+
+    async fn metrics_text(&self) -> Resp {
+        match self.registry.store().call(|db| db.stats()).await {
+            Ok(Ok(stats)) => {
+                let text = self.metrics.render(&stats, self.registry.store().node_id());
+                let mut r = Response::new(Full::new(Bytes::from(text)));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+        }
+    }
+
+    async fn edge(
+        &self,
+        _req: Request<Incoming>,
+        method: Method,
+        rest: &str,
+        query: &Query,
+    ) -> (&'static str, Resp) {
+        match rest {
+            "edge/services" => (
+                "/v1/edge/services",
+                match method {
+                    Method::GET => match self.registry.services(true).await {
+                        Ok(list) => ok(Value::Array(list.iter().map(service_entry_json).collect())),
+                        Err(e) => registry_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/status" => (
+                "/v1/edge/status",
+                match method {
+                    Method::GET => match self.registry.store().call(|db| db.stats()).await {
+                        Ok(Ok(stats)) => ok(json!({
+                            "node_id": self.registry.store().node_id(),
+                            "version": env!("CARGO_PKG_VERSION"),
+                            "uptime_seconds": self.metrics.uptime_secs(),
+                            "summary": crate::systemd::summary(&stats),
+                            "outbox_pending": stats.outbox,
+                            "db_bytes": stats.file_bytes,
+                            "db_max_bytes": stats.max_bytes,
+                            "modify_index": stats.index,
+                        })),
+                        Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/debug/wedge-store" if self.test_hooks => (
+                "/v1/edge/debug",
+                match method {
+                    Method::POST => {
+                        let ms: u64 = query.get("ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
+                        let queued = self.registry.store().spawn_job(move |_| {
+                            std::thread::sleep(Duration::from_millis(ms));
+                        });
+                        match queued {
+                            Ok(()) => ok(json!({"message": "store wedged", "ms": ms})),
+                            Err(e) => store_error(e, &self.metrics),
+                        }
+                    }
+                    _ => method_not_allowed("POST"),
+                },
+            ),
+            _ => (
+                "other",
+                error(StatusCode::NOT_FOUND, format!("no route for /v1/{rest}")),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("a+b"), "a+b");
+        assert_eq!(
+            query_pairs(Some("k=a+b&cas=1")),
+            vec![("k".into(), "a b".into()), ("cas".into(), "1".into())]
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("x%4"), "x%4");
+    }
+}

@@ -1,0 +1,270 @@
+//! `konsul-edge`: arguments, logging, config, exit codes. Nothing else.
+//!
+//! Exit codes follow sysexits(3) so a unit can say which failures a restart
+//! cannot fix (`RestartPreventExitStatus=64 65 78`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use konsul_edge::config::{Config, ConfigError, LogLevel};
+use konsul_edge::daemon::{self, DaemonError};
+use konsul_edge::store::StoreError;
+
+const EX_USAGE: u8 = 64;
+const EX_DATAERR: u8 = 65;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+const EX_CANTCREAT: u8 = 73;
+const EX_IOERR: u8 = 74;
+const EX_CONFIG: u8 = 78;
+
+const USAGE: &str = "\
+konsul-edge: the edge node of a Konsul deployment
+
+USAGE:
+    konsul-edge run --config FILE           run the daemon
+    konsul-edge check-config FILE           validate FILE (+ config.d/, KONSUL_* env)
+    konsul-edge init --cloud-address URL --mqtt-broker URL [--node-id ID]
+                     [--output FILE] [--force]
+                                            write a commented config
+                                            (default /etc/konsul-edge/edge.yaml; - for stdout)
+    konsul-edge selftest --data-dir DIR     open a store in DIR, write, read back
+    konsul-edge --version | --help
+
+ENVIRONMENT:
+    KONSUL_LOG=debug, KONSUL_MODE, KONSUL_CLOUD_ADDRESS, KONSUL_MQTT_ENABLED,
+    KONSUL_<SECTION>_<KEY> (e.g. KONSUL_HTTP_LISTEN=127.0.0.1:8600)
+";
+
+enum Command {
+    Run {
+        config: PathBuf,
+    },
+    CheckConfig {
+        config: PathBuf,
+    },
+    Init {
+        cloud_address: String,
+        mqtt_broker: String,
+        node_id: Option<String>,
+        output: PathBuf,
+        force: bool,
+    },
+    SelfTest {
+        dir: PathBuf,
+    },
+    Version,
+    Help,
+}
+
+fn parse_args() -> Result<Command, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_env();
+    let sub = match p.next()? {
+        None => return Ok(Command::Help),
+        Some(Long("version") | Short('V')) => return Ok(Command::Version),
+        Some(Long("help") | Short('h')) => return Ok(Command::Help),
+        Some(Value(v)) => v.string()?,
+        Some(other) => return Err(other.unexpected()),
+    };
+    let mut config: Option<PathBuf> = None;
+    let mut cloud_address: Option<String> = None;
+    let mut mqtt_broker: Option<String> = None;
+    let mut node_id = None;
+    let mut output = PathBuf::from("/etc/konsul-edge/edge.yaml");
+    let mut force = false;
+    let mut dir: Option<PathBuf> = None;
+    while let Some(arg) = p.next()? {
+        match (sub.as_str(), arg) {
+            (_, Long("help") | Short('h')) => return Ok(Command::Help),
+            ("run", Long("config") | Short('c')) => config = Some(p.value()?.into()),
+            ("check-config", Value(v)) if config.is_none() => config = Some(v.into()),
+            ("check-config", Long("config") | Short('c')) => config = Some(p.value()?.into()),
+            ("init", Long("cloud-address")) => cloud_address = Some(p.value()?.string()?),
+            ("init", Long("mqtt-broker")) => mqtt_broker = Some(p.value()?.string()?),
+            ("init", Long("node-id")) => node_id = Some(p.value()?.string()?),
+            ("init", Long("output") | Short('o')) => output = p.value()?.into(),
+            ("init", Long("force")) => force = true,
+            ("selftest", Long("data-dir")) => dir = Some(p.value()?.into()),
+            (_, other) => return Err(other.unexpected()),
+        }
+    }
+    let missing = |what: &str| lexopt::Error::from(format!("{sub}: missing {what}"));
+    Ok(match sub.as_str() {
+        "run" => Command::Run {
+            config: config.ok_or_else(|| missing("--config FILE"))?,
+        },
+        "check-config" => Command::CheckConfig {
+            config: config.ok_or_else(|| missing("FILE"))?,
+        },
+        "init" => Command::Init {
+            cloud_address: cloud_address.ok_or_else(|| missing("--cloud-address URL"))?,
+            mqtt_broker: mqtt_broker.ok_or_else(|| missing("--mqtt-broker URL"))?,
+            node_id,
+            output,
+            force,
+        },
+        "selftest" => Command::SelfTest {
+            dir: dir.ok_or_else(|| missing("--data-dir DIR"))?,
+        },
+        other => return Err(format!("unknown command `{other}`").into()),
+    })
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let early_level = std::env::var("KONSUL_LOG")
+        .ok()
+        .and_then(|l| l.parse::<LogLevel>().ok())
+        .unwrap_or_default();
+    konsul_edge::logging::init(early_level.to_filter());
+    let cmd = match parse_args() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("konsul-edge: {e}\n\n{USAGE}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match cmd {
+        Command::Help => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("konsul-edge {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok((c, sources)) => {
+                for name in &sources.ignored_env {
+                    eprintln!("warning: {name} names no configuration key; ignored");
+                }
+                println!(
+                    "{}: OK\n  files: {}\n  environment: {}\n  mode {:?}, node {}, storage {} (max {}), API {}, mqtt {}, sync {}",
+                    config.display(),
+                    sources.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+                    if sources.env.is_empty() { "none".into() } else { sources.env.join(", ") },
+                    c.mode,
+                    c.node_id(),
+                    c.storage.path.display(),
+                    c.storage.max_size,
+                    c.http.listen,
+                    if c.mqtt.enabled { c.mqtt.broker.as_str() } else { "disabled" },
+                    if c.cloud.server_address.is_empty() { "standalone" } else { c.cloud.server_address.as_str() },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(e),
+        },
+        Command::Init {
+            cloud_address,
+            mqtt_broker,
+            node_id,
+            output,
+            force,
+        } => init(&cloud_address, &mqtt_broker, node_id, &output, force),
+        Command::SelfTest { dir } => match daemon::selftest(&dir) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => daemon_failure(e),
+        },
+        Command::Run { config } => {
+            let (config, sources) = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(e),
+            };
+            log::set_max_level(config.log_level.to_filter());
+            for name in &sources.ignored_env {
+                log::warn!("{name} names no configuration key; ignored");
+            }
+            match daemon::run(config, started) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => daemon_failure(e),
+            }
+        }
+    }
+}
+
+fn config_failure(e: ConfigError) -> ExitCode {
+    log::error!("configuration error: {e}");
+    ExitCode::from(match e {
+        ConfigError::Read { .. } | ConfigError::Parse { .. } | ConfigError::Invalid { .. } => {
+            EX_CONFIG
+        }
+    })
+}
+
+fn daemon_failure(e: DaemonError) -> ExitCode {
+    log::error!("{e}");
+    let code = match &e {
+        DaemonError::Store(s) => match s {
+            StoreError::NotKonsul { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::NewerSchema { .. }
+            | StoreError::BadRecord { .. } => EX_DATAERR,
+            StoreError::CreateDir { .. } => EX_CANTCREAT,
+            StoreError::Open { .. }
+            | StoreError::LimitReached { .. }
+            | StoreError::DiskFull { .. }
+            | StoreError::Sqlite { .. } => EX_IOERR,
+            StoreError::Closed => EX_SOFTWARE,
+        },
+        DaemonError::Http(_) => EX_UNAVAILABLE,
+        DaemonError::Signals(_) => EX_SOFTWARE,
+        DaemonError::Unsupported(_) => EX_CONFIG,
+        DaemonError::SelfTest(_) => EX_SOFTWARE,
+    };
+    ExitCode::from(code)
+}
+
+fn init(
+    cloud: &str,
+    broker: &str,
+    node_id: Option<String>,
+    output: &std::path::Path,
+    force: bool,
+) -> ExitCode {
+    let node_id = node_id.unwrap_or_else(|| Config::default().node_id());
+    let text = konsul_edge::config::render_init(cloud, broker, &node_id);
+    // Refuse to write what we would refuse to run.
+    if let Err(e) = Config::from_yaml(&text, "generated config") {
+        return config_failure(e);
+    }
+    if output.as_os_str() == "-" {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    if output.exists() && !force {
+        log::error!("{} exists; pass --force to overwrite it", output.display());
+        return ExitCode::from(EX_CANTCREAT);
+    }
+    match write_atomically(output, text.as_bytes()) {
+        Ok(()) => {
+            println!(
+                "wrote {}; check it with `konsul-edge check-config {0}`",
+                output.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("{}: {e}", output.display());
+            ExitCode::from(EX_CANTCREAT)
+        }
+    }
+}
+
+/// Temp file, fsync, rename: a power cut leaves the old file or the new one.
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,61 @@
+//! Schema and migrations, versioned by `PRAGMA user_version`.
+//!
+//! Each migration runs in its own transaction together with the bump of
+//! `user_version`, so a power cut mid-migration leaves the previous version.
+//! A database newer than this binary is refused rather than "upgraded
+//! backwards": after an A/B rollback the old slot's binary may meet a file
+//! the new slot migrated, and guessing there loses data.
+
+/// `PRAGMA application_id`: "KNSL". Marks the file as ours, so pointing
+/// `storage.path` at another program's SQLite file fails before any write.
+pub const APPLICATION_ID: i32 = 0x4B4E_534C;
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: replicated records, the outbox, local-only service health.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+
+    -- One row per replicated record (service, KV entry, device, ...). The
+    -- body is the record's JSON; deletes keep the row as a tombstone so the
+    -- delete itself can replicate.
+    CREATE TABLE records (
+        kind         TEXT    NOT NULL,
+        key          TEXT    NOT NULL,
+        name         TEXT,
+        body         TEXT    NOT NULL,
+        hlc          INTEGER NOT NULL,
+        origin       TEXT    NOT NULL,
+        vv           TEXT    NOT NULL,
+        tombstone    INTEGER NOT NULL DEFAULT 0,
+        create_index INTEGER NOT NULL,
+        modify_index INTEGER NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX records_by_name ON records (kind, name) WHERE name IS NOT NULL;
+
+    -- Keys changed since the cloud last acknowledged them. One row per key:
+    -- a newer change replaces the row (and its seq), so the queue coalesces
+    -- and never has to drop a state change.
+    CREATE TABLE outbox (
+        seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        key  TEXT NOT NULL,
+        UNIQUE (kind, key)
+    );
+
+    -- TTL state is local: heartbeats every few seconds must not become
+    -- replicated writes.
+    CREATE TABLE service_health (
+        id            TEXT PRIMARY KEY,
+        ttl_ms        INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    INSERT INTO meta (key, value) VALUES ('index', '0'), ('hlc', '0');
+    "#,
+];
+
+pub const LATEST: i64 = MIGRATIONS.len() as i64;
