@@ -1,0 +1,120 @@
+SUMMARY = "Konsul edge node: local service registry, MQTT bridge, offline-first sync"
+DESCRIPTION = "konsul-edge keeps a Konsul-compatible service registry and KV \
+               store in SQLite on the device, bridges MQTT devices into it, \
+               syncs with a Konsul cloud hub when connected and coordinates \
+               A/B OTA updates."
+# nooelint: oelint.vars.homepageping - checked offline in CI; the URL is the project's repository
+HOMEPAGE = "https://github.com/konsul/konsul-edge"
+BUGTRACKER = "https://github.com/konsul/konsul-edge/issues"
+SECTION = "net"
+CVE_PRODUCT = "konsul-edge"
+
+# konsul-edge itself is Apache-2.0. The statically linked crates are
+# MIT/Apache-2.0 dual-licensed (taken as MIT) plus foldhash (Zlib); the
+# bundled SQLite, when enabled, is public domain. Re-check on Cargo.lock
+# changes: cargo metadata --format-version 1 | jq -r '.packages[].license' | sort -u
+LICENSE = "Apache-2.0 & MIT & Zlib"
+LICENSE:append = "${@bb.utils.contains('PACKAGECONFIG', 'bundled-sqlite', ' & PD', '', d)}"
+# The repository has no top-level LICENSE file yet; Cargo.toml declares
+# Apache-2.0. Switch to file://LICENSE;md5=... once it lands.
+# nooelint: oelint.var.licenseremotefile - no license file in the source tree yet (see above)
+LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10 \
+                    file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302 \
+                    file://${COMMON_LICENSE_DIR}/Zlib;md5=87f239f408daca8a157858e192597633"
+
+# Without the bundled-sqlite feature (the default, below) libsqlite3-sys
+# links the image's libsqlite3, found through pkg-config.
+DEPENDS += "${@bb.utils.contains('PACKAGECONFIG', 'bundled-sqlite', '', 'sqlite3', d)}"
+
+# The layer lives in the same repository as the code, so the recipe builds
+# the tagged release commit from git. Until v0.1.0 is tagged there is no
+# commit to pin: set SRCREV:pn-konsul-edge in local.conf, or build the
+# working tree with externalsrc/devtool (see meta-konsul/README.md). The
+# all-zero placeholder makes the recipe skip itself with that message
+# instead of failing at fetch time.
+SRC_URI = "git://github.com/konsul/konsul-edge.git;protocol=https;branch=main"
+SRCREV = "0000000000000000000000000000000000000000"
+
+require ${BPN}-crates.inc
+
+inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
+
+# Cargo features come from PACKAGECONFIG: each flag's first field is the
+# Cargo feature it enables, and the build always passes
+# --no-default-features so Cargo.toml's defaults (meant for developer
+# builds) never leak into images.
+#
+# Default: link the image's libsqlite3 (one copy, security updates via the
+# sqlite3 recipe) instead of the SQLite amalgamation bundled in the binary.
+PACKAGECONFIG ??= ""
+PACKAGECONFIG[bundled-sqlite] = "bundled-sqlite,,,"
+# Features still to come, one line each when their issue lands (flag name =
+# Cargo feature name; fields: feature,,build deps,runtime deps):
+#PACKAGECONFIG[mqtt] = "mqtt,,cmake-native"
+#PACKAGECONFIG[dbus] = "dbus,,,dbus"
+#PACKAGECONFIG[sync] = "sync,,"
+#PACKAGECONFIG[ota] = "ota,,"
+
+# nooelint: oelint.vars.mispell.unknown - recipe-local helper, not a misspelt OE variable
+KONSUL_CARGO_FEATURES = "${@','.join(d.getVar('PACKAGECONFIG_CONFARGS').split())}"
+CARGO_BUILD_FLAGS += "--no-default-features ${@'--features ' + d.getVar('KONSUL_CARGO_FEATURES') if d.getVar('KONSUL_CARGO_FEATURES') else ''}"
+
+# Cargo.toml's release profile strips the binary for developer builds; let
+# OE strip it instead so ${PN}-dbg keeps the symbols and the already-stripped
+# QA check stays meaningful.
+export CARGO_PROFILE_RELEASE_STRIP = "false"
+
+# Which board-configs/<dir> provides /etc/konsul-edge/edge.yaml (and the OTA
+# drop-in, if the board has one). Defaults follow MACHINE for the boards we
+# ship; anything else gets the generic profile (standalone, no OTA).
+KONSUL_EDGE_BOARD ?= "${@{'raspberrypi4-64': 'raspberrypi4-64', 'qemuarm64': 'qemuarm64', 'beaglebone-yocto': 'beaglebone'}.get(d.getVar('MACHINE'), 'generic')}"
+# The installed config differs per board, so the package does too.
+PACKAGE_ARCH = "${@'${TUNE_PKGARCH}' if d.getVar('KONSUL_EDGE_BOARD') == 'generic' else '${MACHINE_ARCH}'}"
+
+USERADD_PACKAGES = "${PN}"
+USERADD_PARAM:${PN} = "--system --user-group --no-create-home \
+                       --home-dir ${localstatedir}/lib/konsul-edge \
+                       --shell ${base_sbindir}/nologin konsul"
+
+SYSTEMD_SERVICE:${PN} = "konsul-edge.service"
+SYSTEMD_AUTO_ENABLE:${PN} = "enable"
+
+# nooelint: oelint.task.noanonpython - SkipRecipe must happen at parse time to give a clear reason
+python () {
+    if d.getVar('SRCREV') == '0' * 40 and not d.getVar('EXTERNALSRC'):
+        raise bb.parse.SkipRecipe("no release commit to build yet: set SRCREV:pn-konsul-edge "
+                                  "or use externalsrc (see meta-konsul/README.md)")
+}
+
+do_install:append() {
+    # The unit names /usr/bin and /etc literally (that is where both
+    # Yocto and Buildroot put them by default); follow a custom prefix.
+    install -d ${D}${systemd_system_unitdir}
+    sed -e 's,/usr/bin/,${bindir}/,g' -e 's,/etc/,${sysconfdir}/,g' \
+        ${S}/systemd/konsul-edge.service > ${D}${systemd_system_unitdir}/konsul-edge.service
+    chmod 0644 ${D}${systemd_system_unitdir}/konsul-edge.service
+
+    if [ -f ${S}/board-configs/${KONSUL_EDGE_BOARD}/50-ota-bootenv.conf ]; then
+        install -D -m 0644 ${S}/board-configs/${KONSUL_EDGE_BOARD}/50-ota-bootenv.conf \
+            ${D}${systemd_system_unitdir}/konsul-edge.service.d/50-ota-bootenv.conf
+    fi
+
+    install -D -m 0644 ${S}/systemd/sysusers.d/konsul-edge.conf \
+        ${D}${nonarch_libdir}/sysusers.d/konsul-edge.conf
+    install -D -m 0644 ${S}/systemd/tmpfiles.d/konsul-edge.conf \
+        ${D}${nonarch_libdir}/tmpfiles.d/konsul-edge.conf
+
+    # Config may carry broker credentials paths and cloud URLs: readable by
+    # the daemon's group, not by everyone.
+    install -d -m 0750 -g konsul ${D}${sysconfdir}/konsul-edge
+    install -m 0640 -g konsul ${S}/board-configs/${KONSUL_EDGE_BOARD}/edge.yaml \
+        ${D}${sysconfdir}/konsul-edge/edge.yaml
+
+    install -d -m 0750 -o konsul -g konsul ${D}${localstatedir}/lib/konsul-edge
+}
+
+FILES:${PN} += "${systemd_system_unitdir}/konsul-edge.service.d \
+                ${nonarch_libdir}/sysusers.d/konsul-edge.conf \
+                ${nonarch_libdir}/tmpfiles.d/konsul-edge.conf \
+                ${localstatedir}/lib/konsul-edge"
+CONFFILES:${PN} = "${sysconfdir}/konsul-edge/edge.yaml"
