@@ -250,6 +250,7 @@ pub enum RetryBackoff {
 #[serde(deny_unknown_fields, default)]
 pub struct Cloud {
     /// Empty means standalone: no sync, the outbox still records changes.
+    #[serde(deserialize_with = "de_cloud_url")]
     pub server_address: String,
     pub sync_interval: Duration,
     pub offline_queue_size: u64,
@@ -305,8 +306,10 @@ impl Default for Storage {
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
     pub enabled: bool,
+    #[serde(deserialize_with = "de_broker_url")]
     pub broker: String,
     pub client_id: String,
+    #[serde(deserialize_with = "de_qos")]
     pub qos: u8,
     pub topics: Vec<String>,
     pub username: Option<String>,
@@ -392,6 +395,7 @@ impl Default for Sync {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Http {
+    #[serde(deserialize_with = "de_listen")]
     pub listen: String,
     pub max_body_size: ByteSize,
 }
@@ -463,6 +467,7 @@ pub struct Ota {
     pub fw_env_config: Option<PathBuf>,
     pub grub_env: Option<PathBuf>,
     pub slots: BTreeMap<String, PathBuf>,
+    #[serde(deserialize_with = "de_window")]
     pub maintenance_window: Option<String>,
     pub min_battery_percent: u8,
     pub commit_deadline: Duration,
@@ -558,6 +563,10 @@ impl Config {
             merge(&mut merged, layer);
             sources.files.push(file);
         }
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        // Sorted, so two variables naming one key resolve the same way on
+        // every boot (the later name wins).
+        env.sort();
         for (name, value) in env {
             if !name.starts_with("KONSUL_") || ENV_NOT_CONFIG.contains(&name.as_str()) {
                 continue;
@@ -611,13 +620,6 @@ impl Config {
                 ));
             }
         }
-        if !self.cloud.server_address.is_empty() {
-            check_url(
-                &self.cloud.server_address,
-                &["http", "https"],
-                "cloud.server_address",
-            )?;
-        }
         if self.cloud.sync_interval.is_zero() {
             return Err(bad("cloud.sync_interval", "must be greater than 0s".into()));
         }
@@ -639,18 +641,7 @@ impl Config {
                 format!("{} is below the 1Mi minimum", self.storage.max_size),
             ));
         }
-        if self.mqtt.qos > 2 {
-            return Err(bad(
-                "mqtt.qos",
-                format!("{} is not an MQTT QoS (0, 1 or 2)", self.mqtt.qos),
-            ));
-        }
         if self.mqtt.enabled {
-            check_url(
-                &self.mqtt.broker,
-                &["tcp", "mqtt", "ssl", "mqtts", "ws", "wss"],
-                "mqtt.broker",
-            )?;
             if self.mqtt.topics.is_empty() {
                 return Err(bad("mqtt.topics", "list at least one topic".into()));
             }
@@ -668,12 +659,6 @@ impl Config {
             return Err(bad(
                 "services.max_local_services",
                 "must be at least 1".into(),
-            ));
-        }
-        if self.http.listen.parse::<SocketAddr>().is_err() {
-            return Err(bad(
-                "http.listen",
-                format!("`{}` is not an address:port", self.http.listen),
             ));
         }
         if self.http.max_body_size.0 < 1024 {
@@ -711,9 +696,6 @@ impl Config {
         let ota = &self.ota;
         if ota.min_battery_percent > 100 {
             return Err(bad("ota.min_battery_percent", "must be 0-100".into()));
-        }
-        if let Some(w) = &ota.maintenance_window {
-            parse_window(w).map_err(|m| bad("ota.maintenance_window", m))?;
         }
         let needs_slots = match ota.backend {
             OtaBackend::Uboot => {
@@ -778,22 +760,62 @@ pub fn parse_window(w: &str) -> Result<(u16, u16), String> {
         .ok_or_else(|| format!("`{w}` is not a window like 02:00-04:00"))
 }
 
-fn check_url(url: &str, schemes: &[&str], key: &str) -> Result<(), ConfigError> {
+fn url_error(url: &str, schemes: &[&str]) -> Option<String> {
     let ok = url
         .split_once("://")
         .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::Invalid {
-            origin: "configuration".into(),
-            key: key.into(),
-            message: format!(
-                "`{url}` is not a URL with one of the schemes {}",
-                schemes.join(", ")
-            ),
-        })
+    (!ok).then(|| {
+        format!(
+            "`{url}` is not a URL with one of the schemes {}",
+            schemes.join(", ")
+        )
+    })
+}
+
+// Per-key checks run while deserializing, so their errors carry the line.
+
+fn de_cloud_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    match url_error(&url, &["http", "https"]) {
+        Some(e) if !url.is_empty() => Err(serde::de::Error::custom(e)),
+        _ => Ok(url),
     }
+}
+
+fn de_broker_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    match url_error(&url, &["tcp", "mqtt", "ssl", "mqtts", "ws", "wss"]) {
+        Some(e) => Err(serde::de::Error::custom(e)),
+        None => Ok(url),
+    }
+}
+
+fn de_qos<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    let qos = u8::deserialize(d)?;
+    if qos > 2 {
+        return Err(serde::de::Error::custom(format!(
+            "{qos} is not an MQTT QoS (0, 1 or 2)"
+        )));
+    }
+    Ok(qos)
+}
+
+fn de_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let addr = String::deserialize(d)?;
+    if addr.parse::<SocketAddr>().is_err() {
+        return Err(serde::de::Error::custom(format!(
+            "`{addr}` is not an address:port such as 127.0.0.1:8500"
+        )));
+    }
+    Ok(addr)
+}
+
+fn de_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let w = Option::<String>::deserialize(d)?;
+    if let Some(w) = &w {
+        parse_window(w).map_err(serde::de::Error::custom)?;
+    }
+    Ok(w)
 }
 
 fn drop_ins(main: &Path) -> Result<Vec<PathBuf>, ConfigError> {
@@ -842,17 +864,30 @@ fn parse_layer(text: &str, origin: &str) -> Result<Value, ConfigError> {
     let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
         ConfigError::Parse {
             origin: origin.into(),
-            message: if path == "." || inner.to_string().starts_with(&path) {
-                inner.to_string()
-            } else {
-                format!("{path}: {inner}")
-            },
+            message: with_path(&path, &e.into_inner().to_string()),
         }
     })?;
     Ok(value)
+}
+
+/// `mqtt.qos: <message>`, without the partial path serde_norway itself
+/// sometimes puts in front of the message (`mqtt: ...`).
+fn with_path(path: &str, message: &str) -> String {
+    if path == "." || path.is_empty() {
+        return message.to_owned();
+    }
+    let mut msg = message;
+    let parts: Vec<&str> = path.split('.').collect();
+    for n in (1..=parts.len()).rev() {
+        let prefix = format!("{}: ", parts[..n].join("."));
+        if let Some(rest) = msg.strip_prefix(&prefix) {
+            msg = rest;
+            break;
+        }
+    }
+    format!("{path}: {msg}")
 }
 
 fn check_layer(layer: Value, origin: &str) -> Result<(), ConfigError> {
@@ -862,7 +897,7 @@ fn check_layer(layer: Value, origin: &str) -> Result<(), ConfigError> {
             let path = e.path().to_string();
             ConfigError::Parse {
                 origin: origin.into(),
-                message: format!("{path}: {}", e.into_inner()),
+                message: with_path(&path, &e.into_inner().to_string()),
             }
         })
 }

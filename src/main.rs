@@ -145,7 +145,7 @@ fn main() -> ExitCode {
                     config.display(),
                     sources.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
                     if sources.env.is_empty() { "none".into() } else { sources.env.join(", ") },
-                    c.mode,
+                    format!("{:?}", c.mode).to_lowercase(),
                     c.node_id(),
                     c.storage.path.display(),
                     c.storage.max_size,

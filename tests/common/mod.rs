@@ -1,0 +1,244 @@
+//! Shared harness for the integration tests: starts the real binary on an
+//! ephemeral port in a private temp directory and talks plain HTTP/1.1 to it.
+//! Readiness comes from the daemon's own "ready" log line, never a sleep;
+//! every wait has a deadline so a hung daemon fails the test, not CI.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub log: mpsc::Receiver<String>,
+    exited: Option<mpsc::Receiver<ExitStatus>>,
+}
+
+/// A config for tests: state in `dir`, API on an ephemeral port.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("edge.yaml");
+    let text = format!(
+        "mode: edge\nnode_id: test-node\nstorage:\n  path: {}\n  max_size: 8Mi\nhttp:\n  listen: 127.0.0.1:0\n{extra}",
+        dir.join("konsul.db").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Daemon {
+    pub fn start(dir: &Path) -> Daemon {
+        Self::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let config = dir.join("edge.yaml");
+        if !config.exists() {
+            write_config(dir, "");
+        }
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
+            .env("KONSUL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn konsul-edge");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[daemon] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child: Some(child),
+            addr: String::new(),
+            dir: dir.to_path_buf(),
+            log: rx,
+            exited: None,
+        };
+        let line = d
+            .wait_log(|l| l.contains(" ready in "))
+            .expect("daemon did not become ready");
+        let addr = line
+            .split("API on http://")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .expect("address in ready line");
+        d.addr = addr.to_string();
+        d
+    }
+
+    /// Waits for a log line matching `pred`; None when the deadline passes
+    /// or the daemon's stderr closes.
+    pub fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.log.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Some(l),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits for the process to exit (with a deadline) and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let (tx, rx) = mpsc::channel();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait().unwrap());
+        });
+        match rx.recv_timeout(DEADLINE) {
+            Ok(st) => st,
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("daemon did not exit within {DEADLINE:?}");
+            }
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        self.wait_exit();
+    }
+
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit()
+    }
+
+    pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        request(&self.addr, method, path, body.map(str::as_bytes), &[])
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None)
+    }
+
+    pub fn put(&self, path: &str, body: &str) -> Resp {
+        self.req("PUT", path, Some(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Resp {
+        self.req("DELETE", path, None)
+    }
+
+    /// The modify index and the full listing: "nothing changed" means both
+    /// are as they were.
+    pub fn snapshot(&self) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+        let status = self.get("/v1/edge/status").json();
+        (
+            status["modify_index"].clone(),
+            self.get("/v1/edge/services").json(),
+            self.get("/kv/").json(),
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`).
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_write_timeout(Some(DEADLINE)).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        // The server may answer (413) and close before reading it all.
+        let _ = s.write_all(b);
+    }
+    read_response(&mut s)
+}
+
+pub fn read_response(s: &mut TcpStream) -> Resp {
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&raw)));
+    let headers = String::from_utf8_lossy(&raw[..text_end]).into_owned();
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    Resp {
+        status,
+        headers,
+        body: raw[text_end + 4..].to_vec(),
+    }
+}
