@@ -146,7 +146,7 @@ impl From<Duration> for String {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
         } else {
             write!(f, "{}s", ms / 1000)
@@ -212,7 +212,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, m) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-            if b >= m && b % m == 0 {
+            if b >= m && b.is_multiple_of(m) {
                 return write!(f, "{}{unit}", b / m);
             }
         }
@@ -641,10 +641,8 @@ impl Config {
                 format!("{} is below the 1Mi minimum", self.storage.max_size),
             ));
         }
-        if self.mqtt.enabled {
-            if self.mqtt.topics.is_empty() {
-                return Err(bad("mqtt.topics", "list at least one topic".into()));
-            }
+        if self.mqtt.enabled && self.mqtt.topics.is_empty() {
+            return Err(bad("mqtt.topics", "list at least one topic".into()));
         }
         for (i, t) in self.mqtt.topics.iter().enumerate() {
             if t.is_empty() || t.contains('\0') || t.split('/').any(|l| l.contains('#') && l != "#")

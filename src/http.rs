@@ -356,13 +356,13 @@ impl Query {
         matches!(self.get(k), Some("true" | "1" | ""))
     }
 
-    fn cas(&self) -> Result<Option<u64>, Resp> {
+    fn cas(&self) -> Result<Option<u64>, Box<Resp>> {
         match self.get("cas") {
             None => Ok(None),
             Some(v) => v
                 .parse()
                 .map(Some)
-                .map_err(|_| error(StatusCode::BAD_REQUEST, "Invalid CAS parameter")),
+                .map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, "Invalid CAS parameter"))),
         }
     }
 }
@@ -401,7 +401,10 @@ impl Api {
         resp
     }
 
-    async fn body<T: for<'de> Deserialize<'de>>(&self, req: Request<Incoming>) -> Result<T, Resp> {
+    async fn body<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<T, Box<Resp>> {
         let too_large = || {
             self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
             error(
@@ -418,24 +421,29 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body) {
-            return Err(too_large());
+            return Err(Box::new(too_large()));
         }
         let bytes = match Limited::new(req.into_body(), self.max_body as usize)
             .collect()
             .await
         {
             Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Box::new(too_large()))
+            }
             Err(e) => {
-                return Err(error(
+                return Err(Box::new(error(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read body: {e}"),
-                ))
+                )))
             }
         };
         serde_json::from_slice(&bytes).map_err(|e| {
             self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
-            error(StatusCode::BAD_REQUEST, format!("Invalid JSON body: {e}"))
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid JSON body: {e}"),
+            ))
         })
     }
 
@@ -558,11 +566,11 @@ impl Api {
     async fn register(&self, req: Request<Incoming>, query: &Query) -> Resp {
         let query_cas = match query.cas() {
             Ok(c) => c,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let body: RegisterBody = match self.body(req).await {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         match self
             .registry
@@ -581,7 +589,7 @@ impl Api {
     async fn deregister(&self, id: String, query: &Query) -> Resp {
         let cas = match query.cas() {
             Ok(c) => c,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         match self.registry.deregister(id.clone(), cas).await {
             Ok(()) => ok(json!({"message": "service deregistered", "name": id})),
@@ -605,11 +613,11 @@ impl Api {
             Method::PUT | Method::POST => {
                 let query_cas = match query.cas() {
                     Ok(c) => c,
-                    Err(r) => return r,
+                    Err(r) => return *r,
                 };
                 let body: KvPut = match self.body(req).await {
                     Ok(b) => b,
-                    Err(r) => return r,
+                    Err(r) => return *r,
                 };
                 match self
                     .registry
@@ -625,7 +633,7 @@ impl Api {
             Method::DELETE => {
                 let cas = match query.cas() {
                     Ok(c) => c,
-                    Err(r) => return r,
+                    Err(r) => return *r,
                 };
                 match self.registry.kv_delete(key.clone(), cas).await {
                     Ok(()) => ok(json!({"message": "key deleted", "key": key})),

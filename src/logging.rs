@@ -73,9 +73,7 @@ pub fn init(level: LevelFilter) {
     let logger = Box::new(Logger {
         journal: stderr_is_journal(),
     });
-    if log::set_boxed_logger(logger).is_ok() {
-        log::set_max_level(level);
-    } else {
-        log::set_max_level(level);
-    }
+    // Already installed (tests): keep the first logger, take the new level.
+    let _ = log::set_boxed_logger(logger);
+    log::set_max_level(level);
 }

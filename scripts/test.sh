@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs every test konsul-edge has, on a fresh Debian 12 machine with Rust:
+# installs what is missing (as root, or through sudo), then formatting, lints,
+# unit and integration tests (real SQLite files, real processes, a real
+# mosquitto broker and dbus-daemon where a test needs them), and the
+# packaging checks (recipes, cross builds, footprint).
+#
+#   scripts/test.sh            everything (what CI runs)
+#   scripts/test.sh --quick    skip the packaging checks and cross builds
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=false
+[ "${1:-}" = "--quick" ] && quick=true
+
+sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Debian packages the tests use; installed only when missing.
+packages=(cmake pkg-config mosquitto mosquitto-clients dbus curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+
+step() { echo; echo "==> $*"; }
+started=$(date +%s)
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --locked 2>&1 | tee target/test-output.txt
+# Fail loudly if the harness ran nothing at all.
+grep -q "test result: ok" target/test-output.txt
+
+if ! $quick && [ -x scripts/ci-packaging.sh ]; then
+  step "packaging checks (scripts/ci-packaging.sh)"
+  scripts/ci-packaging.sh
+fi
+
+echo
+echo "==> all checks passed in $(( $(date +%s) - started ))s"
