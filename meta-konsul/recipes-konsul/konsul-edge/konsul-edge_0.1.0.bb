@@ -23,7 +23,9 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7ca
                     file://${COMMON_LICENSE_DIR}/Zlib;md5=87f239f408daca8a157858e192597633"
 
 # Without the bundled-sqlite feature (the default, below) libsqlite3-sys
-# links the image's libsqlite3, found through pkg-config.
+# links the image's libsqlite3, found through pkg-config. rusqlite 0.43
+# needs SQLite >= 3.44 (sqlite3_set_clientdata), which OE-Core has had
+# since scarthgap.
 DEPENDS += "${@bb.utils.contains('PACKAGECONFIG', 'bundled-sqlite', '', 'sqlite3', d)}"
 
 # The layer lives in the same repository as the code, so the recipe builds
