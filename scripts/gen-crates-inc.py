@@ -76,8 +76,12 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    # The bbclass names the lock file relative to the source tree (S).
+    # The bbclass names the lock file relative to the source tree (S); a
+    # lock file from elsewhere (e.g. `git show REV:Cargo.lock` into a temp
+    # file) is named by its basename, as if it sat at the top of S.
     lock_rel = os.path.relpath(os.path.abspath(args.lock), root)
+    if lock_rel.startswith(".."):
+        lock_rel = os.path.basename(args.lock)
     text = render(args.lock, lock_rel)
     if args.output == "-":
         sys.stdout.write(text)
