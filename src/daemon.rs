@@ -76,8 +76,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.http.listen.clone());
+    let sync = crate::sync::SyncHandle::new(!config.cloud.server_address.is_empty());
     let api = Arc::new(Api {
         registry,
+        sync: sync.clone(),
         metrics: Arc::new(Metrics::default()),
         max_body: config.http.max_body_size.0,
         test_hooks: std::env::var_os("KONSUL_TEST_HOOKS").is_some_and(|v| v == "1"),
@@ -87,6 +89,11 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     }
 
     let ex = Arc::new(smol::Executor::new());
+    ex.spawn(crate::sync::track_outbox(
+        api.registry.clone(),
+        sync.clone(),
+    ))
+    .detach();
     let shutdown = Shutdown::default();
     let http_task = ex.spawn(server.serve(api, ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {

@@ -96,6 +96,7 @@ impl Drop for ConnGuard {
 
 pub struct Api {
     pub registry: Registry,
+    pub sync: crate::sync::SyncHandle,
     pub metrics: Arc<Metrics>,
     pub max_body: u64,
     /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
@@ -719,6 +720,25 @@ impl Api {
                         Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/sync" => (
+                "/v1/edge/sync",
+                match method {
+                    Method::GET => ok(json!(self.sync.status())),
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/sync/now" => (
+                "/v1/edge/sync/now",
+                match method {
+                    Method::POST => match self.sync.sync_now() {
+                        Ok(()) => {
+                            json_resp(StatusCode::ACCEPTED, &json!({"message": "sync requested"}))
+                        }
+                        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+                    },
+                    _ => method_not_allowed("POST"),
                 },
             ),
             "edge/debug/wedge-store" if self.test_hooks => (

@@ -12,4 +12,5 @@ pub mod logging;
 pub mod metrics;
 pub mod registry;
 pub mod store;
+pub mod sync;
 pub mod systemd;

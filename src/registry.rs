@@ -136,6 +136,35 @@ pub struct KvEntry {
     pub modify_index: u64,
 }
 
+/// What changed, published after the change committed. Subscribers (D-Bus
+/// signals, MQTT publishes, the sync client's "sync soon" trigger) get
+/// every change that happens while they listen; a subscriber that falls
+/// more than [`EVENT_BACKLOG`] behind loses the oldest events rather than
+/// slowing writers down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub kind: Kind,
+    pub key: String,
+    pub op: ChangeOp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeOp {
+    Upsert,
+    Delete,
+}
+
+pub const EVENT_BACKLOG: usize = 1024;
+
+/// A generic view of a replicated record, for APIs that list any kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordView {
+    pub key: String,
+    pub body: serde_json::Value,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_services: u64,
@@ -148,15 +177,61 @@ pub struct Limits {
 pub struct Registry {
     store: Store,
     limits: Limits,
+    events: async_broadcast::Sender<Change>,
+    // Keeps the channel open while nobody subscribes.
+    _events_keepalive: async_broadcast::InactiveReceiver<Change>,
 }
 
 impl Registry {
     pub fn new(store: Store, limits: Limits) -> Self {
-        Registry { store, limits }
+        let (mut events, rx) = async_broadcast::broadcast(EVENT_BACKLOG);
+        events.set_overflow(true);
+        Registry {
+            store,
+            limits,
+            events,
+            _events_keepalive: rx.deactivate(),
+        }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Every change committed from now on.
+    pub fn subscribe(&self) -> async_broadcast::Receiver<Change> {
+        self.events.new_receiver()
+    }
+
+    /// Announces a committed change. Modules that commit their own records
+    /// (devices, sync) call this after their store job returned.
+    pub fn notify(&self, kind: Kind, key: &str, op: ChangeOp) {
+        // Never blocks: with overflow on, a full backlog drops the oldest.
+        let _ = self.events.try_broadcast(Change {
+            kind,
+            key: key.to_owned(),
+            op,
+        });
+    }
+
+    /// Live records of any kind, as JSON.
+    pub async fn records(&self, kind: Kind) -> Result<Vec<RecordView>, RegistryError> {
+        self.store
+            .call(move |db| db.list(kind, None)?.iter().map(record_view).collect())
+            .await?
+    }
+
+    /// One live record of any kind, as JSON.
+    pub async fn record(&self, kind: Kind, key: String) -> Result<RecordView, RegistryError> {
+        self.store
+            .call(move |db| {
+                let rec = live(db.get(kind, &key)?).ok_or(RegistryError::NotFound {
+                    what: kind.as_str(),
+                    key,
+                })?;
+                record_view(&rec)
+            })
+            .await?
     }
 
     /// Registers (or re-registers) a service; returns it with its modify
@@ -169,7 +244,9 @@ impl Registry {
     ) -> Result<(Service, u64), RegistryError> {
         let (service, ttl_ms) = validate_service(input, self.limits.default_ttl_ms)?;
         let limits = self.limits;
-        self.store
+        let id = service.id.clone();
+        let (service, index, changed) = self
+            .store
             .call(move |db| {
                 db.tx(|tx| {
                     let prev = live(tx.get(Kind::Service, &service.id)?);
@@ -180,7 +257,7 @@ impl Registry {
                     if let Some(p) = prev.as_ref().filter(|p| p.body == body) {
                         // Same registration again (a client restarting):
                         // refresh the TTL, but it is not a change to sync.
-                        return Ok((service, p.modify_index));
+                        return Ok((service, p.modify_index, false));
                     }
                     if prev.is_none() {
                         let n = tx.count_live(Kind::Service)?;
@@ -197,13 +274,18 @@ impl Registry {
                         Some(&service.name),
                         Some(body),
                     )?;
-                    Ok((service, rec.modify_index))
+                    Ok((service, rec.modify_index, true))
                 })
             })
-            .await?
+            .await??;
+        if changed {
+            self.notify(Kind::Service, &id, ChangeOp::Upsert);
+        }
+        Ok((service, index))
     }
 
     pub async fn deregister(&self, id: String, cas: Option<u64>) -> Result<(), RegistryError> {
+        let key = id.clone();
         self.store
             .call(move |db| {
                 db.tx(|tx| {
@@ -220,7 +302,9 @@ impl Registry {
                     Ok(())
                 })
             })
-            .await?
+            .await??;
+        self.notify(Kind::Service, &key, ChangeOp::Delete);
+        Ok(())
     }
 
     /// Moves a TTL service's deadline; returns the service.
@@ -312,38 +396,48 @@ impl Registry {
                 format!("{} bytes (max {MAX_VALUE_LEN})", value.len()),
             ));
         }
-        self.store
+        let k = key.clone();
+        let index = self
+            .store
             .call(move |db| {
                 db.tx(|tx| {
                     let prev = live(tx.get(Kind::Kv, &key)?);
                     check_cas(&key, prev.as_ref(), cas)?;
                     let body = to_body(&KvBody { value, flags })?;
                     let rec = commit(tx, Kind::Kv, &key, None, Some(body))?;
-                    Ok(rec.modify_index)
+                    Ok::<_, RegistryError>(rec.modify_index)
                 })
             })
-            .await?
+            .await??;
+        self.notify(Kind::Kv, &k, ChangeOp::Upsert);
+        Ok(index)
     }
 
     pub async fn kv_delete(&self, key: String, cas: Option<u64>) -> Result<(), RegistryError> {
         validate_key(&key)?;
-        self.store
+        let k = key.clone();
+        let deleted = self
+            .store
             .call(move |db| {
                 db.tx(|tx| {
                     let prev = live(tx.get(Kind::Kv, &key)?);
                     match (prev, cas) {
                         (None, Some(_)) => Err(RegistryError::NotFound { what: "key", key }),
                         // Deleting what is not there is a no-op, as in Konsul.
-                        (None, None) => Ok(()),
+                        (None, None) => Ok(false),
                         (Some(p), cas) => {
                             check_cas(&key, Some(&p), cas)?;
                             commit(tx, Kind::Kv, &key, None, None)?;
-                            Ok(())
+                            Ok(true)
                         }
                     }
                 })
             })
-            .await?
+            .await??;
+        if deleted {
+            self.notify(Kind::Kv, &k, ChangeOp::Delete);
+        }
+        Ok(())
     }
 }
 
@@ -440,6 +534,15 @@ fn entry(db: &crate::store::Db, rec: &Record, now: u64) -> Result<ServiceEntry, 
         modify_index: rec.modify_index,
         expires_at_ms,
         health,
+    })
+}
+
+fn record_view(rec: &Record) -> Result<RecordView, RegistryError> {
+    Ok(RecordView {
+        key: rec.key.clone(),
+        body: from_body(rec)?,
+        create_index: rec.create_index,
+        modify_index: rec.modify_index,
     })
 }
 
@@ -778,6 +881,32 @@ mod tests {
             assert!(rec2.tombstone);
             assert!(rec2.hlc > rec.hlc);
             assert_eq!(rec2.vv.compare(&rec.vv), Causality::Dominates);
+        });
+    }
+
+    #[test]
+    fn committed_changes_are_announced_and_refused_ones_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let r = registry(d.path());
+        let mut rx = r.subscribe();
+        smol::block_on(async {
+            r.register(svc("web"), None).await.unwrap();
+            r.kv_put("k".into(), "v".into(), 0, None).await.unwrap();
+            assert!(r.kv_put("k".into(), "v".into(), 0, Some(0)).await.is_err());
+            r.kv_delete("k".into(), None).await.unwrap();
+            r.kv_delete("k".into(), None).await.unwrap(); // no-op: nothing to announce
+            let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            let want = [
+                (Kind::Service, "web", ChangeOp::Upsert),
+                (Kind::Kv, "k", ChangeOp::Upsert),
+                (Kind::Kv, "k", ChangeOp::Delete),
+            ];
+            assert_eq!(got.len(), want.len(), "{got:?}");
+            for (c, (k, key, op)) in got.iter().zip(want) {
+                assert_eq!((c.kind, c.key.as_str(), c.op), (k, key, op));
+            }
+            let views = r.records(Kind::Service).await.unwrap();
+            assert_eq!(views[0].body["name"], "web");
         });
     }
 

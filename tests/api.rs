@@ -366,3 +366,31 @@ fn ttl_services_go_critical_and_heartbeats_revive_them() {
     assert_eq!(d.put("/heartbeat/ttl", "").status, 200);
     assert_eq!(d.get("/services/ttl").status, 200);
 }
+
+#[test]
+fn sync_status_tracks_the_outbox_without_a_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let s = d.get("/v1/edge/sync").json();
+    assert_eq!(s["enabled"], false);
+    assert_eq!(s["online"], false);
+    d.put("/kv/a", r#"{"value":"1"}"#);
+    d.put("/kv/b", r#"{"value":"1"}"#);
+    d.put("/kv/a", r#"{"value":"2"}"#);
+    // The count is updated by a task woken by the change; wait for it with
+    // a deadline instead of assuming it already ran.
+    let end = std::time::Instant::now() + DEADLINE;
+    while d.get("/v1/edge/sync").json()["pending_changes"] != 2 {
+        assert!(
+            std::time::Instant::now() < end,
+            "pending_changes never reached 2"
+        );
+        std::thread::yield_now();
+    }
+    let r = d.req("POST", "/v1/edge/sync/now", None);
+    assert_eq!(r.status, 409, "no hub configured: {}", r.text());
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("cloud.server_address"));
+}
