@@ -20,7 +20,8 @@ ifeq ($(BR2_PACKAGE_KONSUL_EDGE_BUNDLED_SQLITE),y)
 KONSUL_EDGE_CARGO_FEATURES += bundled-sqlite
 KONSUL_EDGE_LICENSE += , blessing (bundled SQLite)
 else
-# libsqlite3-sys finds the target's libsqlite3 through pkg-config.
+# libsqlite3-sys finds the target's libsqlite3 through pkg-config;
+# rusqlite 0.43 needs SQLite >= 3.44 (sqlite3_set_clientdata).
 KONSUL_EDGE_DEPENDENCIES += host-pkgconf sqlite
 endif
 # mqtt, dbus, sync, ota: one ifeq block each when their issues land.
