@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod crdt;
 pub mod daemon;
 pub mod http;
 pub mod logging;

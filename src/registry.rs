@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{wall_millis, VersionVector};
+use crate::crdt::{self, Stamp};
 use crate::store::{Kind, Record, Store, StoreError, Tx};
 
 pub const MAX_TAGS: usize = 64;
@@ -462,17 +463,45 @@ pub fn commit(
         Some(p) if !p.tombstone => p.create_index,
         _ => index,
     };
+    let origin = tx.node_id().to_owned();
+    let stamp = Stamp {
+        hlc: hlc.0,
+        origin: origin.clone(),
+    };
+    let tombstone = body.is_none();
+    let (body, fields) = match (body, &prev) {
+        (Some(b), _) => {
+            // Sorted keys: equal content is equal text on every replica.
+            let b = crdt::canonical(&b).map_err(|detail| StoreError::BadRecord {
+                kind: kind.as_str().into(),
+                key: key.into(),
+                detail,
+            })?;
+            let live_prev = prev.as_ref().filter(|p| !p.tombstone);
+            let fields = crdt::restamp(live_prev.map(|p| (p.body.as_str(), &p.fields)), &b, &stamp);
+            (b, fields)
+        }
+        // A tombstone keeps the last body and its stamps: field-wise merge
+        // across a delete stays a join.
+        (None, Some(p)) => (p.body.clone(), p.fields.clone()),
+        (None, None) => ("{}".into(), Default::default()),
+    };
     let rec = Record {
         kind,
         key: key.to_owned(),
         name: name.map(str::to_owned),
-        tombstone: body.is_none(),
-        body: body.unwrap_or_else(|| "{}".into()),
+        tombstone,
+        body,
         hlc,
-        origin: tx.node_id().to_owned(),
+        origin,
         vv,
         create_index,
         modify_index: index,
+        fields,
+        owner: prev.as_ref().map(|p| p.owner.clone()).unwrap_or_default(),
+        // A local write flows to every edge, including the one that
+        // supplied the previous version.
+        src: String::new(),
     };
     tx.put(&rec)?;
     tx.enqueue(kind, key)?;
@@ -505,12 +534,16 @@ fn check_cas(key: &str, prev: Option<&Record>, cas: Option<u64>) -> Result<(), R
     }
 }
 
+/// Canonical JSON (via `Value`, whose maps are sorted), as `commit` stores
+/// it, so an unchanged registration compares equal.
 fn to_body<T: Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::BadRecord {
-        kind: "body".into(),
-        key: String::new(),
-        detail: e.to_string(),
-    })
+    serde_json::to_value(v)
+        .and_then(|v| serde_json::to_string(&v))
+        .map_err(|e| StoreError::BadRecord {
+            kind: "body".into(),
+            key: String::new(),
+            detail: e.to_string(),
+        })
 }
 
 fn from_body<T: for<'de> Deserialize<'de>>(rec: &Record) -> Result<T, StoreError> {

@@ -25,8 +25,21 @@ use std::thread::JoinHandle;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::clock::{Hlc, HlcClock, VersionVector};
+use crate::crdt::FieldStamps;
 
 pub use schema::{APPLICATION_ID, LATEST as SCHEMA_VERSION};
+
+/// `SELECT <every record column> FROM records <rest>`, in the order
+/// [`row_to_record`] reads them.
+macro_rules! select_records {
+    ($rest:literal) => {
+        concat!(
+            "SELECT kind, key, name, body, hlc, origin, vv, tombstone, create_index, modify_index, \
+             fields, owner, src FROM records ",
+            $rest
+        )
+    };
+}
 
 /// How many jobs may wait for the store thread before senders block.
 const QUEUE_DEPTH: usize = 256;
@@ -124,6 +137,14 @@ pub struct Record {
     pub tombstone: bool,
     pub create_index: u64,
     pub modify_index: u64,
+    /// Per top-level body field: when and by whom it was last written.
+    pub fields: FieldStamps,
+    /// The downstream edge this record belongs to ('' = this node's own or
+    /// global): decides which edges it flows down to.
+    pub owner: String,
+    /// The downstream edge that supplied this exact version (not echoed
+    /// back to it).
+    pub src: String,
 }
 
 /// Size and count figures for /metrics and the systemd STATUS line.
@@ -514,22 +535,20 @@ impl Db {
     /// order.
     pub fn list(&self, kind: Kind, name: Option<&str>) -> Result<Vec<Record>, StoreError> {
         let sql = if name.is_some() {
-            "SELECT kind, key, name, body, hlc, origin, vv, tombstone, create_index, modify_index
-             FROM records WHERE kind = ?1 AND name = ?2 AND tombstone = 0 ORDER BY key"
+            select_records!("WHERE kind = ?1 AND name = ?2 AND tombstone = 0 ORDER BY key")
         } else {
-            "SELECT kind, key, name, body, hlc, origin, vv, tombstone, create_index, modify_index
-             FROM records WHERE kind = ?1 AND tombstone = 0 AND ?2 IS NULL ORDER BY key"
+            select_records!("WHERE kind = ?1 AND tombstone = 0 AND ?2 IS NULL ORDER BY key")
         };
         let mut stmt = self
             .conn
             .prepare_cached(sql)
             .map_err(sql_err(&self.path, "prepare list"))?;
         let rows = stmt
-            .query_map(params![kind.as_str(), name], row_to_raw)
+            .query_map(params![kind.as_str(), name], row_to_record)
             .map_err(sql_err(&self.path, "list"))?;
         let mut out = Vec::new();
         for raw in rows {
-            out.push(raw_to_record(raw.map_err(sql_err(&self.path, "list"))?)?);
+            out.push(raw.map_err(sql_err(&self.path, "list"))?);
         }
         Ok(out)
     }
@@ -720,19 +739,24 @@ impl Tx<'_> {
 
     /// Writes a record version as is (stamps are the caller's business).
     pub fn put(&mut self, r: &Record) -> Result<(), StoreError> {
-        let vv = serde_json::to_string(&r.vv).map_err(|e| StoreError::BadRecord {
-            kind: r.kind.as_str().into(),
-            key: r.key.clone(),
-            detail: e.to_string(),
-        })?;
+        let json = |v: &dyn erased::Ser| {
+            v.to_json().map_err(|e| StoreError::BadRecord {
+                kind: r.kind.as_str().into(),
+                key: r.key.clone(),
+                detail: e.to_string(),
+            })
+        };
+        let vv = json(&r.vv)?;
+        let fields = json(&r.fields)?;
         self.inner
             .prepare_cached(
-                "INSERT INTO records (kind, key, name, body, hlc, origin, vv, tombstone, create_index, modify_index)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                "INSERT INTO records (kind, key, name, body, hlc, origin, vv, tombstone, create_index, modify_index, fields, owner, src)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT (kind, key) DO UPDATE SET
                    name = excluded.name, body = excluded.body, hlc = excluded.hlc,
                    origin = excluded.origin, vv = excluded.vv, tombstone = excluded.tombstone,
-                   create_index = excluded.create_index, modify_index = excluded.modify_index",
+                   create_index = excluded.create_index, modify_index = excluded.modify_index,
+                   fields = excluded.fields, owner = excluded.owner, src = excluded.src",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -745,7 +769,10 @@ impl Tx<'_> {
                     vv,
                     r.tombstone,
                     r.create_index as i64,
-                    r.modify_index as i64
+                    r.modify_index as i64,
+                    fields,
+                    r.owner,
+                    r.src
                 ])
             })
             .map_err(self.err("write record"))?;
@@ -783,55 +810,50 @@ impl Tx<'_> {
     }
 }
 
-type RawRow = (
-    String,
-    String,
-    Option<String>,
-    String,
-    i64,
-    String,
-    String,
-    bool,
-    i64,
-    i64,
-);
-
-fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
+mod erased {
+    /// Serialises either of the two JSON columns without a generic closure.
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Result<String>;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Result<String> {
+            serde_json::to_string(self)
+        }
+    }
 }
 
-fn raw_to_record(raw: RawRow) -> Result<Record, StoreError> {
-    let (kind, key, name, body, hlc, origin, vv, tombstone, ci, mi) = raw;
-    let bad = |detail: String| StoreError::BadRecord {
-        kind: kind.clone(),
-        key: key.clone(),
-        detail,
+/// Reads one row of [`select_records!`]; a corrupt JSON column or an
+/// unknown kind is a conversion error naming the record.
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let kind: String = r.get(0)?;
+    let key: String = r.get(1)?;
+    let bad = |col: usize, detail: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            col,
+            rusqlite::types::Type::Text,
+            format!("record {kind}/{key}: {detail}").into(),
+        )
     };
-    let k = Kind::parse(&kind).ok_or_else(|| bad("unknown kind".into()))?;
+    let json = |col: usize| -> rusqlite::Result<String> { r.get(col) };
     let vv: VersionVector =
-        serde_json::from_str(&vv).map_err(|e| bad(format!("version vector: {e}")))?;
+        serde_json::from_str(&json(6)?).map_err(|e| bad(6, format!("version vector: {e}")))?;
+    let fields: FieldStamps =
+        serde_json::from_str(&json(10)?).map_err(|e| bad(10, format!("field stamps: {e}")))?;
+    let k = Kind::parse(&kind).ok_or_else(|| bad(0, "unknown kind".into()))?;
     Ok(Record {
         kind: k,
-        key,
-        name,
-        body,
-        hlc: Hlc(hlc as u64),
-        origin,
+        name: r.get(2)?,
+        body: r.get(3)?,
+        hlc: Hlc(r.get::<_, i64>(4)? as u64),
+        origin: r.get(5)?,
         vv,
-        tombstone,
-        create_index: ci as u64,
-        modify_index: mi as u64,
+        tombstone: r.get(7)?,
+        create_index: r.get::<_, i64>(8)? as u64,
+        modify_index: r.get::<_, i64>(9)? as u64,
+        fields,
+        owner: r.get(11)?,
+        src: r.get(12)?,
+        key,
     })
 }
 
@@ -841,17 +863,12 @@ fn get_record(
     kind: Kind,
     key: &str,
 ) -> Result<Option<Record>, StoreError> {
-    let raw = conn
-        .prepare_cached(
-            "SELECT kind, key, name, body, hlc, origin, vv, tombstone, create_index, modify_index
-             FROM records WHERE kind = ?1 AND key = ?2",
-        )
+    conn.prepare_cached(select_records!("WHERE kind = ?1 AND key = ?2"))
         .and_then(|mut s| {
-            s.query_row(params![kind.as_str(), key], row_to_raw)
+            s.query_row(params![kind.as_str(), key], row_to_record)
                 .optional()
         })
-        .map_err(sql_err(path, "read record"))?;
-    raw.map(raw_to_record).transpose()
+        .map_err(sql_err(path, "read record"))
 }
 
 fn not_konsul(path: &Path, e: rusqlite::Error) -> StoreError {
@@ -1010,6 +1027,9 @@ mod tests {
                         tombstone: false,
                         create_index: idx,
                         modify_index: idx,
+                        fields: Default::default(),
+                        owner: String::new(),
+                        src: String::new(),
                     };
                     tx.put(&rec)?;
                     tx.enqueue(Kind::Kv, &rec.key)

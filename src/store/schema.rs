@@ -56,6 +56,45 @@ pub const MIGRATIONS: &[&str] = &[
 
     INSERT INTO meta (key, value) VALUES ('index', '0'), ('hlc', '0');
     "#,
+    // 2: sync. Per-field stamps (crdt merge), ownership for scoping (the
+    // downstream edge a record came from; '' = this node's own or global),
+    // the edge that supplied the current version verbatim (echo
+    // suppression), a change feed by modify_index, conflicts, and the hub's
+    // view of its edges and of the batches it already applied.
+    r#"
+    ALTER TABLE records ADD COLUMN fields TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE records ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE records ADD COLUMN src TEXT NOT NULL DEFAULT '';
+    CREATE INDEX records_by_index ON records (modify_index);
+
+    CREATE TABLE conflicts (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind     TEXT    NOT NULL,
+        key      TEXT    NOT NULL,
+        edge     TEXT    NOT NULL,
+        local    TEXT    NOT NULL,
+        remote   TEXT    NOT NULL,
+        winner   TEXT    NOT NULL,
+        at_ms    INTEGER NOT NULL
+    );
+
+    CREATE TABLE edges (
+        edge_id      TEXT PRIMARY KEY,
+        last_seen_ms INTEGER NOT NULL,
+        last_index   INTEGER NOT NULL,
+        applied      INTEGER NOT NULL DEFAULT 0,
+        last_batch   TEXT    NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;
+
+    CREATE TABLE applied_batches (
+        edge_id  TEXT    NOT NULL,
+        batch_id TEXT    NOT NULL,
+        at_ms    INTEGER NOT NULL,
+        PRIMARY KEY (edge_id, batch_id)
+    ) WITHOUT ROWID;
+
+    INSERT INTO meta (key, value) VALUES ('sync_index', '0'), ('gc_horizon', '0');
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
