@@ -6,6 +6,8 @@
 
 KONSUL_EDGE_VERSION = 0.1.0
 KONSUL_EDGE_SITE = $(call github,konsul,konsul-edge,v$(KONSUL_EDGE_VERSION))
+# Own code; the vendored crates' licenses (MIT, BSD-3-Clause, ISC, Zlib)
+# are appended by cargo-package as "vendored dependencies licenses".
 KONSUL_EDGE_LICENSE = Apache-2.0
 KONSUL_EDGE_LICENSE_FILES = LICENSE
 

@@ -9,17 +9,21 @@ BUGTRACKER = "https://github.com/konsul/konsul-edge/issues"
 SECTION = "net"
 CVE_PRODUCT = "konsul-edge"
 
-# konsul-edge itself is Apache-2.0. The statically linked crates are
-# MIT/Apache-2.0 dual-licensed (taken as MIT) plus foldhash (Zlib); the
-# bundled SQLite, when enabled, is public domain. Re-check on Cargo.lock
-# changes: cargo metadata --format-version 1 | jq -r '.packages[].license' | sort -u
-LICENSE = "Apache-2.0 & MIT & Zlib"
+# konsul-edge itself is Apache-2.0. What the statically linked crates add
+# (build-only proc-macro crates excluded): MIT or MIT/Apache-2.0 dual
+# (taken as MIT), prost (Apache-2.0), snap and subtle (BSD-3-Clause), ring,
+# rustls-webpki and untrusted (ISC), foldhash (Zlib); the bundled SQLite,
+# when enabled, is public domain. Re-check on Cargo.lock changes:
+#   cargo tree -e normal --target aarch64-unknown-linux-gnu --prefix none -f '{p} {l}' | sort -u
+LICENSE = "Apache-2.0 & MIT & BSD-3-Clause & ISC & Zlib"
 LICENSE:append = "${@bb.utils.contains('PACKAGECONFIG', 'bundled-sqlite', ' & PD', '', d)}"
 # The repository has no top-level LICENSE file yet; Cargo.toml declares
 # Apache-2.0. Switch to file://LICENSE;md5=... once it lands.
 # nooelint: oelint.var.licenseremotefile - no license file in the source tree yet (see above)
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10 \
                     file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302 \
+                    file://${COMMON_LICENSE_DIR}/BSD-3-Clause;md5=550794465ba0ec5312d6919e203a55f9 \
+                    file://${COMMON_LICENSE_DIR}/ISC;md5=f3b90e78ea0cffb20bf5cca7947a896d \
                     file://${COMMON_LICENSE_DIR}/Zlib;md5=87f239f408daca8a157858e192597633"
 
 # Without the bundled-sqlite feature (the default, below) libsqlite3-sys
