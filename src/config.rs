@@ -380,6 +380,15 @@ pub struct Sync {
     pub mode: SyncMode,
     pub compression: bool,
     pub conflict_resolution: ConflictResolution,
+    /// How long deletes are remembered; an edge offline for longer is told
+    /// to do a full sync.
+    pub tombstone_retention: Duration,
+    /// Upper bound of one upload batch (thin links).
+    pub max_batch_bytes: ByteSize,
+    /// Hub side: bearer tokens accepted from edges, one per line. Without
+    /// it the hub accepts any edge that reaches it (use mTLS or a network
+    /// boundary then).
+    pub auth_token_file: Option<PathBuf>,
 }
 
 impl Default for Sync {
@@ -388,6 +397,9 @@ impl Default for Sync {
             mode: SyncMode::Delta,
             compression: true,
             conflict_resolution: ConflictResolution::LastWriteWins,
+            tombstone_retention: Duration::secs(30 * 86_400),
+            max_batch_bytes: ByteSize(64 << 10),
+            auth_token_file: None,
         }
     }
 }
@@ -398,6 +410,12 @@ pub struct Http {
     #[serde(deserialize_with = "de_listen")]
     pub listen: String,
     pub max_body_size: ByteSize,
+    /// Serve HTTPS with this certificate chain and key (a hub facing
+    /// edges over the internet).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Http {
@@ -405,6 +423,9 @@ impl Default for Http {
         Http {
             listen: "127.0.0.1:8500".into(),
             max_body_size: ByteSize(1 << 20),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
         }
     }
 }
@@ -658,6 +679,21 @@ impl Config {
                 "services.max_local_services",
                 "must be at least 1".into(),
             ));
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err(bad(
+                "http.tls_cert",
+                "tls_cert and tls_key go together".into(),
+            ));
+        }
+        if self.http.client_ca.is_some() && self.http.tls_cert.is_none() {
+            return Err(bad(
+                "http.client_ca",
+                "mTLS needs tls_cert and tls_key".into(),
+            ));
+        }
+        if self.sync.max_batch_bytes.0 < 1024 {
+            return Err(bad("sync.max_batch_bytes", "must be at least 1Ki".into()));
         }
         if self.http.max_body_size.0 < 1024 {
             return Err(bad("http.max_body_size", "must be at least 1Ki".into()));

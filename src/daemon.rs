@@ -30,8 +30,15 @@ pub enum DaemonError {
     Http(#[from] HttpError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
-    #[error("mode: {0} is not implemented in this build yet")]
-    Unsupported(&'static str),
+    #[error("sync: {0}")]
+    Sync(#[from] crate::sync::client::ClientError),
+    #[error("http TLS: {0}")]
+    Tls(#[from] crate::sync::TransportError),
+    #[error("{path}: {source}")]
+    ReadFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("selftest: {0}")]
     SelfTest(String),
 }
@@ -46,9 +53,6 @@ fn open_store(config: &Config) -> Result<Store, StoreError> {
 
 /// Runs the edge daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
-    if config.mode == Mode::Hub {
-        return Err(DaemonError::Unsupported("hub"));
-    }
     warn_unimplemented(&config);
     let store = open_store(&config)?;
     let registry = Registry::new(
@@ -58,11 +62,12 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             default_ttl_ms: config.services.default_ttl.0.as_millis() as u64,
         },
     );
-    let server = match Server::bind(&config.http.listen) {
-        Ok(s) => s,
+    let prepared = prepare(&config, &registry);
+    let (server, hub) = match prepared {
+        Ok(p) => p,
         Err(e) => {
             store.close();
-            return Err(e.into());
+            return Err(e);
         }
     };
     let mut signals = match Signals::new([Signal::Term, Signal::Int]) {
@@ -72,14 +77,31 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             return Err(DaemonError::Signals(e));
         }
     };
+    let scheme = if config.http.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let addr = server
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.http.listen.clone());
     let sync = crate::sync::SyncHandle::new(!config.cloud.server_address.is_empty());
+    let client = if config.cloud.server_address.is_empty() {
+        None
+    } else {
+        match crate::sync::SyncClient::new(&config, registry.clone(), sync.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                store.close();
+                return Err(e.into());
+            }
+        }
+    };
     let api = Arc::new(Api {
         registry,
         sync: sync.clone(),
+        hub,
         metrics: Arc::new(Metrics::default()),
         max_body: config.http.max_body_size.0,
         test_hooks: std::env::var_os("KONSUL_TEST_HOOKS").is_some_and(|v| v == "1"),
@@ -94,6 +116,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         sync.clone(),
     ))
     .detach();
+    if let Some(client) = client {
+        log::info!("syncing with {}", config.cloud.server_address);
+        ex.spawn(client.run()).detach();
+    }
     let shutdown = Shutdown::default();
     let http_task = ex.spawn(server.serve(api, ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
@@ -110,7 +136,12 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             .map(|s| crate::systemd::summary(&s))
             .unwrap_or_default();
         log::info!(
-            "node {} ready in {} ms: API on http://{addr}, store {} ({initial})",
+            "{} {} ready in {} ms: API on {scheme}://{addr}, store {} ({initial})",
+            if config.mode == Mode::Hub {
+                "hub"
+            } else {
+                "node"
+            },
             store.node_id(),
             started.elapsed().as_millis(),
             store.path().display()
@@ -139,16 +170,50 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The listener (with TLS when configured) and, in hub mode, the hub.
+fn prepare(
+    config: &Config,
+    registry: &Registry,
+) -> Result<(Server, Option<crate::sync::Hub>), DaemonError> {
+    let mut server = Server::bind(&config.http.listen)?;
+    if let (Some(cert), Some(key)) = (&config.http.tls_cert, &config.http.tls_key) {
+        let tls = crate::sync::server_tls(cert, key, config.http.client_ca.as_deref())?;
+        server = server.with_tls(tls);
+    }
+    let hub = match config.mode {
+        Mode::Edge => None,
+        Mode::Hub => {
+            let tokens = match &config.sync.auth_token_file {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|source| DaemonError::ReadFile {
+                        path: p.display().to_string(),
+                        source,
+                    })?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned)
+                    .collect(),
+                None => Vec::new(),
+            };
+            if tokens.is_empty() && config.http.client_ca.is_none() {
+                log::warn!("hub accepts sync from any edge that reaches it: set sync.auth_token_file or http.client_ca");
+            }
+            Some(crate::sync::Hub {
+                registry: registry.clone(),
+                strategy: crate::sync::client::strategy(config),
+                tombstone_retention_ms: config.sync.tombstone_retention.0.as_millis() as u64,
+                tokens,
+            })
+        }
+    };
+    Ok((server, hub))
+}
+
 fn warn_unimplemented(config: &Config) {
     if config.mqtt.enabled {
         log::warn!(
             "mqtt.enabled is set, but the MQTT bridge is not in this build yet; ignoring it"
-        );
-    }
-    if !config.cloud.server_address.is_empty() {
-        log::warn!(
-            "cloud.server_address is set, but the sync client is not in this build yet; \
-             changes stay queued in the outbox"
         );
     }
     if config.dbus.enabled {

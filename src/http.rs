@@ -97,6 +97,8 @@ impl Drop for ConnGuard {
 pub struct Api {
     pub registry: Registry,
     pub sync: crate::sync::SyncHandle,
+    /// Set in hub mode: serves `POST /v1/edge/sync` and `/v1/edge/edges`.
+    pub hub: Option<crate::sync::Hub>,
     pub metrics: Arc<Metrics>,
     pub max_body: u64,
     /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
@@ -107,6 +109,7 @@ pub struct Api {
 pub struct Server {
     listener: Async<TcpListener>,
     inflight: Arc<Inflight>,
+    tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 impl Server {
@@ -120,7 +123,14 @@ impl Server {
         Ok(Server {
             listener,
             inflight: Arc::default(),
+            tls: None,
         })
+    }
+
+    /// Serves HTTPS instead of HTTP.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(futures_rustls::TlsAcceptor::from(config));
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -162,8 +172,23 @@ impl Server {
             let guard = ConnGuard(self.inflight.clone());
             let api = api.clone();
             let shutdown = shutdown.clone();
+            let tls = self.tls.clone();
             ex.spawn(async move {
-                serve_connection(stream, api, shutdown).await;
+                match tls {
+                    None => serve_connection(stream, api, shutdown).await,
+                    Some(acceptor) => {
+                        let handshake = async { Some(acceptor.accept(stream).await) };
+                        let timeout = async {
+                            async_io::Timer::after(HEADER_READ_TIMEOUT).await;
+                            None
+                        };
+                        match handshake.or(timeout).await {
+                            Some(Ok(s)) => serve_connection(s, api, shutdown).await,
+                            Some(Err(e)) => log::debug!("TLS handshake failed: {e}"),
+                            None => log::debug!("TLS handshake timed out"),
+                        }
+                    }
+                }
                 drop(permit);
                 drop(guard);
             })
@@ -194,7 +219,10 @@ impl Server {
     }
 }
 
-async fn serve_connection(stream: Async<std::net::TcpStream>, api: Arc<Api>, shutdown: Shutdown) {
+async fn serve_connection<S>(stream: S, api: Arc<Api>, shutdown: Shutdown)
+where
+    S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = smol_hyper::rt::FuturesIo::new(stream);
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
@@ -406,6 +434,19 @@ impl Api {
         &self,
         req: Request<Incoming>,
     ) -> Result<T, Box<Resp>> {
+        let bytes = self.raw_body(req).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("Invalid JSON body: {e}"),
+            ))
+        })
+    }
+
+    /// The body, refused with 413 past `http.max_body_size` (from the
+    /// declared length when there is one, before reading anything).
+    async fn raw_body(&self, req: Request<Incoming>) -> Result<Bytes, Box<Resp>> {
         let too_large = || {
             self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
             error(
@@ -439,13 +480,7 @@ impl Api {
                 )))
             }
         };
-        serde_json::from_slice(&bytes).map_err(|e| {
-            self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
-            Box::new(error(
-                StatusCode::BAD_REQUEST,
-                format!("Invalid JSON body: {e}"),
-            ))
-        })
+        Ok(bytes)
     }
 
     async fn route(&self, req: Request<Incoming>) -> (&'static str, Resp) {
@@ -685,9 +720,67 @@ impl Api {
         }
     }
 
+    async fn hub_sync(&self, hub: &crate::sync::Hub, req: Request<Incoming>) -> Resp {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        if let Err(e) = hub.authorize(header(hyper::header::AUTHORIZATION)) {
+            return error(StatusCode::UNAUTHORIZED, e.to_string());
+        }
+        if header(CONTENT_TYPE).is_some_and(|t| !t.starts_with("application/x-protobuf")) {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "sync bodies are application/x-protobuf",
+            );
+        }
+        let compressed = match header(hyper::header::CONTENT_ENCODING) {
+            None | Some("identity") => false,
+            Some("snappy") => true,
+            Some(other) => {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("content-encoding {other} (snappy or identity)"),
+                )
+            }
+        };
+        let body = match self.raw_body(req).await {
+            Ok(b) => b,
+            Err(r) => return *r,
+        };
+        match hub.handle(&body, compressed).await {
+            Ok(bytes) => {
+                let mut r = Response::new(Full::new(Bytes::from(bytes)));
+                let h = r.headers_mut();
+                h.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-protobuf"),
+                );
+                h.insert(
+                    hyper::header::CONTENT_ENCODING,
+                    HeaderValue::from_static(if compressed { "snappy" } else { "identity" }),
+                );
+                r
+            }
+            Err(e) => {
+                use crate::sync::server::ServeError;
+                match e {
+                    ServeError::Wire(_) | ServeError::BadEdge(_) => {
+                        self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("sync request refused: {e}");
+                        error(StatusCode::BAD_REQUEST, e.to_string())
+                    }
+                    ServeError::Unauthorized => error(StatusCode::UNAUTHORIZED, e.to_string()),
+                    ServeError::Store(s) => store_error(s, &self.metrics),
+                }
+            }
+        }
+    }
+
     async fn edge(
         &self,
-        _req: Request<Incoming>,
+        req: Request<Incoming>,
         method: Method,
         rest: &str,
         query: &Query,
@@ -724,8 +817,41 @@ impl Api {
             ),
             "edge/sync" => (
                 "/v1/edge/sync",
+                match (method, &self.hub) {
+                    (Method::GET, _) => ok(json!(self.sync.status())),
+                    (Method::POST, Some(hub)) => self.hub_sync(hub, req).await,
+                    (Method::POST, None) => error(
+                        StatusCode::NOT_FOUND,
+                        "this node is not a hub (mode: edge); sync requests go to `konsul-edge hub`",
+                    ),
+                    _ => method_not_allowed("GET, POST"),
+                },
+            ),
+            "edge/edges" => (
+                "/v1/edge/edges",
+                match (method, &self.hub) {
+                    (Method::GET, Some(_)) => match self.registry.store().call(|db| db.edges()).await {
+                        Ok(Ok(edges)) => ok(json!(edges)),
+                        Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                    },
+                    (Method::GET, None) => error(StatusCode::NOT_FOUND, "this node is not a hub"),
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/conflicts" => (
+                "/v1/edge/conflicts",
                 match method {
-                    Method::GET => ok(json!(self.sync.status())),
+                    Method::GET => {
+                        let limit = query
+                            .get("limit")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(100usize)
+                            .min(10_000);
+                        match self.registry.store().call(move |db| db.conflicts(limit)).await {
+                            Ok(Ok(c)) => ok(json!(c)),
+                            Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                        }
+                    }
                     _ => method_not_allowed("GET"),
                 },
             ),

@@ -24,6 +24,7 @@ konsul-edge: the edge node of a Konsul deployment
 
 USAGE:
     konsul-edge run --config FILE           run the daemon
+    konsul-edge hub --config FILE           run as a sync hub (mode: hub)
     konsul-edge check-config FILE           validate FILE (+ config.d/, KONSUL_* env)
     konsul-edge init --cloud-address URL --mqtt-broker URL [--node-id ID]
                      [--output FILE] [--force]
@@ -40,6 +41,7 @@ ENVIRONMENT:
 enum Command {
     Run {
         config: PathBuf,
+        hub: bool,
     },
     CheckConfig {
         config: PathBuf,
@@ -78,7 +80,7 @@ fn parse_args() -> Result<Command, lexopt::Error> {
     while let Some(arg) = p.next()? {
         match (sub.as_str(), arg) {
             (_, Long("help") | Short('h')) => return Ok(Command::Help),
-            ("run", Long("config") | Short('c')) => config = Some(p.value()?.into()),
+            ("run" | "hub", Long("config") | Short('c')) => config = Some(p.value()?.into()),
             ("check-config", Value(v)) if config.is_none() => config = Some(v.into()),
             ("check-config", Long("config") | Short('c')) => config = Some(p.value()?.into()),
             ("init", Long("cloud-address")) => cloud_address = Some(p.value()?.string()?),
@@ -92,8 +94,9 @@ fn parse_args() -> Result<Command, lexopt::Error> {
     }
     let missing = |what: &str| lexopt::Error::from(format!("{sub}: missing {what}"));
     Ok(match sub.as_str() {
-        "run" => Command::Run {
+        "run" | "hub" => Command::Run {
             config: config.ok_or_else(|| missing("--config FILE"))?,
+            hub: sub == "hub",
         },
         "check-config" => Command::CheckConfig {
             config: config.ok_or_else(|| missing("FILE"))?,
@@ -171,11 +174,14 @@ fn main() -> ExitCode {
             }
             Err(e) => daemon_failure(e),
         },
-        Command::Run { config } => {
-            let (config, sources) = match Config::load(&config) {
+        Command::Run { config, hub } => {
+            let (mut config, sources) = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_failure(e),
             };
+            if hub {
+                config.mode = konsul_edge::config::Mode::Hub;
+            }
             log::set_max_level(config.log_level.to_filter());
             for name in &sources.ignored_env {
                 log::warn!("{name} names no configuration key; ignored");
@@ -214,7 +220,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         },
         DaemonError::Http(_) => EX_UNAVAILABLE,
         DaemonError::Signals(_) => EX_SOFTWARE,
-        DaemonError::Unsupported(_) => EX_CONFIG,
+        // Unreadable TLS material or token files: the config points at them.
+        DaemonError::Sync(_) | DaemonError::Tls(_) | DaemonError::ReadFile { .. } => EX_CONFIG,
         DaemonError::SelfTest(_) => EX_SOFTWARE,
     };
     ExitCode::from(code)

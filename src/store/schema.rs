@@ -93,6 +93,17 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (edge_id, batch_id)
     ) WITHOUT ROWID;
 
+    -- Telemetry received from downstream edges: append-only, one row per
+    -- (device, seq) however often a batch is retried.
+    CREATE TABLE telemetry_in (
+        device_id TEXT    NOT NULL,
+        seq       INTEGER NOT NULL,
+        edge_id   TEXT    NOT NULL,
+        ts_ms     INTEGER NOT NULL,
+        payload   BLOB    NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    ) WITHOUT ROWID;
+
     INSERT INTO meta (key, value) VALUES ('sync_index', '0'), ('gc_horizon', '0');
     "#,
 ];

@@ -12,6 +12,16 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+pub mod client;
+mod engine;
+pub mod server;
+mod transport;
+mod wire;
+
+pub use client::SyncClient;
+pub use server::Hub;
+pub use transport::{server_tls, TransportError};
+
 use crate::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +41,10 @@ pub struct SyncStatus {
     pub last_sync_ms: Option<u64>,
     /// Changed keys not yet acknowledged by the hub (the outbox depth).
     pub pending_changes: u64,
+    /// The outbox holds more than `cloud.offline_queue_size` keys. Nothing
+    /// is dropped (state changes coalesce per key); this says the link
+    /// needs attention.
+    pub queue_over_limit: bool,
     pub last_error: Option<String>,
 }
 

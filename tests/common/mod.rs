@@ -78,8 +78,9 @@ impl Daemon {
             .wait_log(|l| l.contains(" ready in "))
             .expect("daemon did not become ready");
         let addr = line
-            .split("API on http://")
+            .split("API on ")
             .nth(1)
+            .and_then(|s| s.split("://").nth(1))
             .and_then(|s| s.split(',').next())
             .expect("address in ready line");
         d.addr = addr.to_string();

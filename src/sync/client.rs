@@ -1,0 +1,373 @@
+//! The edge's sync client: an actor that drains the outbox to the hub and
+//! applies what the hub sends back.
+//!
+//! A round: read a batch from the outbox (bounded in encoded bytes for thin
+//! links), POST it with the edge's last applied hub index, then in ONE store
+//! transaction apply the hub's updates, acknowledge exactly the outbox rows
+//! that were sent (a key rewritten meanwhile has a new seq and stays
+//! queued) and advance the index. Repeat while the outbox has more or the
+//! hub says `more`. A crash anywhere before that commit leaves the outbox
+//! and index as they were; the retry carries the same batch id (a content
+//! hash), which the hub recognises, so nothing is lost or applied twice.
+//!
+//! Scheduling: every `cloud.sync_interval`, at once on `SyncNow`, and while
+//! the hub is unreachable with exponential backoff and jitter (1 s doubling
+//! up to the interval), so the first round after the link returns drains
+//! the queue. No timer runs faster than that.
+
+use std::time::Duration;
+
+use prost::Message;
+use smol::future::FutureExt;
+
+use crate::clock::{wall_millis, Hlc};
+use crate::config::{Config, RetryBackoff, SyncMode};
+use crate::crdt::MergeStrategy;
+use crate::registry::{ChangeOp, Registry};
+use crate::store::{Kind, StoreError};
+
+use super::engine::{self, Direction};
+use super::transport::{Client, Endpoint, TransportError};
+use super::wire::{self, EdgeSyncRequest, EdgeSyncResponse, WireError, CONTENT_TYPE};
+use super::SyncHandle;
+
+/// Outbox rows read per batch before the byte bound applies.
+const MAX_BATCH_ROWS: usize = 1000;
+/// Rounds in one sync before yielding to the schedule (bounds one sync's
+/// duration when changes keep arriving).
+const MAX_ROUNDS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("hub response: {0}")]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct SyncClient {
+    registry: Registry,
+    handle: SyncHandle,
+    http: Client,
+    interval: Duration,
+    backoff: RetryBackoff,
+    compress: bool,
+    always_full: bool,
+    strategy: MergeStrategy,
+    max_batch_bytes: usize,
+    queue_limit: u64,
+}
+
+pub fn strategy(config: &Config) -> MergeStrategy {
+    match config.sync.conflict_resolution {
+        crate::config::ConflictResolution::LastWriteWins => MergeStrategy::LastWriteWins,
+        crate::config::ConflictResolution::Crdt => MergeStrategy::FieldWise,
+    }
+}
+
+impl SyncClient {
+    pub fn new(
+        config: &Config,
+        registry: Registry,
+        handle: SyncHandle,
+    ) -> Result<SyncClient, ClientError> {
+        let c = &config.cloud;
+        let endpoint = Endpoint::parse(&c.server_address)?;
+        let tls = if endpoint.https {
+            let client = c.client_cert.as_deref().zip(c.client_key.as_deref());
+            Some(super::transport::client_tls(c.ca_file.as_deref(), client)?)
+        } else {
+            None
+        };
+        let token = match &c.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| ClientError::Token {
+                        path: p.display().to_string(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(SyncClient {
+            registry,
+            handle,
+            http: Client {
+                endpoint,
+                tls,
+                token,
+                timeout: Duration::from_secs(60),
+            },
+            interval: c.sync_interval.0,
+            backoff: c.retry_backoff,
+            compress: config.sync.compression,
+            always_full: config.sync.mode == SyncMode::Full,
+            strategy: strategy(config),
+            max_batch_bytes: config.sync.max_batch_bytes.0 as usize,
+            queue_limit: c.offline_queue_size,
+        })
+    }
+
+    /// Runs until dropped.
+    pub async fn run(self) {
+        let mut failures: u32 = 0;
+        loop {
+            match self.sync().await {
+                Ok(()) => {
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        log::warn!(
+                            "sync with {} failed: {e}; retrying with backoff",
+                            self.http.endpoint.url
+                        );
+                    } else {
+                        log::debug!("sync attempt {failures} failed: {e}");
+                    }
+                    let msg = e.to_string();
+                    self.handle.update(|s| {
+                        s.online = false;
+                        s.last_error = Some(msg);
+                    });
+                }
+            }
+            self.refresh_pending().await;
+            let wait = if failures == 0 {
+                self.interval
+            } else {
+                self.retry_delay(failures)
+            };
+            let timer = async {
+                async_io::Timer::after(wait).await;
+            };
+            timer.or(self.handle.requested()).await;
+        }
+    }
+
+    fn retry_delay(&self, failures: u32) -> Duration {
+        let base = match self.backoff {
+            RetryBackoff::Fixed => self.interval.min(Duration::from_secs(30)),
+            RetryBackoff::Exponential => {
+                Duration::from_secs(1u64 << failures.saturating_sub(1).min(16)).min(self.interval)
+            }
+        };
+        // +-20 % so a fleet that lost its uplink together does not return
+        // in lockstep.
+        let jitter = 0.8 + fastrand::f64() * 0.4;
+        base.mul_f64(jitter).max(Duration::from_millis(200))
+    }
+
+    async fn refresh_pending(&self) {
+        if let Ok(Ok(stats)) = self.registry.store().call(|db| db.stats()).await {
+            let over = stats.outbox > self.queue_limit;
+            let before = self.handle.status().queue_over_limit;
+            if over && !before {
+                log::warn!(
+                    "{} changes wait for the hub, over cloud.offline_queue_size ({}); \
+                     they are kept (one entry per key), but the link needs attention",
+                    stats.outbox,
+                    self.queue_limit
+                );
+            }
+            self.handle.update(|s| {
+                s.pending_changes = stats.outbox;
+                s.queue_over_limit = over;
+            });
+        }
+    }
+
+    /// One sync: rounds until the outbox is drained and the hub has no more.
+    pub async fn sync(&self) -> Result<(), ClientError> {
+        // `sync.mode: full` pulls everything again once per sync.
+        let mut restart = self.always_full;
+        for _ in 0..MAX_ROUNDS {
+            let max_bytes = self.max_batch_bytes;
+            let (since, batch, seqs, full_pending) = self
+                .registry
+                .store()
+                .call(move |db| read_batch(db, max_bytes))
+                .await??;
+            let since = if std::mem::take(&mut restart) {
+                0
+            } else {
+                since
+            };
+            // From index 0 (new or wiped database, or a restart) the hub
+            // sends everything, our own versions included.
+            let full = full_pending || since == 0;
+            let edge_id = self.registry.store().node_id().to_owned();
+            let req = EdgeSyncRequest {
+                batch_id: if batch.is_empty() {
+                    String::new()
+                } else {
+                    wire::batch_id(&edge_id, &batch)
+                },
+                edge_id,
+                last_sync_index: since as i64,
+                pending_updates: batch,
+                full_sync: full,
+                max_response_bytes: 0,
+                hlc: Hlc::new(wall_millis(), 0).0,
+                ..Default::default()
+            };
+            let sent = req.pending_updates.len();
+            let body = wire::encode(&req, self.compress);
+            let encoding = if self.compress { "snappy" } else { "identity" };
+            let resp_bytes = self
+                .http
+                .post(
+                    "/v1/edge/sync",
+                    body,
+                    &[
+                        ("content-type", CONTENT_TYPE),
+                        ("content-encoding", encoding),
+                        ("accept-encoding", encoding),
+                    ],
+                    wire::MAX_COMPRESSED,
+                )
+                .await?;
+            let resp: EdgeSyncResponse =
+                wire::decode(&resp_bytes, self.compress, "EdgeSyncResponse")?;
+            if resp.full_sync_required {
+                log::warn!("hub collected deletes this edge has not seen; starting a full sync");
+                self.registry
+                    .store()
+                    .call(|db| {
+                        db.tx(|tx| {
+                            tx.meta_set("full_sync", "1")?;
+                            tx.meta_set("sync_index", "0")
+                        })
+                    })
+                    .await??;
+                continue;
+            }
+            let more = resp.more;
+            let got = resp.cloud_updates.len();
+            let changed = self.apply(resp, seqs, full).await?;
+            for (kind, key, op) in changed {
+                self.registry.notify(kind, &key, op);
+            }
+            log::debug!("sync round: sent {sent}, received {got}, more: {more}");
+            self.handle.update(|s| {
+                s.online = true;
+                s.last_error = None;
+            });
+            if !more && sent == 0 {
+                self.handle.update(|s| s.last_sync_ms = Some(wall_millis()));
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        resp: EdgeSyncResponse,
+        seqs: Vec<u64>,
+        full: bool,
+    ) -> Result<Vec<(Kind, String, ChangeOp)>, ClientError> {
+        let mut incoming = Vec::with_capacity(resp.cloud_updates.len());
+        for (i, u) in resp.cloud_updates.into_iter().enumerate() {
+            incoming.push(wire::from_update(i, u)?);
+        }
+        let strategy = self.strategy;
+        let index = resp.current_index.max(0) as u64;
+        let more = resp.more;
+        let out = self
+            .registry
+            .store()
+            .call(move |db| {
+                db.tx(|tx| {
+                    let now = wall_millis();
+                    tx.observe(Hlc(resp.hlc));
+                    if full && tx.meta_get("full_sync_from")?.is_none() {
+                        // Everything at or below this index that the full
+                        // sync does not touch is gone from the hub.
+                        let from = tx.current_index()?;
+                        tx.meta_set("full_sync_from", &from.to_string())?;
+                    }
+                    let mut changed = Vec::new();
+                    for inc in incoming {
+                        let (kind, key, tomb) = (inc.kind, inc.key.clone(), inc.version.tombstone);
+                        let a =
+                            engine::apply(tx, inc, strategy, &Direction::FromHub { full }, now)?;
+                        if a.changed {
+                            changed.push((
+                                kind,
+                                key,
+                                if tomb {
+                                    ChangeOp::Delete
+                                } else {
+                                    ChangeOp::Upsert
+                                },
+                            ));
+                        }
+                    }
+                    tx.ack_outbox(&seqs)?;
+                    tx.meta_set("sync_index", &index.to_string())?;
+                    if full && !more {
+                        if let Some(from) = tx
+                            .meta_get("full_sync_from")?
+                            .and_then(|v| v.parse::<u64>().ok())
+                        {
+                            let dropped = tx.drop_stale(from)?;
+                            if dropped > 0 {
+                                log::info!(
+                                    "full sync: removed {dropped} records the hub no longer has"
+                                );
+                            }
+                        }
+                        tx.meta_set("full_sync", "0")?;
+                        tx.meta_set("full_sync_from", "")?;
+                    }
+                    Ok::<_, StoreError>(changed)
+                })
+            })
+            .await??;
+        Ok(out)
+    }
+}
+
+type Batch = (u64, Vec<wire::ServiceUpdate>, Vec<u64>, bool);
+
+/// The edge's last applied hub index, the next batch of pending updates
+/// (bounded by `max_bytes` encoded), their outbox seqs, and whether a full
+/// sync is pending.
+fn read_batch(db: &mut crate::store::Db, max_bytes: usize) -> Result<Batch, StoreError> {
+    let since = db
+        .meta_get("sync_index")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let full = db.meta_get("full_sync")?.as_deref() == Some("1");
+    let mut batch = Vec::new();
+    let mut seqs = Vec::new();
+    let mut used = 0;
+    for (seq, kind, key) in db.outbox(MAX_BATCH_ROWS)? {
+        match db.get(kind, &key)? {
+            Some(rec) => {
+                let u = wire::to_update(&rec);
+                let len = u.encoded_len() + 4;
+                if used + len > max_bytes && !batch.is_empty() {
+                    break;
+                }
+                used += len;
+                batch.push(u);
+                seqs.push(seq);
+            }
+            // Collected meanwhile: nothing to send, acknowledge the row.
+            None => seqs.push(seq),
+        }
+    }
+    Ok((since, batch, seqs, full))
+}

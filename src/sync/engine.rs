@@ -1,0 +1,159 @@
+//! Applying replicated versions inside a store transaction: the same code on
+//! the hub (versions from downstream edges) and on an edge (versions from
+//! its hub). Runs on the store thread, called from store jobs.
+//!
+//! Rules:
+//! - the merge is `crdt::merge`, so applying a version twice, or two
+//!   versions in either order, gives the same record;
+//! - a change gets a new modify index, which is what the change feed (and so
+//!   paging and delta sync) follows;
+//! - from downstream: a changed record is queued in this node's outbox (for
+//!   its own upstream, if it has one), remembers which edge supplied it
+//!   verbatim (not echoed back), and a new record is owned by that edge;
+//! - from upstream: the outbox entry for the key is dropped when the hub's
+//!   version already includes ours, and kept (or added) when ours still
+//!   adds something, so the hub hears about it;
+//! - concurrent versions are recorded as conflicts, whatever won.
+
+use crate::crdt::{self, MergeStrategy, Version};
+use crate::store::{Kind, Record, StoreError, Tx};
+
+use super::wire::Incoming;
+
+pub enum Direction<'a> {
+    /// Versions pushed by a downstream edge to this node acting as its hub.
+    FromEdge(&'a str),
+    /// Versions sent by this node's hub. `full`: a full sync, which marks
+    /// every record it touches as seen.
+    FromHub { full: bool },
+}
+
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub changed: bool,
+    pub conflict: Option<(String, String)>,
+}
+
+pub fn version_of(r: &Record) -> Version {
+    Version {
+        body: r.body.clone(),
+        hlc: r.hlc,
+        origin: r.origin.clone(),
+        vv: r.vv.clone(),
+        tombstone: r.tombstone,
+        fields: r.fields.clone(),
+    }
+}
+
+fn name_of(kind: Kind, body: &str) -> Option<String> {
+    if kind != Kind::Service {
+        return None;
+    }
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()?
+        .get("name")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+pub fn apply(
+    tx: &mut Tx<'_>,
+    inc: Incoming,
+    strategy: MergeStrategy,
+    dir: &Direction<'_>,
+    now_ms: u64,
+) -> Result<Applied, StoreError> {
+    tx.observe(inc.version.hlc);
+    let local = tx.get(inc.kind, &inc.key)?;
+    let from_edge = match dir {
+        Direction::FromEdge(e) => Some(*e),
+        Direction::FromHub { .. } => None,
+    };
+    let (merged, conflict) = match &local {
+        None => (inc.version.clone(), None),
+        Some(l) => {
+            let lv = version_of(l);
+            let out = crdt::merge(&lv, &inc.version, strategy);
+            let conflict = out.concurrent.then(|| {
+                let winner = match out.winner {
+                    crdt::Side::Local => "local",
+                    crdt::Side::Remote => "remote",
+                };
+                (describe(&lv), describe(&inc.version), winner)
+            });
+            if out.merged == lv {
+                if let Direction::FromHub { full: true } = dir {
+                    tx.touch(inc.kind, &inc.key)?;
+                }
+                if let Some((l, r, w)) = &conflict {
+                    tx.record_conflict(
+                        inc.kind,
+                        &inc.key,
+                        from_edge.unwrap_or(""),
+                        l,
+                        r,
+                        w,
+                        now_ms,
+                    )?;
+                }
+                return Ok(Applied {
+                    changed: false,
+                    conflict: conflict.map(|_| (inc.kind.as_str().to_owned(), inc.key.clone())),
+                });
+            }
+            (out.merged, conflict)
+        }
+    };
+    let index = tx.next_index()?;
+    let verbatim = merged == inc.version;
+    let rec = Record {
+        kind: inc.kind,
+        key: inc.key.clone(),
+        name: name_of(inc.kind, &merged.body),
+        body: merged.body,
+        hlc: merged.hlc,
+        origin: merged.origin,
+        vv: merged.vv,
+        tombstone: merged.tombstone,
+        create_index: match &local {
+            Some(l) if !l.tombstone => l.create_index,
+            _ => index,
+        },
+        modify_index: index,
+        fields: merged.fields,
+        owner: match &local {
+            Some(l) => l.owner.clone(),
+            None => from_edge.unwrap_or("").to_owned(),
+        },
+        src: match from_edge {
+            Some(e) if verbatim => e.to_owned(),
+            _ => String::new(),
+        },
+    };
+    tx.put(&rec)?;
+    match dir {
+        Direction::FromEdge(_) => tx.enqueue(inc.kind, &inc.key)?,
+        Direction::FromHub { .. } if verbatim => tx.dequeue(inc.kind, &inc.key)?,
+        Direction::FromHub { .. } => tx.enqueue(inc.kind, &inc.key)?,
+    }
+    if let Some((l, r, w)) = &conflict {
+        tx.record_conflict(inc.kind, &inc.key, from_edge.unwrap_or(""), l, r, w, now_ms)?;
+    }
+    Ok(Applied {
+        changed: true,
+        conflict: conflict.map(|_| (inc.kind.as_str().to_owned(), inc.key)),
+    })
+}
+
+/// A version as operators read it in the conflict list.
+fn describe(v: &Version) -> String {
+    serde_json::json!({
+        "body": serde_json::from_str::<serde_json::Value>(&v.body).unwrap_or_default(),
+        "tombstone": v.tombstone,
+        "hlc": v.hlc.0,
+        "time": crate::clock::rfc3339(v.hlc.millis()),
+        "origin": v.origin,
+        "vector_clock": v.vv,
+    })
+    .to_string()
+}

@@ -1,0 +1,370 @@
+//! HTTP(S) for sync: a hyper 1 client over smol's `Async<TcpStream>`, TLS
+//! from rustls (ring provider, no aws-lc: it needs cmake and clang when
+//! cross-compiling) through futures-rustls. The same rustls stack serves the
+//! hub's HTTPS listener. One connection per request: syncs are minutes
+//! apart, and a fresh connection never carries state across a link drop.
+
+use std::net::ToSocketAddrs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_io::Async;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use smol::future::FutureExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{url}: not an http:// or https:// URL")]
+    BadUrl { url: String },
+    #[error("{path}: {detail}")]
+    Tls { path: String, detail: String },
+    #[error("no system CA certificates found; install ca-certificates or set cloud.ca_file")]
+    NoRoots,
+    #[error("{host}: cannot resolve: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{host}: TLS handshake failed: {source}")]
+    Handshake {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{url}: HTTP: {detail}")]
+    Http { url: String, detail: String },
+    #[error("{url}: hub answered {status}: {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url}: no answer within {0:?}", .timeout)]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// A parsed `http(s)://host[:port][/base]`.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    pub base: String,
+    pub url: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, TransportError> {
+        let bad = || TransportError::BadUrl { url: url.into() };
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let https = match scheme {
+            "https" => true,
+            "http" => false,
+            _ => return Err(bad()),
+        };
+        let (authority, base) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse().map_err(|_| bad())?)
+            }
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(Endpoint {
+            https,
+            host: host.into(),
+            port,
+            base: base.into(),
+            url: url.trim_end_matches('/').into(),
+        })
+    }
+}
+
+fn tls_err(path: &Path, detail: impl ToString) -> TransportError {
+    TransportError::Tls {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_err(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(path, e))?;
+    if certs.is_empty() {
+        return Err(tls_err(path, "no certificate in file"));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| tls_err(path, e))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Client TLS: the CA file if given, else the system's CAs; a client
+/// certificate for mTLS if given.
+pub fn client_tls(
+    ca_file: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(p) => {
+            for c in load_certs(p)? {
+                roots.add(c).map_err(|e| tls_err(p, e))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(TransportError::NoRoots);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(Path::new("rustls"), e))?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| tls_err(cert, e))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Server TLS for the hub; with `client_ca`, clients must present a
+/// certificate signed by it (mTLS).
+pub fn server_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(cert, e))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| tls_err(ca, e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| tls_err(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| tls_err(cert, e))?;
+    Ok(Arc::new(config))
+}
+
+pub struct Client {
+    pub endpoint: Endpoint,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub token: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Client {
+    /// POSTs `body` to `path` under the endpoint's base; returns the
+    /// response body of a 2xx, at most `limit` bytes.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+        limit: usize,
+    ) -> Result<Vec<u8>, TransportError> {
+        let url = format!("{}{path}", self.endpoint.url);
+        let work = self.post_inner(&url, path, body, headers, limit);
+        let timeout = async {
+            async_io::Timer::after(self.timeout).await;
+            Err(TransportError::Timeout {
+                url: url.clone(),
+                timeout: self.timeout,
+            })
+        };
+        work.or(timeout).await
+    }
+
+    async fn post_inner(
+        &self,
+        url: &str,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+        limit: usize,
+    ) -> Result<Vec<u8>, TransportError> {
+        let ep = &self.endpoint;
+        let host_port = format!("{}:{}", ep.host, ep.port);
+        let lookup = host_port.clone();
+        // getaddrinfo blocks: keep it off the executor.
+        let addrs: Vec<_> =
+            smol::unblock(move || lookup.to_socket_addrs().map(|a| a.collect::<Vec<_>>()))
+                .await
+                .map_err(|source| TransportError::Resolve {
+                    host: ep.host.clone(),
+                    source,
+                })?;
+        let mut last = None;
+        let mut stream = None;
+        for a in addrs {
+            match Async::<std::net::TcpStream>::connect(a).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some((a, e)),
+            }
+        }
+        let stream = match (stream, last) {
+            (Some(s), _) => s,
+            (None, Some((a, source))) => {
+                return Err(TransportError::Connect {
+                    addr: a.to_string(),
+                    source,
+                })
+            }
+            (None, None) => {
+                return Err(TransportError::Resolve {
+                    host: ep.host.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+                })
+            }
+        };
+        let _ = stream.get_ref().set_nodelay(true);
+        let request = |host: &str| {
+            let mut b = hyper::Request::post(format!("{}{path}", ep.base))
+                .header(hyper::header::HOST, host)
+                .header(hyper::header::CONTENT_LENGTH, body.len());
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            if let Some(t) = &self.token {
+                b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            b.body(Full::new(Bytes::from(body.clone())))
+                .map_err(|e| TransportError::Http {
+                    url: url.into(),
+                    detail: e.to_string(),
+                })
+        };
+        let req = request(&host_port)?;
+        if ep.https {
+            let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
+            let name = ServerName::try_from(ep.host.clone())
+                .map_err(|_| TransportError::BadUrl { url: url.into() })?;
+            let tls_stream = futures_rustls::TlsConnector::from(tls)
+                .connect(name, stream)
+                .await
+                .map_err(|source| TransportError::Handshake {
+                    host: ep.host.clone(),
+                    source,
+                })?;
+            exchange(tls_stream, req, url, limit).await
+        } else {
+            exchange(stream, req, url, limit).await
+        }
+    }
+}
+
+async fn exchange<S>(
+    stream: S,
+    req: hyper::Request<Full<Bytes>>,
+    url: &str,
+    limit: usize,
+) -> Result<Vec<u8>, TransportError>
+where
+    S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e: hyper::Error| TransportError::Http {
+        url: url.into(),
+        detail: e.to_string(),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(smol_hyper::rt::FuturesIo::new(stream))
+            .await
+            .map_err(http)?;
+    let driver = async {
+        let _ = conn.await;
+        Err(TransportError::Http {
+            url: url.into(),
+            detail: "connection closed before the response".into(),
+        })
+    };
+    let exchange = async {
+        let resp = sender.send_request(req).await.map_err(http)?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| TransportError::Http {
+                url: url.into(),
+                detail: format!("reading the response: {e}"),
+            })?
+            .to_bytes()
+            .to_vec();
+        if !status.is_success() {
+            return Err(TransportError::Status {
+                url: url.into(),
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).chars().take(300).collect(),
+            });
+        }
+        Ok(body)
+    };
+    // The connection future drives the socket; the exchange finishes first
+    // unless the connection dies.
+    exchange.or(driver).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let e = Endpoint::parse("https://konsul-cloud.example.com:8500").unwrap();
+        assert!(e.https);
+        assert_eq!(
+            (e.host.as_str(), e.port, e.base.as_str()),
+            ("konsul-cloud.example.com", 8500, "")
+        );
+        let e = Endpoint::parse("http://10.0.0.1/hub/").unwrap();
+        assert_eq!((e.port, e.base.as_str()), (80, "/hub"));
+        let e = Endpoint::parse("http://[::1]:9000").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 9000));
+        assert!(Endpoint::parse("ftp://x").is_err());
+        assert!(Endpoint::parse("http://:80").is_err());
+        assert!(Endpoint::parse("http://h:notaport").is_err());
+    }
+}
