@@ -591,6 +591,7 @@ impl Api {
                     _ => method_not_allowed("GET"),
                 },
             ),
+            ("batch", rest) => self.batch(req, method, rest).await,
             ("v1", rest) => self.edge(req, method, rest, &query).await,
             _ => (
                 "other",
@@ -718,6 +719,100 @@ impl Api {
             }
             Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
         }
+    }
+
+    /// Konsul's batch KV routes; each request is one transaction.
+    async fn batch(
+        &self,
+        req: Request<Incoming>,
+        method: Method,
+        rest: &str,
+    ) -> (&'static str, Resp) {
+        #[derive(Deserialize)]
+        struct Keys {
+            keys: Vec<String>,
+        }
+        #[derive(Deserialize)]
+        struct Items {
+            items: std::collections::BTreeMap<String, String>,
+        }
+        let route: &'static str = match rest {
+            "kv/get" => "/batch/kv/get",
+            "kv/set" => "/batch/kv/set",
+            "kv/delete" => "/batch/kv/delete",
+            _ => {
+                return (
+                    "other",
+                    error(StatusCode::NOT_FOUND, format!("no route for /batch/{rest}")),
+                )
+            }
+        };
+        if method != Method::POST {
+            return (route, method_not_allowed("POST"));
+        }
+        let resp = match route {
+            "/batch/kv/get" => match self.body::<Keys>(req).await {
+                Err(r) => *r,
+                Ok(k) if k.keys.is_empty() => {
+                    error(StatusCode::BAD_REQUEST, "Keys array cannot be empty")
+                }
+                Ok(k) if k.keys.len() > crate::registry::MAX_BATCH => error(
+                    StatusCode::BAD_REQUEST,
+                    "Maximum 1000 keys per batch request",
+                ),
+                Ok(k) => {
+                    let mut found = serde_json::Map::new();
+                    let mut not_found = Vec::new();
+                    for key in k.keys {
+                        match self.registry.kv_get(key.clone()).await {
+                            Ok(e) => {
+                                found.insert(key, Value::String(e.value));
+                            }
+                            Err(RegistryError::NotFound { .. }) => not_found.push(key),
+                            Err(e) => return (route, registry_error(e, &self.metrics)),
+                        }
+                    }
+                    ok(json!({"found": found, "not_found": not_found}))
+                }
+            },
+            "/batch/kv/set" => match self.body::<Items>(req).await {
+                Err(r) => *r,
+                Ok(i) if i.items.is_empty() => {
+                    error(StatusCode::BAD_REQUEST, "Items map cannot be empty")
+                }
+                Ok(i) => {
+                    let keys: Vec<String> = i.items.keys().cloned().collect();
+                    match self
+                        .registry
+                        .kv_put_many(i.items.into_iter().collect())
+                        .await
+                    {
+                        Ok(index) => ok(json!({
+                            "message": format!("Successfully set {} keys", keys.len()),
+                            "count": keys.len(),
+                            "keys": keys,
+                            "modify_index": index,
+                        })),
+                        Err(e) => registry_error(e, &self.metrics),
+                    }
+                }
+            },
+            _ => match self.body::<Keys>(req).await {
+                Err(r) => *r,
+                Ok(k) if k.keys.is_empty() => {
+                    error(StatusCode::BAD_REQUEST, "Keys array cannot be empty")
+                }
+                Ok(k) => match self.registry.kv_delete_many(k.keys).await {
+                    Ok(deleted) => ok(json!({
+                        "message": format!("Successfully deleted {} keys", deleted.len()),
+                        "count": deleted.len(),
+                        "keys": deleted,
+                    })),
+                    Err(e) => registry_error(e, &self.metrics),
+                },
+            },
+        };
+        (route, resp)
     }
 
     async fn hub_sync(&self, hub: &crate::sync::Hub, req: Request<Incoming>) -> Resp {

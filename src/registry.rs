@@ -34,6 +34,8 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_CHECKS: usize = 32;
 pub const MAX_KEY_LEN: usize = 512;
 pub const MAX_VALUE_LEN: usize = 512 * 1024;
+/// Konsul's limit for batch KV requests.
+pub const MAX_BATCH: usize = 1000;
 const RESERVED_META_PREFIXES: [&str; 2] = ["konsul_", "_"];
 
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +414,75 @@ impl Registry {
             .await??;
         self.notify(Kind::Kv, &k, ChangeOp::Upsert);
         Ok(index)
+    }
+
+    /// Sets many keys in one transaction (one fsync): all or none.
+    pub async fn kv_put_many(&self, items: Vec<(String, String)>) -> Result<u64, RegistryError> {
+        if items.len() > MAX_BATCH {
+            return Err(invalid(
+                "items",
+                format!("{} items (max {MAX_BATCH})", items.len()),
+            ));
+        }
+        for (key, value) in &items {
+            validate_key(key)?;
+            if value.len() > MAX_VALUE_LEN {
+                return Err(invalid(
+                    "value",
+                    format!("{key}: {} bytes (max {MAX_VALUE_LEN})", value.len()),
+                ));
+            }
+        }
+        let keys: Vec<String> = items.iter().map(|(k, _)| k.clone()).collect();
+        let index = self
+            .store
+            .call(move |db| {
+                db.tx(|tx| {
+                    let mut last = 0;
+                    for (key, value) in items {
+                        let body = to_body(&KvBody { value, flags: 0 })?;
+                        last = commit(tx, Kind::Kv, &key, None, Some(body))?.modify_index;
+                    }
+                    Ok::<_, RegistryError>(last)
+                })
+            })
+            .await??;
+        for k in keys {
+            self.notify(Kind::Kv, &k, ChangeOp::Upsert);
+        }
+        Ok(index)
+    }
+
+    /// Deletes many keys in one transaction; missing keys are skipped.
+    pub async fn kv_delete_many(&self, keys: Vec<String>) -> Result<Vec<String>, RegistryError> {
+        if keys.len() > MAX_BATCH {
+            return Err(invalid(
+                "keys",
+                format!("{} keys (max {MAX_BATCH})", keys.len()),
+            ));
+        }
+        for key in &keys {
+            validate_key(key)?;
+        }
+        let deleted = self
+            .store
+            .call(move |db| {
+                db.tx(|tx| {
+                    let mut deleted = Vec::new();
+                    for key in keys {
+                        if live(tx.get(Kind::Kv, &key)?).is_some() {
+                            commit(tx, Kind::Kv, &key, None, None)?;
+                            deleted.push(key);
+                        }
+                    }
+                    Ok::<_, RegistryError>(deleted)
+                })
+            })
+            .await??;
+        for k in &deleted {
+            self.notify(Kind::Kv, k, ChangeOp::Delete);
+        }
+        Ok(deleted)
     }
 
     pub async fn kv_delete(&self, key: String, cas: Option<u64>) -> Result<(), RegistryError> {

@@ -394,3 +394,44 @@ fn sync_status_tracks_the_outbox_without_a_hub() {
         .unwrap()
         .contains("cloud.server_address"));
 }
+
+#[test]
+fn batch_kv_routes_are_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let r = d.req(
+        "POST",
+        "/batch/kv/set",
+        Some(r#"{"items":{"a":"1","b":"2"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["count"], 2);
+    let r = d.req("POST", "/batch/kv/get", Some(r#"{"keys":["a","zz"]}"#));
+    assert_eq!(r.json(), json!({"found": {"a": "1"}, "not_found": ["zz"]}));
+    let before = d.snapshot();
+    // one bad key refuses the whole batch
+    let r = d.req(
+        "POST",
+        "/batch/kv/set",
+        Some(r#"{"items":{"c":"3","":"4"}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let big: serde_json::Map<String, serde_json::Value> =
+        (0..1001).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let r = d.req(
+        "POST",
+        "/batch/kv/set",
+        Some(&json!({ "items": big }).to_string()),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        d.req("POST", "/batch/kv/set", Some(r#"{"items":{}}"#))
+            .status,
+        400
+    );
+    assert_eq!(d.get("/batch/kv/set").status, 405);
+    assert_eq!(d.snapshot(), before);
+    let r = d.req("POST", "/batch/kv/delete", Some(r#"{"keys":["a","nope"]}"#));
+    assert_eq!(r.json()["keys"], json!(["a"]));
+    assert_eq!(d.get("/kv/").json(), json!(["b"]));
+}

@@ -102,6 +102,14 @@ impl Hub {
             0 => DEFAULT_PAGE,
             n => n.clamp(MIN_PAGE, MAX_PAGE),
         };
+        log::debug!(
+            "sync from {}: {} updates, {} telemetry points, batch {:?}, since {}",
+            req.edge_id,
+            incoming.len(),
+            telemetry.len(),
+            req.batch_id,
+            req.last_sync_index
+        );
         let strategy = self.strategy;
         let retention = self.tombstone_retention_ms;
         let edge = req.edge_id.clone();

@@ -39,12 +39,21 @@ impl Daemon {
     }
 
     pub fn start_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        Self::start_as(dir, "run", env)
+    }
+
+    /// `konsul-edge hub` with `dir/edge.yaml`.
+    pub fn start_hub(dir: &Path) -> Daemon {
+        Self::start_as(dir, "hub", &[])
+    }
+
+    pub fn start_as(dir: &Path, command: &str, env: &[(&str, &str)]) -> Daemon {
         let config = dir.join("edge.yaml");
         if !config.exists() {
             write_config(dir, "");
         }
         let mut cmd = Command::new(BIN);
-        cmd.args(["run", "--config"])
+        cmd.args([command, "--config"])
             .arg(&config)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
@@ -165,6 +174,16 @@ impl Daemon {
             self.get("/v1/edge/services").json(),
             self.get("/kv/").json(),
         )
+    }
+}
+
+/// Polls `cond` until it holds or the deadline passes: for state that
+/// another process reaches on its own schedule (a sync round, a TTL).
+pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
     }
 }
 

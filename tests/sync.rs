@@ -1,0 +1,475 @@
+//! Offline-first sync with real processes: a hub and edges on ephemeral
+//! ports, each with its own SQLite file.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+fn hub_config(dir: &Path, listen: &str, extra: &str) {
+    std::fs::write(
+        dir.join("edge.yaml"),
+        format!(
+            "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '{listen}'}}\n{extra}",
+            dir.join("hub.db").display()
+        ),
+    )
+    .unwrap();
+}
+
+fn edge_config(dir: &Path, id: &str, hub: &str, extra: &str) {
+    std::fs::write(
+        dir.join("edge.yaml"),
+        format!(
+            "node_id: {id}\nstorage: {{path: {}, max_size: 64Mi}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+             services: {{max_local_services: 1000}}\n\
+             cloud: {{server_address: 'http://{hub}', sync_interval: 1h}}\n{extra}",
+            dir.join("edge.db").display()
+        ),
+    )
+    .unwrap();
+}
+
+struct Net {
+    _dirs: Vec<tempfile::TempDir>,
+    hub_dir: std::path::PathBuf,
+    hub: Option<Daemon>,
+    edges: Vec<Daemon>,
+}
+
+/// A hub and `n` edges (edge-a, edge-b, ...).
+fn net(n: usize, edge_extra: &str) -> Net {
+    let hub_dir = tempfile::tempdir().unwrap();
+    hub_config(hub_dir.path(), "127.0.0.1:0", "");
+    let hub = Daemon::start_hub(hub_dir.path());
+    let hub_addr = hub.addr.clone();
+    // Pin the port so the hub can come back on the same address.
+    hub_config(hub_dir.path(), &hub_addr, "");
+    let mut dirs = vec![];
+    let mut edges = vec![];
+    for i in 0..n {
+        let d = tempfile::tempdir().unwrap();
+        let id = format!("edge-{}", (b'a' + i as u8) as char);
+        edge_config(d.path(), &id, &hub_addr, edge_extra);
+        edges.push(Daemon::start(d.path()));
+        dirs.push(d);
+    }
+    let hub_path = hub_dir.path().to_path_buf();
+    dirs.push(hub_dir);
+    Net {
+        _dirs: dirs,
+        hub_dir: hub_path,
+        hub: Some(hub),
+        edges,
+    }
+}
+
+impl Net {
+    fn hub(&self) -> &Daemon {
+        self.hub.as_ref().expect("hub running")
+    }
+}
+
+/// Asks `d` to sync and waits until a sync finished after the request with
+/// nothing pending.
+fn sync(d: &Daemon) {
+    let before = d.get("/v1/edge/sync").json()["last_sync_ms"]
+        .as_u64()
+        .unwrap_or(0);
+    let r = d.req("POST", "/v1/edge/sync/now", None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    eventually("a completed sync", || {
+        let s = d.get("/v1/edge/sync").json();
+        s["last_sync_ms"].as_u64().unwrap_or(0) > before && s["pending_changes"] == 0
+    });
+}
+
+fn kv(d: &Daemon, key: &str) -> Option<String> {
+    let r = d.get(&format!("/kv/{key}"));
+    (r.status == 200).then(|| r.json()["value"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn services_flow_up_and_global_kv_flows_down() {
+    let net = net(2, "");
+    let (a, b) = (&net.edges[0], &net.edges[1]);
+    assert_eq!(
+        a.put(
+            "/register",
+            r#"{"name":"pos","address":"10.0.0.7","port":9000,"tags":["till"]}"#
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        net.hub()
+            .put("/kv/global/price-list", r#"{"value":"v42"}"#)
+            .status,
+        200
+    );
+    sync(a);
+    sync(b);
+    let hub_services = net.hub().get("/services/").json();
+    assert_eq!(hub_services.as_array().unwrap().len(), 1);
+    assert_eq!(hub_services[0]["address"], "10.0.0.7");
+    assert_eq!(kv(a, "global/price-list").as_deref(), Some("v42"));
+    assert_eq!(kv(b, "global/price-list").as_deref(), Some("v42"));
+    // what edge A owns does not flow to edge B
+    assert_eq!(b.get("/services/").json().as_array().unwrap().len(), 0);
+    let edges = net.hub().get("/v1/edge/edges").json();
+    let ids: Vec<&str> = edges
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["edge_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["edge-a", "edge-b"]);
+
+    // deletes replicate as tombstones
+    assert_eq!(net.hub().delete("/kv/global/price-list").status, 200);
+    sync(a);
+    assert_eq!(kv(a, "global/price-list"), None);
+}
+
+#[test]
+fn offline_edges_keep_working_then_converge_and_conflicts_resolve_the_same_everywhere() {
+    let mut net = net(2, "");
+    // The same key exists everywhere first.
+    assert_eq!(
+        net.hub()
+            .put("/kv/global/mode", r#"{"value":"normal"}"#)
+            .status,
+        200
+    );
+    sync(&net.edges[0]);
+    sync(&net.edges[1]);
+
+    // The uplink goes down.
+    net.hub.take().unwrap().stop();
+    let (a, b) = (&net.edges[0], &net.edges[1]);
+    assert_eq!(
+        a.put("/kv/global/mode", r#"{"value":"from-a"}"#).status,
+        200
+    );
+    assert_eq!(
+        b.put("/kv/global/mode", r#"{"value":"from-b"}"#).status,
+        200
+    );
+    assert_eq!(
+        a.put(
+            "/register",
+            r#"{"name":"scale","address":"10.0.1.1","port":1}"#
+        )
+        .status,
+        200
+    );
+    assert_eq!(a.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("edge A to notice the hub is gone", || {
+        let s = a.get("/v1/edge/sync").json();
+        s["online"] == false && s["last_error"].is_string()
+    });
+    assert_eq!(a.get("/v1/edge/sync").json()["pending_changes"], 2);
+    assert_eq!(
+        kv(a, "global/mode").as_deref(),
+        Some("from-a"),
+        "local writes keep working"
+    );
+
+    // The uplink returns on the same address.
+    net.hub = Some(Daemon::start_hub(&net.hub_dir));
+    let (a, b) = (&net.edges[0], &net.edges[1]);
+    sync(a);
+    sync(b);
+    sync(a);
+    let hub_value = kv(net.hub(), "global/mode").unwrap();
+    assert_eq!(kv(a, "global/mode").unwrap(), hub_value);
+    assert_eq!(kv(b, "global/mode").unwrap(), hub_value);
+    assert!(hub_value == "from-a" || hub_value == "from-b");
+    assert_eq!(net.hub().get("/services/scale").status, 200);
+
+    let conflicts = net.hub().get("/v1/edge/conflicts").json();
+    let c = conflicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == "global/mode")
+        .unwrap_or_else(|| panic!("conflict not listed: {conflicts}"));
+    assert_eq!(c["kind"], "kv");
+    assert!(c["local"]["body"]["value"].is_string() && c["remote"]["body"]["value"].is_string());
+    assert!(c["winner"] == "local" || c["winner"] == "remote");
+    let winner = if c["winner"] == "local" {
+        &c["local"]
+    } else {
+        &c["remote"]
+    };
+    assert_eq!(
+        winner["body"]["value"],
+        Value::String(hub_value.clone()),
+        "listed winner is what everyone has"
+    );
+    let edges = net.hub().get("/v1/edge/edges").json();
+    assert!(edges
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["pending_conflicts"].as_u64() > Some(0)));
+}
+
+#[test]
+fn ten_thousand_offline_changes_drain_after_reconnect() {
+    let mut net = net(1, "sync: {max_batch_bytes: 64Ki}\n");
+    net.hub.take().unwrap().stop();
+    let a = &net.edges[0];
+    // Konsul's batch route: 1,000 keys per request, one transaction each.
+    for chunk in 0..10 {
+        let items: serde_json::Map<String, Value> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| (format!("sensor/{i}"), Value::String(format!("reading {i}"))))
+            .collect();
+        let r = a.req(
+            "POST",
+            "/batch/kv/set",
+            Some(&serde_json::json!({ "items": items }).to_string()),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["count"], 1000);
+    }
+    assert_eq!(a.get("/v1/edge/status").json()["outbox_pending"], 10_000);
+    net.hub = Some(Daemon::start_hub(&net.hub_dir));
+    sync(&net.edges[0]);
+    let keys = net.hub().get("/kv/").json();
+    assert_eq!(keys.as_array().unwrap().len(), 10_000);
+    assert_eq!(
+        kv(net.hub(), "sensor/9999").as_deref(),
+        Some("reading 9999")
+    );
+    let edge = &net.hub().get("/v1/edge/edges").json()[0];
+    assert_eq!(edge["applied"], 10_000, "each change applied once");
+}
+
+#[test]
+fn kill_9_mid_sync_loses_and_duplicates_nothing() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    hub_config(hub_dir.path(), "127.0.0.1:0", "");
+    let hub = Daemon::start_as(
+        hub_dir.path(),
+        "hub",
+        &[("KONSUL_TEST_HOOKS", "1"), ("KONSUL_LOG", "debug")],
+    );
+    let edge_dir = tempfile::tempdir().unwrap();
+    edge_config(edge_dir.path(), "edge-a", &hub.addr, "");
+    let mut a = Daemon::start(edge_dir.path());
+    for i in 0..50 {
+        assert_eq!(
+            a.put(
+                "/register",
+                &format!(r#"{{"name":"svc-{i}","address":"10.0.0.{i}","port":80}}"#)
+            )
+            .status,
+            200
+        );
+    }
+    // Hold the hub's store so the edge's request is in flight, then kill
+    // the edge before it can see the answer.
+    assert_eq!(
+        hub.req("POST", "/v1/edge/debug/wedge-store?ms=1500", None)
+            .status,
+        200
+    );
+    assert_eq!(a.req("POST", "/v1/edge/sync/now", None).status, 202);
+    // The hub has read the whole request (it logs before applying).
+    hub.wait_log(|l| l.contains("sync from edge-a: 50 updates"))
+        .expect("the edge's batch reached the hub");
+    a.kill9();
+    // The hub applies the batch once its store is free.
+    eventually("the hub to apply the batch", || {
+        hub.get("/services/").json().as_array().map(|s| s.len()) == Some(50)
+    });
+    let a = Daemon::start(edge_dir.path());
+    assert_eq!(
+        a.get("/v1/edge/status").json()["outbox_pending"],
+        50,
+        "nothing was acknowledged before the kill"
+    );
+    sync(&a);
+    let edges = hub.get("/v1/edge/edges").json();
+    assert_eq!(
+        edges[0]["applied"], 50,
+        "the retried batch was not applied twice: {edges}"
+    );
+    assert_eq!(hub.get("/services/").json().as_array().unwrap().len(), 50);
+    assert_eq!(a.get("/services/").json().as_array().unwrap().len(), 50);
+}
+
+#[test]
+fn an_edge_that_lost_its_disk_gets_its_records_back() {
+    let net = net(1, "");
+    let mut a = net.edges.into_iter().next().unwrap();
+    for name in ["till-1", "till-2", "printer"] {
+        assert_eq!(
+            a.put(
+                "/register",
+                &format!(r#"{{"name":"{name}","address":"10.9.0.1","port":631}}"#)
+            )
+            .status,
+            200
+        );
+    }
+    assert_eq!(
+        a.put("/kv/local/setting", r#"{"value":"kept"}"#).status,
+        200
+    );
+    sync(&a);
+    a.stop();
+    for f in ["edge.db", "edge.db-wal", "edge.db-shm"] {
+        let _ = std::fs::remove_file(a.dir.join(f));
+    }
+    let a = Daemon::start(&a.dir);
+    assert_eq!(a.get("/services/").json().as_array().unwrap().len(), 0);
+    sync(&a);
+    let names: Vec<String> = a
+        .get("/services/")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(kv(&a, "local/setting").as_deref(), Some("kept"));
+    // and it can keep writing: the recovered versions are its own history
+    assert_eq!(
+        a.put("/kv/local/setting", r#"{"value":"changed"}"#).status,
+        200
+    );
+    sync(&a);
+    assert_eq!(
+        kv(net.hub.as_ref().unwrap(), "local/setting").as_deref(),
+        Some("changed")
+    );
+    assert!(net
+        .hub
+        .as_ref()
+        .unwrap()
+        .get("/v1/edge/conflicts")
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn malformed_truncated_and_oversized_sync_bodies_get_4xx_and_change_nothing() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    hub_config(hub_dir.path(), "127.0.0.1:0", "");
+    let hub = Daemon::start_hub(hub_dir.path());
+    assert_eq!(hub.put("/kv/k", r#"{"value":"v"}"#).status, 200);
+    let before = hub.snapshot();
+    let proto = [("Content-Type", "application/x-protobuf")];
+    let snappy = [
+        ("Content-Type", "application/x-protobuf"),
+        ("Content-Encoding", "snappy"),
+    ];
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: Vec<(Headers, Vec<u8>, u16)> = vec![
+        (&snappy, b"this is not snappy".to_vec(), 400),
+        (&proto, vec![0x0a, 0x20, b'e'], 400), // truncated field
+        (&proto, vec![0xff; 64], 400),         // invalid wire type
+        (&proto, vec![0x0a, 0x00], 400),       // empty edge_id
+        (&[("Content-Type", "application/json")], b"{}".to_vec(), 415),
+        (
+            &[
+                ("Content-Type", "application/x-protobuf"),
+                ("Content-Encoding", "gzip"),
+            ],
+            vec![],
+            415,
+        ),
+        (&proto, vec![0u8; 2 << 20], 413), // over http.max_body_size
+        // a syntactically valid request whose update has an invalid body
+        (&proto, invalid_update_request(), 400),
+    ];
+    for (headers, body, want) in cases {
+        let r = request(&hub.addr, "POST", "/v1/edge/sync", Some(&body), headers);
+        assert_eq!(r.status, want, "{headers:?}: {}", r.text());
+    }
+    assert_eq!(hub.snapshot(), before, "a refused sync body changed state");
+    assert!(hub
+        .get("/v1/edge/edges")
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // an edge node is not a hub
+    let dir = tempfile::tempdir().unwrap();
+    let e = Daemon::start(dir.path());
+    assert_eq!(
+        request(&e.addr, "POST", "/v1/edge/sync", Some(b""), &proto).status,
+        404
+    );
+}
+
+/// EdgeSyncRequest{edge_id:"e", pending_updates:[{kind:KV, key:"k", body:"[1]", ...}]}
+/// encoded by hand, so the test does not share the code under test.
+fn invalid_update_request() -> Vec<u8> {
+    fn field(tag: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag, bytes.len() as u8];
+        v.extend_from_slice(bytes);
+        v
+    }
+    let mut update = vec![0x08, 0x02]; // kind = KV
+    update.extend(field(0x12, b"k")); // key
+    update.extend(field(0x22, b"[1]")); // body: not an object
+    update.extend([0x28, 0x01]); // hlc = 1
+    update.extend(field(0x32, b"e")); // origin
+    let mut entry = field(0x0a, b"e");
+    entry.extend([0x10, 0x01]);
+    update.extend(field(0x3a, &entry)); // vector_clock {e: 1}
+    let mut req = field(0x0a, b"e");
+    req.extend(field(0x1a, &update));
+    req
+}
+
+#[test]
+fn the_hub_refuses_edges_without_its_token() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    std::fs::write(hub_dir.path().join("tokens"), "# edge tokens\ns3cret-a\n").unwrap();
+    hub_config(
+        hub_dir.path(),
+        "127.0.0.1:0",
+        &format!(
+            "sync: {{auth_token_file: {}}}\n",
+            hub_dir.path().join("tokens").display()
+        ),
+    );
+    let hub = Daemon::start_hub(hub_dir.path());
+    let good = tempfile::tempdir().unwrap();
+    std::fs::write(good.path().join("token"), "s3cret-a\n").unwrap();
+    std::fs::write(
+        good.path().join("edge.yaml"),
+        format!(
+            "node_id: edge-a\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\ncloud: {{server_address: 'http://{}', sync_interval: 1h, token_file: {}}}\n",
+            good.path().join("edge.db").display(),
+            hub.addr,
+            good.path().join("token").display()
+        ),
+    )
+    .unwrap();
+    let a = Daemon::start(good.path());
+    a.put("/kv/x", r#"{"value":"1"}"#);
+    sync(&a);
+    assert_eq!(kv(&hub, "x").as_deref(), Some("1"));
+
+    let bad = tempfile::tempdir().unwrap();
+    edge_config(bad.path(), "edge-b", &hub.addr, "");
+    let b = Daemon::start(bad.path());
+    b.put("/kv/y", r#"{"value":"1"}"#);
+    assert_eq!(b.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("edge B to be refused", || {
+        b.get("/v1/edge/sync").json()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("401"))
+    });
+    assert_eq!(kv(&hub, "y"), None);
+}
