@@ -14,8 +14,10 @@ use async_signal::{Signal, Signals};
 use smol::stream::StreamExt;
 
 use crate::config::{Config, Mode};
+use crate::devices::Devices;
 use crate::http::{Api, HttpError, Server, Shutdown};
 use crate::metrics::Metrics;
+use crate::mqtt::Bridge;
 use crate::registry::{Limits, Registry, ServiceInput};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -34,6 +36,8 @@ pub enum DaemonError {
     Unsupported(&'static str),
     #[error("selftest: {0}")]
     SelfTest(String),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -77,10 +81,35 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.http.listen.clone());
     let sync = crate::sync::SyncHandle::new(!config.cloud.server_address.is_empty());
+    let metrics = Arc::new(Metrics::default());
+    let (devices, device_channels) = Devices::new(
+        registry.clone(),
+        crate::devices::Settings::from_config(&config.devices),
+    );
+    let bridge = if config.mqtt.enabled {
+        let made = crate::mqtt::Settings::from_config(&config, store.node_id()).and_then(|s| {
+            Bridge::new(
+                s,
+                devices.clone(),
+                metrics.clone(),
+                device_channels.alerts.clone(),
+            )
+        });
+        match made {
+            Ok(b) => Some(b),
+            Err(e) => {
+                store.close();
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let api = Arc::new(Api {
         registry,
+        devices: devices.clone(),
         sync: sync.clone(),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         max_body: config.http.max_body_size.0,
         test_hooks: std::env::var_os("KONSUL_TEST_HOOKS").is_some_and(|v| v == "1"),
     });
@@ -94,7 +123,16 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         sync.clone(),
     ))
     .detach();
+    let started_ms = crate::clock::wall_millis();
+    ex.spawn(monitor(
+        devices.clone(),
+        device_channels.signals,
+        started_ms,
+    ))
+    .detach();
+    ex.spawn(retention(devices.clone())).detach();
     let shutdown = Shutdown::default();
+    let mqtt_task = bridge.map(|b| ex.spawn(b.run(shutdown.clone())));
     let http_task = ex.spawn(server.serve(api, ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
         log::info!("systemd watchdog: pinging every {every:?} while the store answers");
@@ -131,6 +169,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             w.cancel().await;
         }
         http_task.await;
+        if let Some(t) = mqtt_task {
+            // Says goodbye to the broker and applies what it had received.
+            t.await;
+        }
     }));
     let s = store.clone();
     // Joining the store thread blocks; the executor has nothing left to run.
@@ -139,12 +181,57 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn warn_unimplemented(config: &Config) {
-    if config.mqtt.enabled {
-        log::warn!(
-            "mqtt.enabled is set, but the MQTT bridge is not in this build yet; ignoring it"
-        );
+/// The device health monitor (see `devices::health`).
+async fn monitor(
+    devices: Devices,
+    signals: async_channel::Receiver<Vec<crate::devices::health::Signal>>,
+    started_ms: u64,
+) {
+    let machine = match devices.machine(started_ms).await {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!("device health monitor not started: {e}");
+            return;
+        }
+    };
+    crate::devices::health::run(machine, signals, move |t| {
+        let devices = devices.clone();
+        async move {
+            if let Err(e) = devices.record(t).await {
+                log::error!("device health: cannot record transitions: {e}");
+            }
+        }
+    })
+    .await;
+}
+
+/// Prunes telemetry and events when the oldest row outlives the retention,
+/// on a timer set to that moment (ingest prunes as it writes, too). When
+/// the history is empty it checks again after one retention period.
+async fn retention(devices: Devices) {
+    // Coalesce: age pruning to the minute is plenty.
+    const MIN_WAIT: Duration = Duration::from_secs(60);
+    let retention = Duration::from_millis(devices.settings().retention_ms.max(1000));
+    loop {
+        let wait = match devices.next_expiry().await {
+            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(crate::clock::wall_millis())),
+            Ok(None) => retention,
+            Err(crate::store::StoreError::Closed) => return,
+            Err(e) => {
+                log::warn!("telemetry retention: {e}");
+                retention
+            }
+        };
+        async_io::Timer::after(wait.max(MIN_WAIT)).await;
+        match devices.prune_now().await {
+            Ok(()) => {}
+            Err(crate::store::StoreError::Closed) => return,
+            Err(e) => log::warn!("telemetry retention: {e}"),
+        }
     }
+}
+
+fn warn_unimplemented(config: &Config) {
     if !config.cloud.server_address.is_empty() {
         log::warn!(
             "cloud.server_address is set, but the sync client is not in this build yet; \

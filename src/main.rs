@@ -216,6 +216,7 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Signals(_) => EX_SOFTWARE,
         DaemonError::Unsupported(_) => EX_CONFIG,
         DaemonError::SelfTest(_) => EX_SOFTWARE,
+        DaemonError::Mqtt(_) => EX_CONFIG,
     };
     ExitCode::from(code)
 }
