@@ -308,12 +308,12 @@ impl Bridge {
                             let granted = rsp.subscribe_many_response().unwrap_or_default();
                             if granted.iter().any(|q| *q >= 0x80) {
                                 log::warn!(
-                                    "mqtt: the broker refused some subscriptions ({topics:?} -> {granted:?})"
+                                    "the broker refused some subscriptions ({topics:?} -> {granted:?})"
                                 );
                             }
                         }
                         Err(e) => {
-                            log::warn!("mqtt: subscribe failed: {e}; reconnecting");
+                            log::warn!("subscribe failed: {e}; reconnecting");
                             let _ = self.client.disconnect(None).await;
                             self.backoff(&mut attempt, shutdown).await;
                             continue;
@@ -328,7 +328,7 @@ impl Bridge {
                     self.metrics.mqtt.connected.store(1, Ordering::Relaxed);
                     self.metrics.mqtt.connects.fetch_add(1, Ordering::Relaxed);
                     log::info!(
-                        "mqtt: connected to {} as {} (session present: {session}), subscribed to {} at QoS {}",
+                        "connected to {} as {} (session present: {session}), subscribed to {} at QoS {}",
                         self.settings.url,
                         self.settings.client_id,
                         topics.join(", "),
@@ -349,17 +349,14 @@ impl Bridge {
                         self.goodbye().await;
                         return;
                     }
-                    log::warn!(
-                        "mqtt: connection to {} lost; reconnecting",
-                        self.settings.url
-                    );
+                    log::warn!("connection to {} lost; reconnecting", self.settings.url);
                 }
                 Err(e) => {
                     // Every failure while the broker is away would flood the
                     // log: say it on the first attempts, then every 10th.
                     if attempt < 3 || attempt.is_multiple_of(10) {
                         log::warn!(
-                            "mqtt: cannot connect to {} (attempt {}): {e}",
+                            "cannot connect to {} (attempt {}): {e}",
                             self.settings.url,
                             attempt + 1
                         );
@@ -407,7 +404,7 @@ impl Bridge {
             async_io::Timer::after(GOODBYE * 2).await;
         })
         .await;
-        log::info!("mqtt: disconnected from {}", self.settings.url);
+        log::info!("disconnected from {}", self.settings.url);
     }
 }
 
@@ -427,7 +424,7 @@ fn publish(client: &paho::AsyncClient, metrics: &Metrics, what: Published, msg: 
         Ok(_) => metrics.mqtt.published(what),
         Err(e) => {
             metrics.mqtt.publish_failed.fetch_add(1, Ordering::Relaxed);
-            log::debug!("mqtt: publish failed: {e}");
+            log::debug!("publish failed: {e}");
         }
     }
 }
@@ -486,7 +483,7 @@ impl Ingest {
             Ok(o) => o,
             Err(e) if parsed.len() > 1 => {
                 log::warn!(
-                    "mqtt: a batch of {} messages failed ({e}); applying them one by one",
+                    "a batch of {} messages failed ({e}); applying them one by one",
                     parsed.len()
                 );
                 let mut out = Vec::with_capacity(parsed.len());
@@ -560,7 +557,7 @@ impl Ingest {
             .is_none_or(|t| now.duration_since(*t) >= LOG_EVERY);
         if due {
             log::warn!(
-                "mqtt: rejected ({}): {message} (further rejections for this device are not logged for {}s)",
+                "rejected ({}): {message} (further rejections for this device are not logged for {}s)",
                 reason.as_str(),
                 LOG_EVERY.as_secs()
             );
