@@ -2,7 +2,7 @@
 //! schemas ([`payload`]).
 //!
 //! Eclipse Paho (C library, bundled) through paho-mqtt; why, and how TLS is
-//! linked, is in `docs/decisions/0013-paho-mqtt.md`. Paho runs its own
+//! linked, is in `docs/decisions/0020-paho-mqtt.md`. Paho runs its own
 //! threads and calls us back on them; the bridge crosses into smol through
 //! bounded channels only, so the executor never blocks on paho:
 //! - messages: paho's callback does a blocking send into a bounded channel.
