@@ -135,7 +135,11 @@ fn publish_telemetry(port: u16, devices: usize, n: usize, publishers: usize, tag
                 let mut i = p;
                 while i < n {
                     let d = i % devices;
-                    let body = format!(r#"{{"temp":{}.5,"hum":{},"n":{i}}}"#, 15 + i % 20, 30 + i % 50);
+                    let body = format!(
+                        r#"{{"temp":{}.5,"hum":{},"n":{i}}}"#,
+                        15 + i % 20,
+                        30 + i % 50
+                    );
                     tokens.push(c.publish(paho::Message::new(
                         format!("devices/bench-{d}/telemetry"),
                         body,
@@ -209,7 +213,9 @@ fn main() {
         let acks = acks.clone();
         ack_client.set_message_callback(move |_, m| {
             if let Some(m) = m {
-                acks.lock().unwrap().insert(m.topic().to_owned(), Instant::now());
+                acks.lock()
+                    .unwrap()
+                    .insert(m.topic().to_owned(), Instant::now());
             }
         });
     }
@@ -258,7 +264,9 @@ fn main() {
     let reg_time = started.elapsed();
     let mut lat: Vec<Duration> = {
         let a = acks.lock().unwrap();
-        sent.iter().map(|(topic, t)| a[topic].duration_since(*t)).collect()
+        sent.iter()
+            .map(|(topic, t)| a[topic].duration_since(*t))
+            .collect()
     };
     lat.sort();
 
@@ -305,13 +313,24 @@ fn main() {
     // is subscribed and nothing published after can be missed.
     let probe = client(cport, "bench-probe");
     probe
-        .publish(paho::Message::new_retained("devices/probe/telemetry", "{}", 1))
+        .publish(paho::Message::new_retained(
+            "devices/probe/telemetry",
+            "{}",
+            1,
+        ))
         .wait()
         .unwrap();
     let _ = probe.disconnect(None).wait();
     let mut sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &cport.to_string(), "-q", "1"])
-        .args(["-t", "devices/+/telemetry", "-C", &n.to_string(), "-i", "bench-ceiling"])
+        .args([
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            &n.to_string(),
+            "-i",
+            "bench-ceiling",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

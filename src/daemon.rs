@@ -17,7 +17,6 @@ use crate::config::{Config, Mode};
 use crate::devices::Devices;
 use crate::http::{Api, HttpError, Server, Shutdown};
 use crate::metrics::Metrics;
-use crate::mqtt::Bridge;
 use crate::registry::{Limits, Registry, ServiceInput};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -86,24 +85,18 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         registry.clone(),
         crate::devices::Settings::from_config(&config.devices),
     );
-    let bridge = if config.mqtt.enabled {
-        let made = crate::mqtt::Settings::from_config(&config, store.node_id()).and_then(|s| {
-            Bridge::new(
-                s,
-                devices.clone(),
-                metrics.clone(),
-                device_channels.alerts.clone(),
-            )
-        });
-        match made {
-            Ok(b) => Some(b),
-            Err(e) => {
-                store.close();
-                return Err(e.into());
-            }
+    let bridge = match start_bridge(
+        &config,
+        store.node_id(),
+        &devices,
+        &metrics,
+        &device_channels,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            store.close();
+            return Err(e.into());
         }
-    } else {
-        None
     };
     let api = Arc::new(Api {
         registry,
@@ -179,6 +172,53 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     s.close();
     log::info!("store closed cleanly");
     Ok(())
+}
+
+#[cfg(feature = "mqtt")]
+fn start_bridge(
+    config: &Config,
+    node_id: &str,
+    devices: &Devices,
+    metrics: &Arc<Metrics>,
+    channels: &crate::devices::Channels,
+) -> Result<Option<crate::mqtt::Bridge>, crate::mqtt::MqttError> {
+    if !config.mqtt.enabled {
+        return Ok(None);
+    }
+    let settings = crate::mqtt::Settings::from_config(config, node_id)?;
+    crate::mqtt::Bridge::new(
+        settings,
+        devices.clone(),
+        metrics.clone(),
+        channels.alerts.clone(),
+    )
+    .map(Some)
+}
+
+/// Without the `mqtt` feature there is no bridge to start: a config that
+/// enables one is refused rather than silently ignored.
+#[cfg(not(feature = "mqtt"))]
+fn start_bridge(
+    config: &Config,
+    _node_id: &str,
+    _devices: &Devices,
+    _metrics: &Arc<Metrics>,
+    _channels: &crate::devices::Channels,
+) -> Result<Option<NoBridge>, crate::mqtt::MqttError> {
+    if config.mqtt.enabled {
+        return Err(crate::mqtt::MqttError::NotBuilt);
+    }
+    Ok(None)
+}
+
+#[cfg(not(feature = "mqtt"))]
+enum NoBridge {}
+
+#[cfg(not(feature = "mqtt"))]
+impl NoBridge {
+    async fn run(self, _shutdown: Shutdown) {
+        match self {}
+    }
 }
 
 /// The device health monitor (see `devices::health`).

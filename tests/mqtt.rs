@@ -236,9 +236,19 @@ fn mqtt_config(dir: &Path, broker: &Broker, qos: u8, mqtt_extra: &str, devices_e
 
 fn start_connected(dir: &Path) -> Daemon {
     let d = Daemon::start(dir);
-    d.wait_log(|l| l.contains("mqtt: connected"))
-        .expect("daemon connects to the broker");
-    d
+    let mut seen = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match d.log.recv_timeout(left) {
+            Ok(l) if l.contains("mqtt::bridge: connected to ") => return d,
+            Ok(l) => seen.push(l),
+            Err(e) => panic!(
+                "daemon did not connect to the broker ({e}); its log since ready:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
 }
 
 /// Polls `f` until it returns Some, or fails at the deadline.
@@ -525,11 +535,11 @@ fn a_broker_restart_reconnects_resubscribes_and_duplicates_nothing() {
     // Restart the broker and throw its persistence away: the session is
     // gone, so only the daemon's own resubscription brings messages back.
     broker.stop();
-    d.wait_log(|l| l.contains("mqtt: connection to") && l.contains("lost"))
+    d.wait_log(|l| l.contains("mqtt::bridge: connection to") && l.contains("lost"))
         .expect("the daemon notices");
     let _ = std::fs::remove_file(dir.path().join("mosquitto.db"));
     broker.restart();
-    d.wait_log(|l| l.contains("mqtt: connected"))
+    d.wait_log(|l| l.contains("mqtt::bridge: connected to "))
         .expect("the daemon reconnects");
 
     let dev = Device::connect(&broker, "dev-7", &["devices/d7/ack"]);
@@ -687,7 +697,7 @@ fn bad_input_is_rejected_counted_explained_and_changes_nothing() {
     }
     // Logged once per device per minute, however many it sent.
     let logged: Vec<String> = std::iter::from_fn(|| d.log.try_recv().ok())
-        .filter(|l| l.contains("mqtt: rejected") && l.contains("devices/d8/"))
+        .filter(|l| l.contains("mqtt::bridge: rejected") && l.contains("devices/d8/"))
         .collect();
     assert_eq!(logged.len(), 1, "{logged:#?}");
 }
