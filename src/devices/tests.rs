@@ -373,3 +373,33 @@ fn device_raised_alerts_come_and_go_with_events() {
         assert!(devices.alerts(true, None).await.unwrap().is_empty());
     });
 }
+
+#[test]
+fn signals_coalesce_per_device_but_keep_offline_in_order() {
+    let seen = |d: &str, at_ms, battery| Signal::Seen {
+        device: d.into(),
+        at_ms,
+        interval_ms: 1000,
+        battery,
+    };
+    let mut fx = Effects {
+        signals: vec![
+            seen("a", 1, Some(50)),
+            seen("b", 2, None),
+            seen("a", 3, None),
+            Signal::Offline { device: "a".into() },
+            seen("a", 5, Some(40)),
+        ],
+        ..Default::default()
+    };
+    fx.coalesce_signals();
+    assert_eq!(
+        fx.signals,
+        vec![
+            seen("a", 3, Some(50)),
+            seen("b", 2, None),
+            Signal::Offline { device: "a".into() },
+            seen("a", 5, Some(40)),
+        ]
+    );
+}

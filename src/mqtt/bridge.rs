@@ -164,9 +164,21 @@ impl Bridge {
         let mut attempt: u32 = 0;
         let topics = self.settings.topics.clone();
         let qos = vec![self.settings.qos; topics.len()];
+        log::info!(
+            "connecting to {} as {}",
+            self.settings.url,
+            self.settings.client_id
+        );
         loop {
             while self.lost.try_recv().is_ok() {}
-            let connected = async { Some(self.client.connect(self.connect.clone()).await) }
+            // Paho enforces CONNECT_TIMEOUT itself; the outer bound is a
+            // guard against a token that never completes, which would
+            // otherwise leave the bridge waiting forever.
+            let connected = async { Some(Some(self.client.connect(self.connect.clone()).await)) }
+                .or(async {
+                    async_io::Timer::after(CONNECT_TIMEOUT * 2).await;
+                    Some(None)
+                })
                 .or(async {
                     shutdown.wait().await;
                     None
@@ -174,12 +186,33 @@ impl Bridge {
                 .await;
             let result = match connected {
                 None => return,
-                Some(r) => r,
+                Some(Some(r)) => r,
+                Some(None) => {
+                    log::warn!(
+                        "connecting to {} did not finish within {:?}; retrying",
+                        self.settings.url,
+                        CONNECT_TIMEOUT * 2
+                    );
+                    // Abandon the attempt; the token is not awaited (it may never end).
+                    drop(self.client.disconnect(None));
+                    if !self.backoff(&mut attempt, shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
             };
             match result {
                 Ok(rsp) => {
                     let session = rsp.connect_response().is_some_and(|c| c.session_present);
-                    match self.client.subscribe_many(&topics, &qos).await {
+                    let subscribed =
+                        async { Some(self.client.subscribe_many(&topics, &qos).await) }
+                            .or(async {
+                                async_io::Timer::after(CONNECT_TIMEOUT).await;
+                                None
+                            })
+                            .await
+                            .unwrap_or(Err(paho::Error::General("subscribe timed out")));
+                    match subscribed {
                         Ok(rsp) => {
                             let granted = rsp.subscribe_many_response().unwrap_or_default();
                             if granted.iter().any(|q| *q >= 0x80) {

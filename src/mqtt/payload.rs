@@ -214,6 +214,9 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Telemetry {
     pub values: Map<String, Value>,
+    /// The payload as received (a JSON object, checked above): stored as
+    /// is, so ingest does not serialize it again.
+    pub raw: String,
     pub battery: Option<u8>,
     pub signal: Option<i16>,
 }
@@ -361,6 +364,7 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
                 device: ctx.device,
                 telemetry: Telemetry {
                     values,
+                    raw: String::from_utf8_lossy(payload).trim().to_owned(),
                     battery,
                     signal,
                 },
