@@ -315,6 +315,9 @@ pub struct Mqtt {
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// Larger device payloads are rejected unparsed.
+    #[serde(deserialize_with = "de_payload_size")]
+    pub max_payload_size: ByteSize,
 }
 
 impl Default for Mqtt {
@@ -329,12 +332,14 @@ impl Default for Mqtt {
                 "devices/+/telemetry",
                 "devices/+/heartbeat",
                 "devices/+/events",
+                "devices/+/status",
             ]
             .map(String::from)
             .to_vec(),
             username: None,
             password_file: None,
             ca_file: None,
+            max_payload_size: ByteSize(64 << 10),
         }
     }
 }
@@ -834,6 +839,17 @@ fn de_qos<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
     Ok(qos)
 }
 
+fn de_payload_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    let size = ByteSize::deserialize(d)?;
+    // MQTT's own limit is 256 MiB; below 256 bytes no registration fits.
+    if !(256..=(256 << 20)).contains(&size.0) {
+        return Err(serde::de::Error::custom(format!(
+            "{size} is outside 256 bytes - 256Mi"
+        )));
+    }
+    Ok(size)
+}
+
 fn de_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let addr = String::deserialize(d)?;
     if addr.parse::<SocketAddr>().is_err() {
@@ -1027,6 +1043,8 @@ mqtt:
     - devices/+/telemetry
     - devices/+/heartbeat
     - devices/+/events
+    - devices/+/status     # device last wills
+  max_payload_size: 64Ki   # larger device messages are rejected
 
 services:
   max_local_services: 100

@@ -14,6 +14,7 @@ use async_signal::{Signal, Signals};
 use smol::stream::StreamExt;
 
 use crate::config::{Config, Mode};
+use crate::devices::Devices;
 use crate::http::{Api, HttpError, Server, Shutdown};
 use crate::metrics::Metrics;
 use crate::registry::{Limits, Registry, ServiceInput};
@@ -41,6 +42,8 @@ pub enum DaemonError {
     },
     #[error("selftest: {0}")]
     SelfTest(String),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -98,11 +101,30 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             }
         }
     };
+    let metrics = Arc::new(Metrics::default());
+    let (devices, device_channels) = Devices::new(
+        registry.clone(),
+        crate::devices::Settings::from_config(&config.devices),
+    );
+    let bridge = match start_bridge(
+        &config,
+        store.node_id(),
+        &devices,
+        &metrics,
+        &device_channels,
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            store.close();
+            return Err(e.into());
+        }
+    };
     let api = Arc::new(Api {
         registry,
+        devices: devices.clone(),
         sync: sync.clone(),
         hub,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         max_body: config.http.max_body_size.0,
         test_hooks: std::env::var_os("KONSUL_TEST_HOOKS").is_some_and(|v| v == "1"),
     });
@@ -120,7 +142,16 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         log::info!("syncing with {}", config.cloud.server_address);
         ex.spawn(client.run()).detach();
     }
+    let started_ms = crate::clock::wall_millis();
+    ex.spawn(monitor(
+        devices.clone(),
+        device_channels.signals,
+        started_ms,
+    ))
+    .detach();
+    ex.spawn(retention(devices.clone())).detach();
     let shutdown = Shutdown::default();
+    let mqtt_task = bridge.map(|b| ex.spawn(b.run(shutdown.clone())));
     let http_task = ex.spawn(server.serve(api, ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
         log::info!("systemd watchdog: pinging every {every:?} while the store answers");
@@ -162,6 +193,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             w.cancel().await;
         }
         http_task.await;
+        if let Some(t) = mqtt_task {
+            // Says goodbye to the broker and applies what it had received.
+            t.await;
+        }
     }));
     let s = store.clone();
     // Joining the store thread blocks; the executor has nothing left to run.
@@ -210,12 +245,104 @@ fn prepare(
     Ok((server, hub))
 }
 
-fn warn_unimplemented(config: &Config) {
-    if config.mqtt.enabled {
-        log::warn!(
-            "mqtt.enabled is set, but the MQTT bridge is not in this build yet; ignoring it"
-        );
+#[cfg(feature = "mqtt")]
+fn start_bridge(
+    config: &Config,
+    node_id: &str,
+    devices: &Devices,
+    metrics: &Arc<Metrics>,
+    channels: &crate::devices::Channels,
+) -> Result<Option<crate::mqtt::Bridge>, crate::mqtt::MqttError> {
+    if !config.mqtt.enabled {
+        return Ok(None);
     }
+    let settings = crate::mqtt::Settings::from_config(config, node_id)?;
+    crate::mqtt::Bridge::new(
+        settings,
+        devices.clone(),
+        metrics.clone(),
+        channels.alerts.clone(),
+    )
+    .map(Some)
+}
+
+/// Without the `mqtt` feature there is no bridge to start: a config that
+/// enables one is refused rather than silently ignored.
+#[cfg(not(feature = "mqtt"))]
+fn start_bridge(
+    config: &Config,
+    _node_id: &str,
+    _devices: &Devices,
+    _metrics: &Arc<Metrics>,
+    _channels: &crate::devices::Channels,
+) -> Result<Option<NoBridge>, crate::mqtt::MqttError> {
+    if config.mqtt.enabled {
+        return Err(crate::mqtt::MqttError::NotBuilt);
+    }
+    Ok(None)
+}
+
+#[cfg(not(feature = "mqtt"))]
+enum NoBridge {}
+
+#[cfg(not(feature = "mqtt"))]
+impl NoBridge {
+    async fn run(self, _shutdown: Shutdown) {
+        match self {}
+    }
+}
+
+/// The device health monitor (see `devices::health`).
+async fn monitor(
+    devices: Devices,
+    signals: async_channel::Receiver<Vec<crate::devices::health::Signal>>,
+    started_ms: u64,
+) {
+    let machine = match devices.machine(started_ms).await {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!("device health monitor not started: {e}");
+            return;
+        }
+    };
+    crate::devices::health::run(machine, signals, move |t| {
+        let devices = devices.clone();
+        async move {
+            if let Err(e) = devices.record(t).await {
+                log::error!("device health: cannot record transitions: {e}");
+            }
+        }
+    })
+    .await;
+}
+
+/// Prunes telemetry and events when the oldest row outlives the retention,
+/// on a timer set to that moment (ingest prunes as it writes, too). When
+/// the history is empty it checks again after one retention period.
+async fn retention(devices: Devices) {
+    // Coalesce: age pruning to the minute is plenty.
+    const MIN_WAIT: Duration = Duration::from_secs(60);
+    let retention = Duration::from_millis(devices.settings().retention_ms.max(1000));
+    loop {
+        let wait = match devices.next_expiry().await {
+            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(crate::clock::wall_millis())),
+            Ok(None) => retention,
+            Err(crate::store::StoreError::Closed) => return,
+            Err(e) => {
+                log::warn!("telemetry retention: {e}");
+                retention
+            }
+        };
+        async_io::Timer::after(wait.max(MIN_WAIT)).await;
+        match devices.prune_now().await {
+            Ok(()) => {}
+            Err(crate::store::StoreError::Closed) => return,
+            Err(e) => log::warn!("telemetry retention: {e}"),
+        }
+    }
+}
+
+fn warn_unimplemented(config: &Config) {
     if config.dbus.enabled {
         log::warn!("dbus.enabled is set, but the D-Bus API is not in this build yet; ignoring it");
     }

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use smol::future::FutureExt;
 
 use crate::clock::{rfc3339, wall_millis};
+use crate::devices::{DeviceError, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError, ServiceEntry, ServiceInput};
 use crate::store::StoreError;
@@ -96,6 +97,7 @@ impl Drop for ConnGuard {
 
 pub struct Api {
     pub registry: Registry,
+    pub devices: crate::devices::Devices,
     pub sync: crate::sync::SyncHandle,
     /// Set in hub mode: serves `POST /v1/edge/sync` and `/v1/edge/edges`.
     pub hub: Option<crate::sync::Hub>,
@@ -300,6 +302,21 @@ fn registry_error(e: RegistryError, metrics: &Metrics) -> Resp {
             error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
         }
         RegistryError::Store(s) => store_error(s, metrics),
+    }
+}
+
+/// Maps every device error to a status, exhaustively.
+fn device_error(e: DeviceError, metrics: &Metrics) -> Resp {
+    match e {
+        DeviceError::NotFound { .. } | DeviceError::Unregistered { .. } => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        DeviceError::DeviceLimit { .. } | DeviceError::ServiceLimit { .. } => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        DeviceError::ServiceTaken { .. } => error(StatusCode::CONFLICT, e.to_string()),
+        DeviceError::Invalid { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
+        DeviceError::Store(s) => store_error(s, metrics),
     }
 }
 
@@ -707,9 +724,14 @@ impl Api {
     }
 
     async fn metrics_text(&self) -> Resp {
+        let counts = match self.devices.counts().await {
+            Ok(c) => c,
+            Err(e) => return store_error(e, &self.metrics),
+        };
         match self.registry.store().call(|db| db.stats()).await {
             Ok(Ok(stats)) => {
-                let text = self.metrics.render(&stats, self.registry.store().node_id());
+                let mut text = self.metrics.render(&stats, self.registry.store().node_id());
+                self.metrics.render_devices(&counts, &mut text);
                 let mut r = Response::new(Full::new(Bytes::from(text)));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
@@ -962,6 +984,33 @@ impl Api {
                     _ => method_not_allowed("POST"),
                 },
             ),
+            "edge/devices" => (
+                "/v1/edge/devices",
+                match method {
+                    Method::GET => match self.devices.list().await {
+                        Ok(list) => ok(json!(list)),
+                        Err(e) => device_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/alerts" => (
+                "/v1/edge/alerts",
+                match method {
+                    Method::GET => {
+                        let device = query.get("device").map(str::to_owned);
+                        match self.devices.alerts(query.flag("active"), device).await {
+                            Ok(list) => ok(json!(list)),
+                            Err(e) => device_error(e, &self.metrics),
+                        }
+                    }
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            r if r.starts_with("edge/devices/") => {
+                self.device_route(method, &r["edge/devices/".len()..], query)
+                    .await
+            }
             "edge/debug/wedge-store" if self.test_hooks => (
                 "/v1/edge/debug",
                 match method {
@@ -982,6 +1031,89 @@ impl Api {
                 "other",
                 error(StatusCode::NOT_FOUND, format!("no route for /v1/{rest}")),
             ),
+        }
+    }
+}
+
+impl Api {
+    /// `/v1/edge/devices/{id}` and `/v1/edge/devices/{id}/telemetry`.
+    async fn device_route(
+        &self,
+        method: Method,
+        rest: &str,
+        query: &Query,
+    ) -> (&'static str, Resp) {
+        let (id, sub) = match rest.split_once('/') {
+            Some((id, sub)) => (percent_decode(id), Some(sub)),
+            None => (percent_decode(rest), None),
+        };
+        match sub {
+            None => (
+                "/v1/edge/devices/:id",
+                match method {
+                    Method::GET => match self.devices.get(id).await {
+                        Ok(d) => ok(json!(d)),
+                        Err(e) => device_error(e, &self.metrics),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            Some("telemetry") => (
+                "/v1/edge/devices/:id/telemetry",
+                match method {
+                    Method::GET => self.telemetry(id, query).await,
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            Some(_) => (
+                "other",
+                error(
+                    StatusCode::NOT_FOUND,
+                    format!("no route for /v1/edge/devices/{rest}"),
+                ),
+            ),
+        }
+    }
+
+    async fn telemetry(&self, id: String, query: &Query) -> Resp {
+        let num = |k: &str, default: u64| -> Result<u64, Box<Resp>> {
+            match query.get(k) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| {
+                    Box::new(error(
+                        StatusCode::BAD_REQUEST,
+                        format!("{k}: `{v}` is not a non-negative integer"),
+                    ))
+                }),
+            }
+        };
+        let since = match num("since", 0) {
+            Ok(v) => v,
+            Err(r) => return *r,
+        };
+        let limit = match num("limit", DEFAULT_HISTORY_LIMIT as u64) {
+            Ok(v) if (1..=MAX_HISTORY_LIMIT as u64).contains(&v) => v as usize,
+            Ok(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit: must be 1-{MAX_HISTORY_LIMIT}"),
+                )
+            }
+            Err(r) => return *r,
+        };
+        let device = match self.devices.get(id.clone()).await {
+            Ok(d) => d,
+            Err(e) => return device_error(e, &self.metrics),
+        };
+        match self.devices.telemetry(id.clone(), since, limit).await {
+            Ok(history) => ok(json!({
+                "device": id,
+                "last": device.last_telemetry,
+                "last_at": device.last_telemetry_at,
+                "last_seq": device.telemetry_seq,
+                "history": history,
+            })),
+            Err(e) => device_error(e, &self.metrics),
         }
     }
 }

@@ -1,16 +1,18 @@
 //! konsul-edge: the edge node of a Konsul deployment.
 //!
-//! One library behind one binary. Data flows one way: inputs (HTTP, later
-//! MQTT, D-Bus and sync) -> [`registry`] -> [`store`] (+ outbox) -> sync.
+//! One library behind one binary. Data flows one way: inputs (HTTP, MQTT,
+//! later D-Bus and sync) -> [`registry`] -> [`store`] (+ outbox) -> sync.
 //! See `docs/architecture.md` for the module map.
 
 pub mod clock;
 pub mod config;
 pub mod crdt;
 pub mod daemon;
+pub mod devices;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt;
 pub mod registry;
 pub mod store;
 pub mod sync;

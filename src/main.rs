@@ -223,6 +223,7 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         // Unreadable TLS material or token files: the config points at them.
         DaemonError::Sync(_) | DaemonError::Tls(_) | DaemonError::ReadFile { .. } => EX_CONFIG,
         DaemonError::SelfTest(_) => EX_SOFTWARE,
+        DaemonError::Mqtt(_) => EX_CONFIG,
     };
     ExitCode::from(code)
 }

@@ -11,10 +11,165 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::devices::health::Health;
+use crate::mqtt::payload::Reason;
 use crate::store::{Kind, Stats};
+
+/// What the MQTT bridge publishes, for the published counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    Ack,
+    Error,
+    Alert,
+    Status,
+}
+
+impl Published {
+    const ALL: [Published; 4] = [
+        Published::Ack,
+        Published::Error,
+        Published::Alert,
+        Published::Status,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            Published::Ack => "ack",
+            Published::Error => "error",
+            Published::Alert => "alert",
+            Published::Status => "status",
+        }
+    }
+}
+
+/// Topic kinds counted on receipt (`devices/{id}/{kind}`; `other` for the
+/// rest). Fixed labels: a device cannot grow the metric set.
+const RECEIVED_KINDS: [&str; 6] = [
+    "register",
+    "telemetry",
+    "heartbeat",
+    "events",
+    "status",
+    "other",
+];
+
+/// MQTT bridge counters.
+#[derive(Default)]
+pub struct MqttMetrics {
+    /// 1 while connected to the broker.
+    pub connected: AtomicU64,
+    /// Successful connections (the first one and every reconnect).
+    pub connects: AtomicU64,
+    received: [AtomicU64; RECEIVED_KINDS.len()],
+    rejected: [AtomicU64; Reason::ALL.len()],
+    published: [AtomicU64; Published::ALL.len()],
+    pub publish_failed: AtomicU64,
+    /// Store transactions that applied messages.
+    pub batches: AtomicU64,
+}
+
+impl MqttMetrics {
+    pub fn received(&self, topic: &str) {
+        let kind = topic.split('/').nth(2).unwrap_or("other");
+        let i = RECEIVED_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(RECEIVED_KINDS.len() - 1);
+        self.received[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, r: Reason) {
+        if let Some(i) = Reason::ALL.iter().position(|x| *x == r) {
+            self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn rejected_count(&self, r: Reason) -> u64 {
+        Reason::ALL
+            .iter()
+            .position(|x| *x == r)
+            .map_or(0, |i| self.rejected[i].load(Ordering::Relaxed))
+    }
+
+    pub fn published(&self, p: Published) {
+        if let Some(i) = Published::ALL.iter().position(|x| *x == p) {
+            self.published[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP konsul_edge_mqtt_connected 1 while connected to the MQTT broker.\n\
+             # TYPE konsul_edge_mqtt_connected gauge\nkonsul_edge_mqtt_connected {}",
+            self.connected.load(Ordering::Relaxed)
+        );
+        for (name, help, v) in [
+            (
+                "konsul_edge_mqtt_connects_total",
+                "Successful connections to the broker (first and reconnects).",
+                &self.connects,
+            ),
+            (
+                "konsul_edge_mqtt_publish_failures_total",
+                "Publishes paho refused to queue.",
+                &self.publish_failed,
+            ),
+            (
+                "konsul_edge_mqtt_batches_total",
+                "Store transactions that applied MQTT messages.",
+                &self.batches,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP konsul_edge_mqtt_received_total MQTT messages received by topic kind.\n\
+             # TYPE konsul_edge_mqtt_received_total counter"
+        );
+        for (k, v) in RECEIVED_KINDS.iter().zip(&self.received) {
+            let _ = writeln!(
+                out,
+                "konsul_edge_mqtt_received_total{{kind=\"{k}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP konsul_edge_mqtt_rejected_total MQTT messages refused, by reason.\n\
+             # TYPE konsul_edge_mqtt_rejected_total counter"
+        );
+        for (r, v) in Reason::ALL.iter().zip(&self.rejected) {
+            let _ = writeln!(
+                out,
+                "konsul_edge_mqtt_rejected_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP konsul_edge_mqtt_published_total MQTT messages published, by kind.\n\
+             # TYPE konsul_edge_mqtt_published_total counter"
+        );
+        for (p, v) in Published::ALL.iter().zip(&self.published) {
+            let _ = writeln!(
+                out,
+                "konsul_edge_mqtt_published_total{{kind=\"{}\"}} {}",
+                p.as_str(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
 
 pub struct Metrics {
     started: Instant,
+    pub mqtt: MqttMetrics,
     /// (route, status code) -> count. Routes are templates, never raw paths,
     /// so a client cannot grow this map.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -26,6 +181,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             started: Instant::now(),
+            mqtt: MqttMetrics::default(),
             requests: Mutex::new(BTreeMap::new()),
             store_errors: AtomicU64::new(0),
             rejected_bodies: AtomicU64::new(0),
@@ -42,6 +198,18 @@ impl Metrics {
 
     pub fn uptime_secs(&self) -> u64 {
         self.started.elapsed().as_secs()
+    }
+
+    /// MQTT counters and device counts by health (read at scrape time).
+    pub fn render_devices(&self, counts: &[(Health, u64)], out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP konsul_edge_devices Registered devices by health.\n# TYPE konsul_edge_devices gauge"
+        );
+        for (h, n) in counts {
+            let _ = writeln!(out, "konsul_edge_devices{{state=\"{}\"}} {n}", h.as_str());
+        }
+        self.mqtt.render(out);
     }
 
     pub fn render(&self, stats: &Stats, node_id: &str) -> String {

@@ -201,6 +201,10 @@ impl Registry {
         &self.store
     }
 
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Every change committed from now on.
     pub fn subscribe(&self) -> async_broadcast::Receiver<Change> {
         self.events.new_receiver()

@@ -499,6 +499,19 @@ impl Db {
         &self.path
     }
 
+    /// The connection, for a module's own local (non-replicated) tables
+    /// (`service_health`, `device_state`, `telemetry`, ...). Replicated
+    /// records are written only through [`Tx::put`] / `registry::commit`.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Wraps a SQLite error from [`Db::conn`] like the store's own errors
+    /// (a full disk and `storage.max_size` become their own variants).
+    pub fn sql_error(&self, op: &'static str, e: rusqlite::Error) -> StoreError {
+        classify(&self.path, op, e, Some((&self.conn, self.max_size)))
+    }
+
     /// Runs `f` in one IMMEDIATE transaction: all of it commits, or none.
     pub fn tx<R, E>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> Result<R, E>) -> Result<R, E>
     where
@@ -697,6 +710,17 @@ impl Tx<'_> {
 
     fn err(&self, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
         move |e| classify(self.path, op, e, Some((&self.inner, self.max)))
+    }
+
+    /// The transaction's connection, for a module's local tables; see
+    /// [`Db::conn`].
+    pub fn conn(&self) -> &Connection {
+        &self.inner
+    }
+
+    /// Wraps a SQLite error from [`Tx::conn`]; see [`Db::sql_error`].
+    pub fn sql_error(&self, op: &'static str, e: rusqlite::Error) -> StoreError {
+        classify(self.path, op, e, Some((&self.inner, self.max)))
     }
 
     /// A fresh HLC timestamp for a local write (persisted at commit).

@@ -106,6 +106,53 @@ pub const MIGRATIONS: &[&str] = &[
 
     INSERT INTO meta (key, value) VALUES ('sync_index', '0'), ('gc_horizon', '0');
     "#,
+    // 3: devices' local state (src/devices/). Heartbeats and telemetry are
+    // far too frequent to be replicated writes; the device itself and its
+    // alerts are replicated records (kind 'device', 'alert').
+    r#"
+    -- One row per registered device: what changes with every message.
+    CREATE TABLE device_state (
+        id                TEXT PRIMARY KEY,
+        last_seen_ms      INTEGER NOT NULL,
+        interval_ms       INTEGER NOT NULL,
+        health            TEXT    NOT NULL DEFAULT 'online',
+        battery           INTEGER,
+        signal            INTEGER,
+        last_telemetry    TEXT,
+        last_telemetry_ms INTEGER,
+        -- the last telemetry sequence number handed out for this device
+        telemetry_seq     INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+
+    -- Telemetry history: append-only, idempotent by (device, seq), pruned
+    -- by age and by total size. The rowid is insertion order, so the
+    -- oldest rows are the cheapest to find.
+    CREATE TABLE telemetry (
+        id     INTEGER PRIMARY KEY,
+        device TEXT    NOT NULL,
+        seq    INTEGER NOT NULL,
+        ts_ms  INTEGER NOT NULL,
+        body   TEXT    NOT NULL,
+        UNIQUE (device, seq)
+    );
+    CREATE INDEX telemetry_by_time ON telemetry (ts_ms);
+
+    -- Device events as received (kept with the same retention as
+    -- telemetry).
+    CREATE TABLE device_events (
+        id     INTEGER PRIMARY KEY,
+        device TEXT    NOT NULL,
+        ts_ms  INTEGER NOT NULL,
+        type   TEXT    NOT NULL,
+        body   TEXT    NOT NULL
+    );
+    CREATE INDEX device_events_by_device ON device_events (device, id);
+    CREATE INDEX device_events_by_time ON device_events (ts_ms);
+
+    -- Running byte total of the telemetry history, for the size limit
+    -- without a full scan.
+    INSERT INTO meta (key, value) VALUES ('telemetry_bytes', '0');
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

@@ -26,7 +26,18 @@ else
 # rusqlite 0.43 needs SQLite >= 3.44 (sqlite3_set_clientdata).
 KONSUL_EDGE_DEPENDENCIES += host-pkgconf sqlite
 endif
-# mqtt, dbus, sync, ota: one ifeq block each when their issues land.
+ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT),y)
+# Paho C is bundled and built with cmake by the paho-mqtt-sys build script.
+KONSUL_EDGE_DEPENDENCIES += host-cmake
+KONSUL_EDGE_CARGO_FEATURES += mqtt
+KONSUL_EDGE_LICENSE += , EPL-2.0 or BSD-3-Clause (bundled Paho C)
+endif
+ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT_TLS),y)
+# TLS links the target's OpenSSL (docs/decisions/0020-paho-mqtt.md).
+KONSUL_EDGE_DEPENDENCIES += host-pkgconf openssl
+KONSUL_EDGE_CARGO_FEATURES += mqtt-tls
+endif
+# dbus, sync, ota: one ifeq block each when their issues land.
 
 KONSUL_EDGE_CARGO_OPTS = --no-default-features \
 	$(if $(strip $(KONSUL_EDGE_CARGO_FEATURES)),--features "$(strip $(KONSUL_EDGE_CARGO_FEATURES))")

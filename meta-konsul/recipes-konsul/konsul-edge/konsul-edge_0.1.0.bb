@@ -52,11 +52,14 @@ inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
 #
 # Default: link the image's libsqlite3 (one copy, security updates via the
 # sqlite3 recipe) instead of the SQLite amalgamation bundled in the binary.
-PACKAGECONFIG ??= ""
+PACKAGECONFIG ??= "mqtt"
 PACKAGECONFIG[bundled-sqlite] = "bundled-sqlite,,,"
+# The MQTT bridge: Paho C is bundled and built with cmake.
+PACKAGECONFIG[mqtt] = "mqtt,,cmake-native"
+# MQTT over TLS: Paho C links the image's OpenSSL (docs/decisions/0020).
+PACKAGECONFIG[mqtt-tls] = "mqtt-tls,,cmake-native openssl"
 # Features still to come, one line each when their issue lands (flag name =
 # Cargo feature name; fields: feature,,build deps,runtime deps):
-#PACKAGECONFIG[mqtt] = "mqtt,,cmake-native"
 #PACKAGECONFIG[dbus] = "dbus,,,dbus"
 #PACKAGECONFIG[sync] = "sync,,"
 #PACKAGECONFIG[ota] = "ota,,"

@@ -1,0 +1,851 @@
+//! Topic routing and payload schemas: bytes from the broker in, a typed
+//! [`Inbound`] or a [`PayloadError`] out. Pure (no I/O, no clock), so it is
+//! unit-tested and fuzzed (`fuzz/fuzz_targets/mqtt_payload.rs`) on its own.
+//!
+//! Devices are untrusted: every limit is checked here, before anything
+//! touches the store. The size cap comes first so an oversized payload is
+//! never parsed; JSON syntax errors and type errors are told apart (they
+//! are different bugs on the device side); an `id` in the payload must
+//! match the topic's, so one device cannot write another's state by
+//! accident.
+//!
+//! Topics (`{id}` is one level, 1-128 of `A-Z a-z 0-9 - _ . :`):
+//! `devices/{id}/register|telemetry|heartbeat|events|status` are input;
+//! `devices/{id}/ack|error|update` are the edge's own output (seen again
+//! when someone subscribes to `devices/#`) and `devices/{id}/update/status`
+//! belongs to the OTA work: both are ignored without complaint, so the edge
+//! never answers its own messages. Anything else under `devices/` is an
+//! unknown topic; topics outside `devices/` are not ours to judge.
+
+use std::collections::BTreeMap;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+/// `mqtt.max_payload_size` when unset.
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
+pub const MAX_ID_LEN: usize = 128;
+pub const MAX_TEXT_LEN: usize = 255;
+pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Bounds on a device's telemetry interval.
+pub const MIN_INTERVAL_MS: u64 = 1_000;
+pub const MAX_INTERVAL_MS: u64 = 7 * 86_400_000;
+pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
+pub const UPDATE_STATUSES: [&str; 6] = [
+    "none",
+    "pending",
+    "downloading",
+    "installing",
+    "complete",
+    "failed",
+];
+
+/// Why a message was refused; the label of the rejection metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    TooLarge,
+    MalformedJson,
+    WrongType,
+    IdMismatch,
+    UnknownTopic,
+    InvalidId,
+    Invalid,
+    Unregistered,
+    Limit,
+    Store,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 10] = [
+        Reason::TooLarge,
+        Reason::MalformedJson,
+        Reason::WrongType,
+        Reason::IdMismatch,
+        Reason::UnknownTopic,
+        Reason::InvalidId,
+        Reason::Invalid,
+        Reason::Unregistered,
+        Reason::Limit,
+        Reason::Store,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TooLarge => "too_large",
+            Reason::MalformedJson => "malformed_json",
+            Reason::WrongType => "wrong_type",
+            Reason::IdMismatch => "id_mismatch",
+            Reason::UnknownTopic => "unknown_topic",
+            Reason::InvalidId => "invalid_id",
+            Reason::Invalid => "invalid",
+            Reason::Unregistered => "unregistered",
+            Reason::Limit => "limit",
+            Reason::Store => "store",
+        }
+    }
+}
+
+/// A refused message. `device` is the topic's id level, when there is one
+/// to send the explanation to (`devices/{device}/error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("{topic}: payload of {size} bytes exceeds mqtt.max_payload_size ({max})")]
+    TooLarge {
+        topic: String,
+        device: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("{topic}: malformed JSON: {detail}")]
+    MalformedJson {
+        topic: String,
+        device: String,
+        detail: String,
+    },
+    #[error("{topic}: wrong type: {detail}")]
+    WrongType {
+        topic: String,
+        device: String,
+        detail: String,
+    },
+    #[error("{topic}: payload id `{payload_id}` differs from the topic's `{device}`")]
+    IdMismatch {
+        topic: String,
+        device: String,
+        payload_id: String,
+    },
+    #[error("{topic}: unknown topic (expected devices/{{id}}/register|telemetry|heartbeat|events|status)")]
+    UnknownTopic {
+        topic: String,
+        device: Option<String>,
+    },
+    #[error("{topic}: `{}` is not a device id (1-{MAX_ID_LEN} of A-Z a-z 0-9 - _ . :)", device.escape_debug())]
+    InvalidId { topic: String, device: String },
+    #[error("{topic}: {field}: {message}")]
+    Invalid {
+        topic: String,
+        device: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl PayloadError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            PayloadError::TooLarge { .. } => Reason::TooLarge,
+            PayloadError::MalformedJson { .. } => Reason::MalformedJson,
+            PayloadError::WrongType { .. } => Reason::WrongType,
+            PayloadError::IdMismatch { .. } => Reason::IdMismatch,
+            PayloadError::UnknownTopic { .. } => Reason::UnknownTopic,
+            PayloadError::InvalidId { .. } => Reason::InvalidId,
+            PayloadError::Invalid { .. } => Reason::Invalid,
+        }
+    }
+
+    /// The device to explain the rejection to, if the topic names one that
+    /// can be put back in a topic.
+    pub fn device(&self) -> Option<&str> {
+        let d = match self {
+            PayloadError::TooLarge { device, .. }
+            | PayloadError::MalformedJson { device, .. }
+            | PayloadError::WrongType { device, .. }
+            | PayloadError::IdMismatch { device, .. }
+            | PayloadError::InvalidId { device, .. }
+            | PayloadError::Invalid { device, .. } => Some(device.as_str()),
+            PayloadError::UnknownTopic { device, .. } => device.as_deref(),
+        };
+        d.filter(|d| !d.is_empty() && d.len() <= 4 * MAX_ID_LEN)
+    }
+}
+
+/// What a device's registration says (the seed's Device model, minus what
+/// the edge observes itself: last seen, battery, signal, last telemetry).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub device_type: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub firmware_version: Option<String>,
+    #[serde(default)]
+    pub target_version: Option<String>,
+    #[serde(default)]
+    pub update_status: Option<String>,
+    /// `30s`, `5m`, or a number of seconds.
+    #[serde(default, deserialize_with = "de_interval")]
+    pub telemetry_interval: Option<u64>,
+    /// How to reach the device, for the service entry (`ip` as in the seed).
+    #[serde(default, alias = "ip")]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub battery: Option<u8>,
+    #[serde(default)]
+    pub signal: Option<i16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub battery: Option<u8>,
+    #[serde(default)]
+    pub signal: Option<i16>,
+    /// The device's own clock (ms since the epoch); informational.
+    #[serde(default)]
+    pub ts: Option<u64>,
+}
+
+/// Telemetry: a JSON object of readings. `id`, `battery` and `signal` are
+/// read if present (and must have the right types); everything is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Telemetry {
+    pub values: Map<String, Value>,
+    /// The payload as received (a JSON object, checked above): stored as
+    /// is, so ingest does not serialize it again.
+    pub raw: String,
+    pub battery: Option<u8>,
+    pub signal: Option<i16>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_type: String,
+    pub body: Map<String, Value>,
+    /// Set for `"type": "alert"` events.
+    pub alert: Option<EventAlert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EventAlert {
+    #[serde(default = "default_alert_name")]
+    pub name: String,
+    #[serde(default = "default_severity")]
+    pub severity: String,
+    #[serde(default)]
+    pub message: String,
+    /// `false` clears an alert the device raised earlier.
+    #[serde(default = "yes")]
+    pub active: bool,
+}
+
+fn default_alert_name() -> String {
+    "alert".into()
+}
+fn default_severity() -> String {
+    "warning".into()
+}
+fn yes() -> bool {
+    true
+}
+
+pub const SEVERITIES: [&str; 3] = ["info", "warning", "critical"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    Register {
+        device: String,
+        reg: Registration,
+    },
+    Telemetry {
+        device: String,
+        telemetry: Telemetry,
+    },
+    Heartbeat {
+        device: String,
+        heartbeat: Heartbeat,
+    },
+    Event {
+        device: String,
+        event: Event,
+    },
+    /// The device's connection status (its last will says `offline`).
+    Status {
+        device: String,
+        online: bool,
+    },
+    /// One of the edge's own topics, or another subsystem's: not input.
+    Ignored,
+}
+
+impl Inbound {
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Inbound::Register { device, .. }
+            | Inbound::Telemetry { device, .. }
+            | Inbound::Heartbeat { device, .. }
+            | Inbound::Event { device, .. }
+            | Inbound::Status { device, .. } => Some(device),
+            Inbound::Ignored => None,
+        }
+    }
+}
+
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Routes and parses one message. `max` is `mqtt.max_payload_size`.
+pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, PayloadError> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    if levels.first() != Some(&"devices") {
+        return Ok(Inbound::Ignored);
+    }
+    let raw_id = levels.get(1).copied().unwrap_or("");
+    let unknown = || PayloadError::UnknownTopic {
+        topic: topic.into(),
+        device: (!raw_id.is_empty()).then(|| raw_id.to_owned()),
+    };
+    let kind = match levels.as_slice() {
+        [_, _, kind] => *kind,
+        [_, _, "update", "status"] => return Ok(Inbound::Ignored),
+        _ => return Err(unknown()),
+    };
+    if matches!(kind, "ack" | "error" | "update") {
+        return Ok(Inbound::Ignored);
+    }
+    if !matches!(
+        kind,
+        "register" | "telemetry" | "heartbeat" | "events" | "status"
+    ) {
+        return Err(unknown());
+    }
+    let device = raw_id.to_owned();
+    if !valid_id(&device) {
+        return Err(PayloadError::InvalidId {
+            topic: topic.into(),
+            device,
+        });
+    }
+    if payload.len() > max {
+        return Err(PayloadError::TooLarge {
+            topic: topic.into(),
+            device,
+            size: payload.len(),
+            max,
+        });
+    }
+    let ctx = Ctx { topic, device };
+    match kind {
+        "register" => {
+            let reg: Registration = ctx.json(payload)?;
+            ctx.check_id(reg.id.as_deref())?;
+            ctx.check_registration(&reg)?;
+            Ok(Inbound::Register {
+                device: ctx.device,
+                reg,
+            })
+        }
+        "telemetry" => {
+            let values: Map<String, Value> = ctx.json(payload)?;
+            let id = ctx.field::<Option<String>>(&values, "id")?;
+            ctx.check_id(id.as_deref())?;
+            let battery = ctx.field::<Option<u8>>(&values, "battery")?;
+            let signal = ctx.field::<Option<i16>>(&values, "signal")?;
+            ctx.check_health_values(battery, signal)?;
+            Ok(Inbound::Telemetry {
+                device: ctx.device,
+                telemetry: Telemetry {
+                    values,
+                    raw: String::from_utf8_lossy(payload).trim().to_owned(),
+                    battery,
+                    signal,
+                },
+            })
+        }
+        "heartbeat" => {
+            // An empty heartbeat is a heartbeat.
+            let heartbeat: Heartbeat = if payload.iter().all(u8::is_ascii_whitespace) {
+                Heartbeat::default()
+            } else {
+                ctx.json(payload)?
+            };
+            ctx.check_id(heartbeat.id.as_deref())?;
+            ctx.check_health_values(heartbeat.battery, heartbeat.signal)?;
+            Ok(Inbound::Heartbeat {
+                device: ctx.device,
+                heartbeat,
+            })
+        }
+        "events" => {
+            let body: Map<String, Value> = ctx.json(payload)?;
+            let id = ctx.field::<Option<String>>(&body, "id")?;
+            ctx.check_id(id.as_deref())?;
+            let event_type = ctx
+                .field::<Option<String>>(&body, "type")?
+                .ok_or_else(|| ctx.invalid("type", "is required".into()))?;
+            ctx.check_text("type", &event_type, 64, false)?;
+            let alert = if event_type == "alert" {
+                let a: EventAlert = serde_json::from_value(Value::Object(body.clone()))
+                    .map_err(|e| ctx.wrong_type(e.to_string()))?;
+                if !valid_id(&a.name) || a.name.len() > 64 {
+                    return Err(ctx.invalid(
+                        "name",
+                        "1-64 of A-Z a-z 0-9 - _ . : (names the alert)".into(),
+                    ));
+                }
+                if !SEVERITIES.contains(&a.severity.as_str()) {
+                    return Err(ctx.invalid(
+                        "severity",
+                        format!(
+                            "`{}`: use info, warning or critical",
+                            a.severity.escape_debug()
+                        ),
+                    ));
+                }
+                ctx.check_text("message", &a.message, MAX_MESSAGE_LEN, true)?;
+                Some(a)
+            } else {
+                None
+            };
+            Ok(Inbound::Event {
+                device: ctx.device,
+                event: Event {
+                    event_type,
+                    body,
+                    alert,
+                },
+            })
+        }
+        "status" => {
+            // A last will is often a bare word; JSON forms are accepted too.
+            let text = std::str::from_utf8(payload)
+                .map_err(|_| ctx.invalid("status", "not UTF-8".into()))?
+                .trim();
+            let word = match serde_json::from_str::<Value>(text) {
+                Ok(Value::String(s)) => s,
+                Ok(Value::Object(m)) => match m.get("status") {
+                    Some(Value::String(s)) => s.clone(),
+                    _ => {
+                        return Err(
+                            ctx.wrong_type("expected {\"status\": \"online\"|\"offline\"}".into())
+                        )
+                    }
+                },
+                Ok(_) => return Err(ctx.wrong_type("expected online or offline".into())),
+                Err(_) => text.to_owned(),
+            };
+            let online = match word.as_str() {
+                "online" => true,
+                "offline" => false,
+                other => {
+                    return Err(ctx.invalid(
+                        "status",
+                        format!("`{}`: expected online or offline", other.escape_debug()),
+                    ))
+                }
+            };
+            Ok(Inbound::Status {
+                device: ctx.device,
+                online,
+            })
+        }
+        _ => Err(unknown()),
+    }
+}
+
+struct Ctx<'a> {
+    topic: &'a str,
+    device: String,
+}
+
+impl Ctx<'_> {
+    fn json<T: for<'de> Deserialize<'de>>(&self, payload: &[u8]) -> Result<T, PayloadError> {
+        serde_json::from_slice(payload).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => self.wrong_type(e.to_string()),
+            _ => PayloadError::MalformedJson {
+                topic: self.topic.into(),
+                device: self.device.clone(),
+                detail: e.to_string(),
+            },
+        })
+    }
+
+    fn field<T: for<'de> Deserialize<'de>>(
+        &self,
+        m: &Map<String, Value>,
+        key: &str,
+    ) -> Result<T, PayloadError> {
+        let v = m.get(key).cloned().unwrap_or(Value::Null);
+        serde_json::from_value(v).map_err(|e| self.wrong_type(format!("{key}: {e}")))
+    }
+
+    fn wrong_type(&self, detail: String) -> PayloadError {
+        PayloadError::WrongType {
+            topic: self.topic.into(),
+            device: self.device.clone(),
+            detail,
+        }
+    }
+
+    fn invalid(&self, field: &'static str, message: String) -> PayloadError {
+        PayloadError::Invalid {
+            topic: self.topic.into(),
+            device: self.device.clone(),
+            field,
+            message,
+        }
+    }
+
+    fn check_id(&self, id: Option<&str>) -> Result<(), PayloadError> {
+        match id {
+            Some(id) if id != self.device => Err(PayloadError::IdMismatch {
+                topic: self.topic.into(),
+                device: self.device.clone(),
+                payload_id: id.into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_text(
+        &self,
+        field: &'static str,
+        s: &str,
+        max: usize,
+        allow_empty: bool,
+    ) -> Result<(), PayloadError> {
+        if s.is_empty() && !allow_empty {
+            return Err(self.invalid(field, "must not be empty".into()));
+        }
+        if s.len() > max {
+            return Err(self.invalid(field, format!("{} bytes (max {max})", s.len())));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(self.invalid(field, "contains a control character".into()));
+        }
+        Ok(())
+    }
+
+    fn check_health_values(
+        &self,
+        battery: Option<u8>,
+        signal: Option<i16>,
+    ) -> Result<(), PayloadError> {
+        if battery.is_some_and(|b| b > 100) {
+            return Err(self.invalid("battery", "a percentage, 0-100".into()));
+        }
+        if signal.is_some_and(|s| !(-200..=200).contains(&s)) {
+            return Err(self.invalid("signal", "dBm or percent, -200..200".into()));
+        }
+        Ok(())
+    }
+
+    fn check_registration(&self, r: &Registration) -> Result<(), PayloadError> {
+        // The type becomes the service name: Konsul's name rules apply.
+        self.check_text("type", &r.device_type, MAX_TEXT_LEN, false)?;
+        if r.device_type
+            .chars()
+            .any(|c| c.is_whitespace() || "/?#".contains(c))
+        {
+            return Err(self.invalid("type", "contains whitespace, / ? or #".into()));
+        }
+        for (field, v) in [
+            ("name", &r.name),
+            ("location", &r.location),
+            ("firmware_version", &r.firmware_version),
+            ("target_version", &r.target_version),
+            ("address", &r.address),
+        ] {
+            if let Some(v) = v {
+                self.check_text(field, v, MAX_TEXT_LEN, field != "address")?;
+            }
+        }
+        if let Some(s) = &r.update_status {
+            if !UPDATE_STATUSES.contains(&s.as_str()) {
+                return Err(self.invalid(
+                    "update_status",
+                    format!(
+                        "`{}`: use one of {}",
+                        s.escape_debug(),
+                        UPDATE_STATUSES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(ms) = r.telemetry_interval {
+            if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&ms) {
+                return Err(self.invalid("telemetry_interval", "must be between 1s and 7d".into()));
+            }
+        }
+        if r.port == Some(0) {
+            return Err(self.invalid("port", "must be 1-65535".into()));
+        }
+        self.check_health_values(r.battery, r.signal)
+    }
+}
+
+/// `"30s"`, `"5m"`, `30` (seconds): milliseconds.
+fn de_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|s| s.checked_mul(1000))
+            .map(Some)
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "telemetry_interval: `{n}` is not a whole number of seconds"
+                ))
+            }),
+        Some(Value::String(s)) => s
+            .parse::<crate::config::Duration>()
+            .map(|d| Some(d.0.as_millis().min(u64::MAX as u128) as u64))
+            .map_err(|e| D::Error::custom(format!("telemetry_interval: {e}"))),
+        Some(other) => Err(D::Error::custom(format!(
+            "telemetry_interval: expected a duration like \"30s\" or seconds, got {other}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1024;
+
+    fn p(topic: &str, payload: &str) -> Result<Inbound, PayloadError> {
+        parse(topic, payload.as_bytes(), MAX)
+    }
+
+    fn reason(topic: &str, payload: &str) -> Reason {
+        p(topic, payload).unwrap_err().reason()
+    }
+
+    #[test]
+    fn registrations_parse_with_defaults_and_aliases() {
+        let r = p(
+            "devices/s-1/register",
+            r#"{"id":"s-1","type":"sensor","name":"Dock door","location":"dock 3",
+                "metadata":{"zone":"a"},"firmware_version":"1.2.0","telemetry_interval":"30s",
+                "ip":"10.0.0.9","port":8080,"battery":80,"signal":-60}"#,
+        )
+        .unwrap();
+        let Inbound::Register { device, reg } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(device, "s-1");
+        assert_eq!(reg.telemetry_interval, Some(30_000));
+        assert_eq!(reg.address.as_deref(), Some("10.0.0.9"));
+        assert_eq!(reg.metadata["zone"], "a");
+        let Inbound::Register { reg, .. } = p(
+            "devices/x/register",
+            r#"{"type":"cam","telemetry_interval":5}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(reg.telemetry_interval, Some(5_000));
+        assert_eq!(reg.id, None);
+    }
+
+    #[test]
+    fn bad_input_is_classified() {
+        assert_eq!(
+            reason("devices/a/register", "{not json"),
+            Reason::MalformedJson
+        );
+        assert_eq!(reason("devices/a/register", ""), Reason::MalformedJson);
+        assert_eq!(
+            reason("devices/a/register", r#"{"type":5}"#),
+            Reason::WrongType
+        );
+        assert_eq!(reason("devices/a/register", r#"[1,2]"#), Reason::WrongType);
+        assert_eq!(
+            reason("devices/a/register", r#"{"type":"s","colour":"red"}"#),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason("devices/a/register", r#"{"type":"s","battery":300}"#),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason("devices/a/register", r#"{"type":"s","battery":101}"#),
+            Reason::Invalid
+        );
+        assert_eq!(
+            reason(
+                "devices/a/register",
+                r#"{"type":"s","telemetry_interval":"1ms"}"#
+            ),
+            Reason::Invalid
+        );
+        assert_eq!(
+            reason(
+                "devices/a/register",
+                r#"{"type":"s","telemetry_interval":"soon"}"#
+            ),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason("devices/a/register", r#"{"type":"a b"}"#),
+            Reason::Invalid
+        );
+        assert_eq!(
+            reason(
+                "devices/a/register",
+                r#"{"type":"s","update_status":"done"}"#
+            ),
+            Reason::Invalid
+        );
+        assert_eq!(
+            reason("devices/a/register", r#"{"id":"b","type":"s"}"#),
+            Reason::IdMismatch
+        );
+        assert_eq!(
+            reason("devices/a/telemetry", r#"{"id":"b","t":1}"#),
+            Reason::IdMismatch
+        );
+        assert_eq!(
+            reason("devices/a/telemetry", r#"{"battery":"full"}"#),
+            Reason::WrongType
+        );
+        assert_eq!(reason("devices/a/telemetry", r#""hot""#), Reason::WrongType);
+        assert_eq!(
+            reason("devices/a/heartbeat", r#"{"signal":"weak"}"#),
+            Reason::WrongType
+        );
+        assert_eq!(
+            reason("devices/a/events", r#"{"severity":"x"}"#),
+            Reason::Invalid
+        );
+        assert_eq!(
+            reason("devices/a/events", r#"{"type":"alert","severity":"doom"}"#),
+            Reason::Invalid
+        );
+        assert_eq!(reason("devices/a/status", "maybe"), Reason::Invalid);
+        assert_eq!(reason("devices/a/frobnicate", "{}"), Reason::UnknownTopic);
+        assert_eq!(
+            reason("devices/a/telemetry/extra", "{}"),
+            Reason::UnknownTopic
+        );
+        assert_eq!(reason("devices/a", "{}"), Reason::UnknownTopic);
+        assert_eq!(reason("devices/a b/telemetry", "{}"), Reason::InvalidId);
+        assert_eq!(reason("devices//telemetry", "{}"), Reason::InvalidId);
+        let big = format!("{{\"x\":\"{}\"}}", "y".repeat(MAX));
+        assert_eq!(reason("devices/a/telemetry", &big), Reason::TooLarge);
+        assert_eq!(
+            parse("devices/a/telemetry", &[0xff, 0xfe], MAX)
+                .unwrap_err()
+                .reason(),
+            Reason::MalformedJson
+        );
+    }
+
+    #[test]
+    fn the_error_goes_to_the_topic_device() {
+        let e = p("devices/a/register", "{").unwrap_err();
+        assert_eq!(e.device(), Some("a"));
+        let e = p("devices//register", "{").unwrap_err();
+        assert_eq!(e.device(), None);
+        let e = p("devices/zz/nope", "{").unwrap_err();
+        assert_eq!(e.device(), Some("zz"));
+    }
+
+    #[test]
+    fn own_and_foreign_topics_are_ignored() {
+        for t in [
+            "devices/a/ack",
+            "devices/a/error",
+            "devices/a/update",
+            "devices/a/update/status",
+            "alerts/a",
+            "edges/n/status",
+            "$SYS/broker/uptime",
+        ] {
+            assert_eq!(p(t, "garbage").unwrap(), Inbound::Ignored, "{t}");
+        }
+    }
+
+    #[test]
+    fn telemetry_heartbeat_events_status() {
+        let Inbound::Telemetry { telemetry, .. } =
+            p("devices/a/telemetry", r#"{"temp":21.5,"battery":40}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(telemetry.battery, Some(40));
+        assert_eq!(telemetry.values["temp"], 21.5);
+        assert!(matches!(
+            p("devices/a/heartbeat", "").unwrap(),
+            Inbound::Heartbeat { .. }
+        ));
+        let Inbound::Heartbeat { heartbeat, .. } =
+            p("devices/a/heartbeat", r#"{"battery":9,"signal":-70}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((heartbeat.battery, heartbeat.signal), (Some(9), Some(-70)));
+        let Inbound::Event { event, .. } = p(
+            "devices/a/events",
+            r#"{"type":"alert","name":"overheat","severity":"critical","message":"92C"}"#,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let a = event.alert.unwrap();
+        assert_eq!((a.name.as_str(), a.active), ("overheat", true));
+        let Inbound::Event { event, .. } =
+            p("devices/a/events", r#"{"type":"door_open"}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert!(event.alert.is_none());
+        for (payload, online) in [
+            ("offline", false),
+            ("\"online\"", true),
+            (r#"{"status":"offline"}"#, false),
+        ] {
+            assert_eq!(
+                p("devices/a/status", payload).unwrap(),
+                Inbound::Status {
+                    device: "a".into(),
+                    online
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let topics = [
+            "devices/a/register",
+            "devices/a/telemetry",
+            "devices/a/heartbeat",
+            "devices/a/events",
+            "devices/a/status",
+        ];
+        for i in 0..20_000 {
+            let len = rng.usize(0..64);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            if i % 2 == 0 {
+                // Mostly-JSON inputs reach deeper.
+                bytes = format!(
+                    "{{\"type\":\"alert\",\"id\":\"a\",\"battery\":{},\"x\":{:?}}}",
+                    rng.i32(-5..300),
+                    String::from_utf8_lossy(&bytes)
+                )
+                .into_bytes();
+            }
+            let _ = parse(topics[i % topics.len()], &bytes, MAX);
+        }
+    }
+}
