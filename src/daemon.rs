@@ -34,6 +34,8 @@ pub enum DaemonError {
     Unsupported(&'static str),
     #[error("selftest: {0}")]
     SelfTest(String),
+    #[error(transparent)]
+    Dbus(Box<crate::dbus::DbusError>),
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -95,13 +97,32 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     ))
     .detach();
     let shutdown = Shutdown::default();
-    let http_task = ex.spawn(server.serve(api, ex.clone(), shutdown.clone(), DRAIN));
+    let http_task = ex.spawn(server.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
         log::info!("systemd watchdog: pinging every {every:?} while the store answers");
         ex.spawn(crate::systemd::watchdog(store.clone(), every))
     });
 
-    smol::block_on(ex.run(async {
+    let ota_state = match config.ota.backend {
+        // Until the OTA work lands, a configured backend is simply idle.
+        crate::config::OtaBackend::None => "unavailable",
+        _ => "idle",
+    };
+    let result = smol::block_on(ex.run(async {
+        // The bus name is part of "ready": clients started after READY=1
+        // (systemd ordering, D-Bus activation) must find it.
+        let dbus = if config.dbus.enabled {
+            match crate::dbus::serve(&config.dbus.bus, api.clone(), ota_state, &ex).await {
+                Ok(service) => Some(service),
+                Err(e) => {
+                    shutdown.trigger();
+                    http_task.await;
+                    return Err(DaemonError::Dbus(Box::new(e)));
+                }
+            }
+        } else {
+            None
+        };
         let initial = store
             .call(|db| db.stats())
             .await
@@ -126,17 +147,21 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         };
         log::info!("{signal} received; shutting down");
         crate::systemd::stopping();
+        // Give up the name first: new D-Bus clients get ServiceUnknown (or
+        // activate a fresh instance) rather than calls into a closing store.
+        drop(dbus);
         shutdown.trigger();
         if let Some(w) = watchdog_task {
             w.cancel().await;
         }
         http_task.await;
+        Ok(())
     }));
     let s = store.clone();
     // Joining the store thread blocks; the executor has nothing left to run.
     s.close();
     log::info!("store closed cleanly");
-    Ok(())
+    result
 }
 
 fn warn_unimplemented(config: &Config) {
@@ -150,9 +175,6 @@ fn warn_unimplemented(config: &Config) {
             "cloud.server_address is set, but the sync client is not in this build yet; \
              changes stay queued in the outbox"
         );
-    }
-    if config.dbus.enabled {
-        log::warn!("dbus.enabled is set, but the D-Bus API is not in this build yet; ignoring it");
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod dbus;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -216,6 +216,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Signals(_) => EX_SOFTWARE,
         DaemonError::Unsupported(_) => EX_CONFIG,
         DaemonError::SelfTest(_) => EX_SOFTWARE,
+        // No bus, or the name is taken: a restart later may succeed.
+        DaemonError::Dbus(_) => EX_UNAVAILABLE,
     };
     ExitCode::from(code)
 }
