@@ -4,6 +4,7 @@
 //! MQTT, D-Bus and sync) -> [`registry`] -> [`store`] (+ outbox) -> sync.
 //! See `docs/architecture.md` for the module map.
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;

@@ -104,7 +104,11 @@ ctor!(RegistryIface, KvIface, DevicesIface, SyncIface, OtaIface);
 
 #[interface(name = "io.konsul.Edge1.Registry")]
 impl RegistryIface {
-    /// Every service, critical ones included (see `health`).
+    /// Every registered service, critical ones included. Keys of each
+    /// entry: id, name, address (s), port (t), tags (as), meta (a{sv} of
+    /// s), checks (av), ttl (s), health ("passing" or "critical"),
+    /// create_index, modify_index (t), expires_at_ms (t, TTL services only).
+    /// Empty fields are left out. Open to every local user.
     #[zbus(out_args("services"))]
     async fn list_services(&self) -> Result<Vec<Dict>, Error> {
         let list = self
@@ -117,7 +121,8 @@ impl RegistryIface {
         Ok(list.iter().map(service_dict).collect())
     }
 
-    /// A service by id, else the first passing instance with that name.
+    /// A service by id, else the first passing instance with that name;
+    /// keys as in ListServices. Errors: io.konsul.Edge1.Error.NotFound.
     #[zbus(out_args("service"))]
     async fn get_service(&self, id_or_name: String) -> Result<Dict, Error> {
         let e = self
@@ -130,7 +135,12 @@ impl RegistryIface {
         Ok(service_dict(&e))
     }
 
-    /// Registers or replaces a service; returns its modify index.
+    /// Registers or replaces a service; returns its modify index. service
+    /// keys: name, address, port (required), id (default: name), tags
+    /// (as), meta (a{ss} or a{sv}), ttl (s, "30s"). options: cas (t; 0 =
+    /// only if new, n = only if its modify index is still n). Needs root or
+    /// group konsul. Errors: InvalidArgument, CasConflict, NotFound (cas on
+    /// a missing service), LimitReached, StorageFull, AccessDenied.
     #[zbus(out_args("modify_index"))]
     async fn register_service(
         &self,
@@ -152,6 +162,8 @@ impl RegistryIface {
         Ok(index)
     }
 
+    /// Removes a service. options: cas (t). Needs root or group konsul.
+    /// Errors: NotFound, CasConflict, StorageFull, AccessDenied.
     async fn deregister_service(
         &self,
         id: String,
@@ -171,7 +183,9 @@ impl RegistryIface {
             .map_err(registry_error)
     }
 
-    /// Node id, version, uptime and store counters (as `/v1/edge/status`).
+    /// Node and store summary: node_id, version (s), uptime_seconds,
+    /// services, keys, devices, alerts, outbox_pending, db_bytes,
+    /// db_max_bytes, modify_index (t).
     #[zbus(out_args("status"))]
     async fn status(&self) -> Result<Dict, Error> {
         let stats = self
@@ -205,17 +219,20 @@ impl RegistryIface {
         })))
     }
 
+    /// This edge node's id (storage keeps the id it was created with).
     #[zbus(property(emits_changed_signal = "const"))]
     fn node_id(&self) -> String {
         self.0.api.registry.store().node_id().to_owned()
     }
 
+    /// konsul-edge's version.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_owned()
     }
 
-    /// `op` is `upsert` or `delete`.
+    /// A service was registered, changed or removed (locally, over HTTP,
+    /// or by sync). op: "upsert" or "delete". Read it with GetService.
     #[zbus(signal)]
     pub async fn service_changed(
         emitter: &SignalEmitter<'_>,
@@ -226,7 +243,8 @@ impl RegistryIface {
 
 #[interface(name = "io.konsul.Edge1.Kv")]
 impl KvIface {
-    /// `key`, `value`, `flags`, `create_index`, `modify_index`.
+    /// A key's entry: key, value (s), flags, create_index, modify_index
+    /// (t). Errors: NotFound.
     #[zbus(out_args("entry"))]
     async fn get(&self, key: String) -> Result<Dict, Error> {
         let e = self
@@ -239,7 +257,10 @@ impl KvIface {
         Ok(to_dict(&json!(e)))
     }
 
-    /// Options: `cas` (t; 0 = create only), `flags` (t).
+    /// Sets a key; returns its modify index. options: cas (t; 0 = create
+    /// only), flags (t). Needs root or group konsul. Errors:
+    /// InvalidArgument, CasConflict, NotFound (cas on a missing key),
+    /// StorageFull, AccessDenied.
     #[zbus(out_args("modify_index"))]
     async fn put(
         &self,
@@ -258,7 +279,9 @@ impl KvIface {
             .map_err(registry_error)
     }
 
-    /// Options: `cas` (t).
+    /// Deletes a key (a missing key is a no-op unless cas is given).
+    /// options: cas (t). Needs root or group konsul. Errors: CasConflict,
+    /// NotFound, AccessDenied.
     async fn delete(
         &self,
         key: String,
@@ -275,7 +298,7 @@ impl KvIface {
             .map_err(registry_error)
     }
 
-    /// Key names starting with `prefix` ("" for all), sorted.
+    /// Key names starting with prefix ("" for all), sorted.
     #[zbus(out_args("keys"))]
     async fn list(&self, prefix: String) -> Result<Vec<String>, Error> {
         let keys = self
@@ -293,12 +316,16 @@ impl KvIface {
         Ok(keys)
     }
 
+    /// A key was set or deleted. op: "upsert" or "delete".
     #[zbus(signal)]
     pub async fn key_changed(emitter: &SignalEmitter<'_>, key: &str, op: &str) -> zbus::Result<()>;
 }
 
 #[interface(name = "io.konsul.Edge1.Devices")]
 impl DevicesIface {
+    /// Every device known to this edge (registered over MQTT). Each entry
+    /// holds the device record's fields plus id, create_index and
+    /// modify_index (t). Empty when MQTT is disabled.
     #[zbus(out_args("devices"))]
     async fn list_devices(&self) -> Result<Vec<Dict>, Error> {
         let list = self
@@ -311,6 +338,7 @@ impl DevicesIface {
         Ok(list.iter().map(record_dict).collect())
     }
 
+    /// One device; keys as in ListDevices. Errors: NotFound.
     #[zbus(out_args("device"))]
     async fn get_device(&self, id: String) -> Result<Dict, Error> {
         let v = self
@@ -323,6 +351,8 @@ impl DevicesIface {
         Ok(record_dict(&v))
     }
 
+    /// Current alerts (device health monitor): each alert record's fields
+    /// plus id, create_index and modify_index (t).
     #[zbus(out_args("alerts"))]
     async fn list_alerts(&self) -> Result<Vec<Dict>, Error> {
         let list = self
@@ -335,6 +365,8 @@ impl DevicesIface {
         Ok(list.iter().map(record_dict).collect())
     }
 
+    /// A device record was created, changed or removed. op: "upsert" or
+    /// "delete".
     #[zbus(signal)]
     pub async fn device_changed(
         emitter: &SignalEmitter<'_>,
@@ -342,7 +374,8 @@ impl DevicesIface {
         op: &str,
     ) -> zbus::Result<()>;
 
-    /// Sent when an alert record is created or updated, with the record.
+    /// An alert was raised or updated; alert holds the record as in
+    /// ListAlerts.
     #[zbus(signal)]
     pub async fn alert_raised(
         emitter: &SignalEmitter<'_>,
@@ -353,7 +386,9 @@ impl DevicesIface {
 
 #[interface(name = "io.konsul.Edge1.Sync")]
 impl SyncIface {
-    /// Asks the sync client to sync as soon as it can; returns at once.
+    /// Asks the sync client to sync with the hub as soon as it can; returns
+    /// at once (watch LastSync and LastError). Needs root or group konsul.
+    /// Errors: Unavailable (no hub configured), AccessDenied.
     async fn sync_now(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
         self.0.access.require_admin(&hdr, "SyncNow").await?;
         self.0.api.sync.sync_now().map_err(sync_error)
@@ -365,6 +400,7 @@ impl SyncIface {
         self.0.api.sync.status().enabled
     }
 
+    /// The last sync attempt reached the hub.
     #[zbus(property)]
     fn online(&self) -> bool {
         self.0.api.sync.status().online
@@ -376,12 +412,13 @@ impl SyncIface {
         self.0.api.sync.status().last_sync_ms.unwrap_or(0)
     }
 
+    /// Changed records not yet acknowledged by the hub (the outbox depth).
     #[zbus(property)]
     fn pending_changes(&self) -> u64 {
         self.0.api.sync.status().pending_changes
     }
 
-    /// "" when the last attempt succeeded.
+    /// Why the last sync attempt failed; "" when it succeeded.
     #[zbus(property)]
     fn last_error(&self) -> String {
         self.0.api.sync.status().last_error.unwrap_or_default()
@@ -390,8 +427,9 @@ impl SyncIface {
 
 #[interface(name = "io.konsul.Edge1.Ota")]
 impl OtaIface {
-    /// `unavailable` (no OTA backend configured) or `idle` until the OTA
-    /// work fills in the update states.
+    /// "unavailable" (ota.backend: none) or "idle". Placeholder: this
+    /// build has no OTA engine yet; the OTA work adds the update states
+    /// (downloading, installing, ...) without changing the signature.
     #[zbus(property)]
     fn state(&self) -> String {
         self.0.ota_state.to_owned()
