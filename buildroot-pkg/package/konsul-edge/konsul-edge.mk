@@ -23,7 +23,8 @@ else
 # libsqlite3-sys finds the target's libsqlite3 through pkg-config.
 KONSUL_EDGE_DEPENDENCIES += host-pkgconf sqlite
 endif
-# mqtt, dbus, sync, ota: one ifeq block each when their issues land.
+# mqtt, sync, ota: one ifeq block each when their issues land (D-Bus is
+# always built in).
 
 KONSUL_EDGE_CARGO_OPTS = --no-default-features \
 	$(if $(strip $(KONSUL_EDGE_CARGO_FEATURES)),--features "$(strip $(KONSUL_EDGE_CARGO_FEATURES))")
@@ -60,6 +61,10 @@ define KONSUL_EDGE_INSTALL_INIT_SYSTEMD
 		$(TARGET_DIR)/usr/lib/sysusers.d/konsul-edge.conf
 	$(INSTALL) -D -m 0644 $(@D)/systemd/tmpfiles.d/konsul-edge.conf \
 		$(TARGET_DIR)/usr/lib/tmpfiles.d/konsul-edge.conf
+	$(INSTALL) -D -m 0644 $(@D)/systemd/io.konsul.Edge1.conf \
+		$(TARGET_DIR)/usr/share/dbus-1/system.d/io.konsul.Edge1.conf
+	$(INSTALL) -D -m 0644 $(@D)/systemd/io.konsul.Edge1.service \
+		$(TARGET_DIR)/usr/share/dbus-1/system-services/io.konsul.Edge1.service
 	if [ -f $(@D)/board-configs/$(KONSUL_EDGE_BOARD)/50-ota-bootenv.conf ]; then \
 		$(INSTALL) -D -m 0644 $(@D)/board-configs/$(KONSUL_EDGE_BOARD)/50-ota-bootenv.conf \
 			$(TARGET_DIR)/usr/lib/systemd/system/konsul-edge.service.d/50-ota-bootenv.conf; \
