@@ -44,6 +44,8 @@ pub enum DaemonError {
     SelfTest(String),
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
+    Dbus(Box<crate::dbus::DbusError>),
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -56,7 +58,6 @@ fn open_store(config: &Config) -> Result<Store, StoreError> {
 
 /// Runs the edge daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
-    warn_unimplemented(&config);
     let store = open_store(&config)?;
     let registry = Registry::new(
         store.clone(),
@@ -152,13 +153,32 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     ex.spawn(retention(devices.clone())).detach();
     let shutdown = Shutdown::default();
     let mqtt_task = bridge.map(|b| ex.spawn(b.run(shutdown.clone())));
-    let http_task = ex.spawn(server.serve(api, ex.clone(), shutdown.clone(), DRAIN));
+    let http_task = ex.spawn(server.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
         log::info!("systemd watchdog: pinging every {every:?} while the store answers");
         ex.spawn(crate::systemd::watchdog(store.clone(), every))
     });
 
-    smol::block_on(ex.run(async {
+    let ota_state = match config.ota.backend {
+        // Until the OTA work lands, a configured backend is simply idle.
+        crate::config::OtaBackend::None => "unavailable",
+        _ => "idle",
+    };
+    let result = smol::block_on(ex.run(async {
+        // The bus name is part of "ready": clients started after READY=1
+        // (systemd ordering, D-Bus activation) must find it.
+        let dbus = if config.dbus.enabled {
+            match crate::dbus::serve(&config.dbus.bus, api.clone(), ota_state, &ex).await {
+                Ok(service) => Some(service),
+                Err(e) => {
+                    shutdown.trigger();
+                    http_task.await;
+                    return Err(DaemonError::Dbus(Box::new(e)));
+                }
+            }
+        } else {
+            None
+        };
         let initial = store
             .call(|db| db.stats())
             .await
@@ -188,6 +208,9 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         };
         log::info!("{signal} received; shutting down");
         crate::systemd::stopping();
+        // Give up the name first: new D-Bus clients get ServiceUnknown (or
+        // activate a fresh instance) rather than calls into a closing store.
+        drop(dbus);
         shutdown.trigger();
         if let Some(w) = watchdog_task {
             w.cancel().await;
@@ -197,12 +220,13 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             // Says goodbye to the broker and applies what it had received.
             t.await;
         }
+        Ok(())
     }));
     let s = store.clone();
     // Joining the store thread blocks; the executor has nothing left to run.
     s.close();
     log::info!("store closed cleanly");
-    Ok(())
+    result
 }
 
 /// The listener (with TLS when configured) and, in hub mode, the hub.
@@ -339,12 +363,6 @@ async fn retention(devices: Devices) {
             Err(crate::store::StoreError::Closed) => return,
             Err(e) => log::warn!("telemetry retention: {e}"),
         }
-    }
-}
-
-fn warn_unimplemented(config: &Config) {
-    if config.dbus.enabled {
-        log::warn!("dbus.enabled is set, but the D-Bus API is not in this build yet; ignoring it");
     }
 }
 

@@ -4,11 +4,13 @@
 //! later D-Bus and sync) -> [`registry`] -> [`store`] (+ outbox) -> sync.
 //! See `docs/architecture.md` for the module map.
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crdt;
 pub mod daemon;
 pub mod devices;
+pub mod dbus;
 pub mod http;
 pub mod logging;
 pub mod metrics;

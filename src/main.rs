@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use konsul_edge::cli;
 use konsul_edge::config::{Config, ConfigError, LogLevel};
 use konsul_edge::daemon::{self, DaemonError};
 use konsul_edge::store::StoreError;
@@ -16,6 +17,7 @@ const EX_DATAERR: u8 = 65;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
 const EX_CANTCREAT: u8 = 73;
+const EX_NOPERM: u8 = 77;
 const EX_IOERR: u8 = 74;
 const EX_CONFIG: u8 = 78;
 
@@ -33,9 +35,21 @@ USAGE:
     konsul-edge selftest --data-dir DIR     open a store in DIR, write, read back
     konsul-edge --version | --help
 
+  Talking to the running daemon over D-Bus (options: --json, --bus BUS):
+    konsul-edge status                      node, registry, storage, sync, OTA
+    konsul-edge services                    registered services and their health
+    konsul-edge devices                     MQTT devices and alerts
+    konsul-edge kv get KEY
+    konsul-edge kv put KEY VALUE [--cas N]  needs root or group konsul
+    konsul-edge sync status
+    konsul-edge sync now                    needs root or group konsul
+    BUS is system (default), session or a D-Bus address; exit 69 when the
+    daemon is not running, 77 when refused.
+
 ENVIRONMENT:
     KONSUL_LOG=debug, KONSUL_MODE, KONSUL_CLOUD_ADDRESS, KONSUL_MQTT_ENABLED,
-    KONSUL_<SECTION>_<KEY> (e.g. KONSUL_HTTP_LISTEN=127.0.0.1:8600)
+    KONSUL_<SECTION>_<KEY> (e.g. KONSUL_HTTP_LISTEN=127.0.0.1:8600),
+    KONSUL_DBUS_BUS (the bus the CLI commands use when --bus is not given)
 ";
 
 enum Command {
@@ -56,6 +70,10 @@ enum Command {
     SelfTest {
         dir: PathBuf,
     },
+    Client {
+        cmd: cli::Command,
+        opts: cli::Options,
+    },
     Version,
     Help,
 }
@@ -70,6 +88,12 @@ fn parse_args() -> Result<Command, lexopt::Error> {
         Some(Value(v)) => v.string()?,
         Some(other) => return Err(other.unexpected()),
     };
+    if matches!(
+        sub.as_str(),
+        "status" | "services" | "devices" | "kv" | "sync"
+    ) {
+        return parse_client(&sub, p);
+    }
     let mut config: Option<PathBuf> = None;
     let mut cloud_address: Option<String> = None;
     let mut mqtt_broker: Option<String> = None;
@@ -112,6 +136,51 @@ fn parse_args() -> Result<Command, lexopt::Error> {
             dir: dir.ok_or_else(|| missing("--data-dir DIR"))?,
         },
         other => return Err(format!("unknown command `{other}`").into()),
+    })
+}
+
+/// `status | services | devices | kv get/put | sync status/now`, with
+/// `--json`, `--bus BUS` and `--cas N` anywhere after the command.
+fn parse_client(sub: &str, mut p: lexopt::Parser) -> Result<Command, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut words: Vec<String> = Vec::new();
+    let mut json = false;
+    let mut bus = std::env::var("KONSUL_DBUS_BUS").unwrap_or_else(|_| "system".into());
+    let mut cas = None;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("help") | Short('h') => return Ok(Command::Help),
+            Long("json") => json = true,
+            Long("bus") => bus = p.value()?.string()?,
+            Long("cas") if sub == "kv" => cas = Some(p.value()?.parse()?),
+            Value(v) => words.push(v.string()?),
+            other => return Err(other.unexpected()),
+        }
+    }
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let cmd = match (sub, words.as_slice()) {
+        ("status", []) => cli::Command::Status,
+        ("services", []) => cli::Command::Services,
+        ("devices", []) => cli::Command::Devices,
+        ("kv", ["get", key]) => cli::Command::KvGet {
+            key: key.to_string(),
+        },
+        ("kv", ["put", key, value]) => cli::Command::KvPut {
+            key: key.to_string(),
+            value: value.to_string(),
+            cas,
+        },
+        ("sync", ["status"] | []) => cli::Command::SyncStatus,
+        ("sync", ["now"]) => cli::Command::SyncNow,
+        ("kv", _) => return Err("usage: kv get KEY | kv put KEY VALUE [--cas N]".into()),
+        ("sync", _) => return Err("usage: sync status | sync now".into()),
+        (_, extra) => {
+            return Err(format!("{sub}: unexpected argument `{}`", extra.join(" ")).into())
+        }
+    };
+    Ok(Command::Client {
+        cmd,
+        opts: cli::Options { bus, json },
     })
 }
 
@@ -167,6 +236,23 @@ fn main() -> ExitCode {
             output,
             force,
         } => init(&cloud_address, &mqtt_broker, node_id, &output, force),
+        Command::Client { cmd, opts } => match cli::run(&cmd, &opts) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("konsul-edge: {e}");
+                ExitCode::from(match e {
+                    cli::CliError::NotRunning(_) => EX_UNAVAILABLE,
+                    cli::CliError::Denied(_) => EX_NOPERM,
+                    // Not found, CAS conflict, invalid input: the answer
+                    // is "no", as grep's 1 for "no match".
+                    cli::CliError::Rejected { .. } => 1,
+                    cli::CliError::Bus(_) => EX_UNAVAILABLE,
+                })
+            }
+        },
         Command::SelfTest { dir } => match daemon::selftest(&dir) {
             Ok(msg) => {
                 println!("{msg}");
@@ -224,6 +310,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Sync(_) | DaemonError::Tls(_) | DaemonError::ReadFile { .. } => EX_CONFIG,
         DaemonError::SelfTest(_) => EX_SOFTWARE,
         DaemonError::Mqtt(_) => EX_CONFIG,
+        // No bus, or the name is taken: a restart later may succeed.
+        DaemonError::Dbus(_) => EX_UNAVAILABLE,
     };
     ExitCode::from(code)
 }

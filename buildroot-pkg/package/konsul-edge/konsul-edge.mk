@@ -37,7 +37,7 @@ ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT_TLS),y)
 KONSUL_EDGE_DEPENDENCIES += host-pkgconf openssl
 KONSUL_EDGE_CARGO_FEATURES += mqtt-tls
 endif
-# dbus, sync, ota: one ifeq block each when their issues land.
+# Sync and D-Bus are always built in; ota: one ifeq block when it lands.
 
 KONSUL_EDGE_CARGO_OPTS = --no-default-features \
 	$(if $(strip $(KONSUL_EDGE_CARGO_FEATURES)),--features "$(strip $(KONSUL_EDGE_CARGO_FEATURES))")
@@ -74,6 +74,10 @@ define KONSUL_EDGE_INSTALL_INIT_SYSTEMD
 		$(TARGET_DIR)/usr/lib/sysusers.d/konsul-edge.conf
 	$(INSTALL) -D -m 0644 $(@D)/systemd/tmpfiles.d/konsul-edge.conf \
 		$(TARGET_DIR)/usr/lib/tmpfiles.d/konsul-edge.conf
+	$(INSTALL) -D -m 0644 $(@D)/systemd/io.konsul.Edge1.conf \
+		$(TARGET_DIR)/usr/share/dbus-1/system.d/io.konsul.Edge1.conf
+	$(INSTALL) -D -m 0644 $(@D)/systemd/io.konsul.Edge1.service \
+		$(TARGET_DIR)/usr/share/dbus-1/system-services/io.konsul.Edge1.service
 	if [ -f $(@D)/board-configs/$(KONSUL_EDGE_BOARD)/50-ota-bootenv.conf ]; then \
 		$(INSTALL) -D -m 0644 $(@D)/board-configs/$(KONSUL_EDGE_BOARD)/50-ota-bootenv.conf \
 			$(TARGET_DIR)/usr/lib/systemd/system/konsul-edge.service.d/50-ota-bootenv.conf; \

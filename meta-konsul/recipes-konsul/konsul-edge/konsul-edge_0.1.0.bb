@@ -60,7 +60,9 @@ PACKAGECONFIG[mqtt] = "mqtt,,cmake-native"
 PACKAGECONFIG[mqtt-tls] = "mqtt-tls,,cmake-native openssl"
 # Features still to come, one line each when their issue lands (flag name =
 # Cargo feature name; fields: feature,,build deps,runtime deps):
-#PACKAGECONFIG[dbus] = "dbus,,,dbus"
+# D-Bus (zbus, pure Rust) is always built in: no PACKAGECONFIG flag; it
+# needs a bus daemon (dbus or dbus-broker) at run time, which every systemd
+# image has. See docs/decisions/0013-zbus.md.
 #PACKAGECONFIG[sync] = "sync,,"
 #PACKAGECONFIG[ota] = "ota,,"
 
@@ -110,6 +112,16 @@ do_install:append() {
 
     install -D -m 0644 ${S}/systemd/sysusers.d/konsul-edge.conf \
         ${D}${nonarch_libdir}/sysusers.d/konsul-edge.conf
+
+    # D-Bus: the bus policy for io.konsul.Edge1 and the activation file
+    # (which names the binary and config paths, like the unit).
+    install -D -m 0644 ${S}/systemd/io.konsul.Edge1.conf \
+        ${D}${datadir}/dbus-1/system.d/io.konsul.Edge1.conf
+    install -d ${D}${datadir}/dbus-1/system-services
+    sed -e 's,/usr/bin/,${bindir}/,g' -e 's,/etc/,${sysconfdir}/,g' \
+        ${S}/systemd/io.konsul.Edge1.service \
+        > ${D}${datadir}/dbus-1/system-services/io.konsul.Edge1.service
+    chmod 0644 ${D}${datadir}/dbus-1/system-services/io.konsul.Edge1.service
     install -D -m 0644 ${S}/systemd/tmpfiles.d/konsul-edge.conf \
         ${D}${nonarch_libdir}/tmpfiles.d/konsul-edge.conf
 
@@ -123,6 +135,8 @@ do_install:append() {
 }
 
 FILES:${PN} += "${systemd_system_unitdir}/konsul-edge.service.d \
+                ${datadir}/dbus-1/system.d/io.konsul.Edge1.conf \
+                ${datadir}/dbus-1/system-services/io.konsul.Edge1.service \
                 ${nonarch_libdir}/sysusers.d/konsul-edge.conf \
                 ${nonarch_libdir}/tmpfiles.d/konsul-edge.conf \
                 ${localstatedir}/lib/konsul-edge"

@@ -1,0 +1,437 @@
+//! The five interfaces of `/io/konsul/Edge1`.
+//!
+//! Records are `a{sv}` built from the HTTP API's JSON (see
+//! [`convert`](super::convert)); CAS and flags travel in an `options`
+//! dictionary so that an option can be added later without changing a
+//! method's signature (which would break generated bindings).
+
+use std::sync::Arc;
+
+use serde_json::{json, Value as Json};
+use zbus::interface;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+
+use super::access::Access;
+use super::convert::{dict_to_json, to_dict, Dict};
+use super::{registry_error, store_error, sync_error, Error};
+use crate::http::Api;
+use crate::registry::{RecordView, ServiceEntry, ServiceInput};
+use crate::store::Kind;
+
+/// What every interface shares.
+pub struct Ctx {
+    pub api: Arc<Api>,
+    pub access: Access,
+    pub ota_state: &'static str,
+}
+
+/// A service with its health and indices, flattened into one dictionary.
+fn service_dict(e: &ServiceEntry) -> Dict {
+    let mut j = serde_json::to_value(&e.service).unwrap_or_else(|_| json!({}));
+    if let Some(map) = j.as_object_mut() {
+        map.insert("health".into(), json!(e.health));
+        map.insert("create_index".into(), json!(e.create_index));
+        map.insert("modify_index".into(), json!(e.modify_index));
+        if let Some(at) = e.expires_at_ms {
+            map.insert("expires_at_ms".into(), json!(at));
+        }
+    }
+    to_dict(&j)
+}
+
+/// A device or alert record: its body's fields plus `id` and the indices.
+pub fn record_dict(v: &RecordView) -> Dict {
+    let mut map = match &v.body {
+        Json::Object(m) => m.clone(),
+        other => {
+            let mut m = serde_json::Map::new();
+            m.insert("body".into(), other.clone());
+            m
+        }
+    };
+    map.insert("id".into(), json!(v.key));
+    map.insert("create_index".into(), json!(v.create_index));
+    map.insert("modify_index".into(), json!(v.modify_index));
+    to_dict(&Json::Object(map))
+}
+
+/// Options common to the CAS-capable methods. Unknown keys are refused so a
+/// misspelt `cas` fails loudly instead of writing unconditionally.
+#[derive(Default)]
+struct Options {
+    cas: Option<u64>,
+    flags: u64,
+}
+
+fn options(d: &Dict, allowed: &[&str]) -> Result<Options, Error> {
+    let mut o = Options::default();
+    for (k, v) in d {
+        if !allowed.contains(&k.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "unknown option `{k}` (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+        let n = super::convert::to_json(v).as_u64().ok_or_else(|| {
+            Error::InvalidArgument(format!("option `{k}` must be an unsigned integer"))
+        })?;
+        match k.as_str() {
+            "cas" => o.cas = Some(n),
+            "flags" => o.flags = n,
+            _ => {}
+        }
+    }
+    Ok(o)
+}
+
+pub struct RegistryIface(Arc<Ctx>);
+pub struct KvIface(Arc<Ctx>);
+pub struct DevicesIface(Arc<Ctx>);
+pub struct SyncIface(Arc<Ctx>);
+pub struct OtaIface(Arc<Ctx>);
+
+macro_rules! ctor {
+    ($($t:ident),*) => {$(
+        impl $t {
+            pub fn new(ctx: Arc<Ctx>) -> Self {
+                $t(ctx)
+            }
+        }
+    )*};
+}
+ctor!(RegistryIface, KvIface, DevicesIface, SyncIface, OtaIface);
+
+#[interface(name = "io.konsul.Edge1.Registry")]
+impl RegistryIface {
+    /// Every registered service, critical ones included. Keys of each
+    /// entry: id, name, address (s), port (t), tags (as), meta (a{sv} of
+    /// s), checks (av), ttl (s), health ("passing" or "critical"),
+    /// create_index, modify_index (t), expires_at_ms (t, TTL services only).
+    /// Empty fields are left out. Open to every local user.
+    #[zbus(out_args("services"))]
+    async fn list_services(&self) -> Result<Vec<Dict>, Error> {
+        let list = self
+            .0
+            .api
+            .registry
+            .services(true)
+            .await
+            .map_err(registry_error)?;
+        Ok(list.iter().map(service_dict).collect())
+    }
+
+    /// A service by id, else the first passing instance with that name;
+    /// keys as in ListServices. Errors: io.konsul.Edge1.Error.NotFound.
+    #[zbus(out_args("service"))]
+    async fn get_service(&self, id_or_name: String) -> Result<Dict, Error> {
+        let e = self
+            .0
+            .api
+            .registry
+            .service(id_or_name)
+            .await
+            .map_err(registry_error)?;
+        Ok(service_dict(&e))
+    }
+
+    /// Registers or replaces a service; returns its modify index. service
+    /// keys: name, address, port (required), id (default: name), tags
+    /// (as), meta (a{ss} or a{sv}), ttl (s, "30s"). options: cas (t; 0 =
+    /// only if new, n = only if its modify index is still n). Needs root or
+    /// group konsul. Errors: InvalidArgument, CasConflict, NotFound (cas on
+    /// a missing service), LimitReached, StorageFull, AccessDenied.
+    #[zbus(out_args("modify_index"))]
+    async fn register_service(
+        &self,
+        service: Dict,
+        options: Dict,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<u64, Error> {
+        self.0.access.require_admin(&hdr, "RegisterService").await?;
+        let o = super::interfaces::options(&options, &["cas"])?;
+        let input: ServiceInput = serde_json::from_value(dict_to_json(&service))
+            .map_err(|e| Error::InvalidArgument(format!("service: {e}")))?;
+        let (_, index) = self
+            .0
+            .api
+            .registry
+            .register(input, o.cas)
+            .await
+            .map_err(registry_error)?;
+        Ok(index)
+    }
+
+    /// Removes a service. options: cas (t). Needs root or group konsul.
+    /// Errors: NotFound, CasConflict, StorageFull, AccessDenied.
+    async fn deregister_service(
+        &self,
+        id: String,
+        options: Dict,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), Error> {
+        self.0
+            .access
+            .require_admin(&hdr, "DeregisterService")
+            .await?;
+        let o = super::interfaces::options(&options, &["cas"])?;
+        self.0
+            .api
+            .registry
+            .deregister(id, o.cas)
+            .await
+            .map_err(registry_error)
+    }
+
+    /// Node and store summary: node_id, version (s), uptime_seconds,
+    /// services, keys, devices, alerts, outbox_pending, db_bytes,
+    /// db_max_bytes, modify_index (t).
+    #[zbus(out_args("status"))]
+    async fn status(&self) -> Result<Dict, Error> {
+        let stats = self
+            .0
+            .api
+            .registry
+            .store()
+            .call(|db| db.stats())
+            .await
+            .and_then(|r| r)
+            .map_err(store_error)?;
+        let count = |k: Kind| {
+            stats
+                .live
+                .iter()
+                .find(|(kind, _)| *kind == k)
+                .map_or(0, |(_, n)| *n)
+        };
+        Ok(to_dict(&json!({
+            "node_id": self.0.api.registry.store().node_id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.0.api.metrics.uptime_secs(),
+            "services": count(Kind::Service),
+            "keys": count(Kind::Kv),
+            "devices": count(Kind::Device),
+            "alerts": count(Kind::Alert),
+            "outbox_pending": stats.outbox,
+            "db_bytes": stats.file_bytes,
+            "db_max_bytes": stats.max_bytes,
+            "modify_index": stats.index,
+        })))
+    }
+
+    /// This edge node's id (storage keeps the id it was created with).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn node_id(&self) -> String {
+        self.0.api.registry.store().node_id().to_owned()
+    }
+
+    /// konsul-edge's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// A service was registered, changed or removed (locally, over HTTP,
+    /// or by sync). op: "upsert" or "delete". Read it with GetService.
+    #[zbus(signal)]
+    pub async fn service_changed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        op: &str,
+    ) -> zbus::Result<()>;
+}
+
+#[interface(name = "io.konsul.Edge1.Kv")]
+impl KvIface {
+    /// A key's entry: key, value (s), flags, create_index, modify_index
+    /// (t). Errors: NotFound.
+    #[zbus(out_args("entry"))]
+    async fn get(&self, key: String) -> Result<Dict, Error> {
+        let e = self
+            .0
+            .api
+            .registry
+            .kv_get(key)
+            .await
+            .map_err(registry_error)?;
+        Ok(to_dict(&json!(e)))
+    }
+
+    /// Sets a key; returns its modify index. options: cas (t; 0 = create
+    /// only), flags (t). Needs root or group konsul. Errors:
+    /// InvalidArgument, CasConflict, NotFound (cas on a missing key),
+    /// StorageFull, AccessDenied.
+    #[zbus(out_args("modify_index"))]
+    async fn put(
+        &self,
+        key: String,
+        value: String,
+        options: Dict,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<u64, Error> {
+        self.0.access.require_admin(&hdr, "Kv.Put").await?;
+        let o = super::interfaces::options(&options, &["cas", "flags"])?;
+        self.0
+            .api
+            .registry
+            .kv_put(key, value, o.flags, o.cas)
+            .await
+            .map_err(registry_error)
+    }
+
+    /// Deletes a key (a missing key is a no-op unless cas is given).
+    /// options: cas (t). Needs root or group konsul. Errors: CasConflict,
+    /// NotFound, AccessDenied.
+    async fn delete(
+        &self,
+        key: String,
+        options: Dict,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), Error> {
+        self.0.access.require_admin(&hdr, "Kv.Delete").await?;
+        let o = super::interfaces::options(&options, &["cas"])?;
+        self.0
+            .api
+            .registry
+            .kv_delete(key, o.cas)
+            .await
+            .map_err(registry_error)
+    }
+
+    /// Key names starting with prefix ("" for all), sorted.
+    #[zbus(out_args("keys"))]
+    async fn list(&self, prefix: String) -> Result<Vec<String>, Error> {
+        let keys = self
+            .0
+            .api
+            .registry
+            .kv_keys()
+            .await
+            .map_err(registry_error)?;
+        let mut keys: Vec<String> = keys
+            .into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// A key was set or deleted. op: "upsert" or "delete".
+    #[zbus(signal)]
+    pub async fn key_changed(emitter: &SignalEmitter<'_>, key: &str, op: &str) -> zbus::Result<()>;
+}
+
+#[interface(name = "io.konsul.Edge1.Devices")]
+impl DevicesIface {
+    /// Every device known to this edge (registered over MQTT). Each entry
+    /// holds the device record's fields plus id, create_index and
+    /// modify_index (t). Empty when MQTT is disabled.
+    #[zbus(out_args("devices"))]
+    async fn list_devices(&self) -> Result<Vec<Dict>, Error> {
+        let list = self
+            .0
+            .api
+            .registry
+            .records(Kind::Device)
+            .await
+            .map_err(registry_error)?;
+        Ok(list.iter().map(record_dict).collect())
+    }
+
+    /// One device; keys as in ListDevices. Errors: NotFound.
+    #[zbus(out_args("device"))]
+    async fn get_device(&self, id: String) -> Result<Dict, Error> {
+        let v = self
+            .0
+            .api
+            .registry
+            .record(Kind::Device, id)
+            .await
+            .map_err(registry_error)?;
+        Ok(record_dict(&v))
+    }
+
+    /// Current alerts (device health monitor): each alert record's fields
+    /// plus id, create_index and modify_index (t).
+    #[zbus(out_args("alerts"))]
+    async fn list_alerts(&self) -> Result<Vec<Dict>, Error> {
+        let list = self
+            .0
+            .api
+            .registry
+            .records(Kind::Alert)
+            .await
+            .map_err(registry_error)?;
+        Ok(list.iter().map(record_dict).collect())
+    }
+
+    /// A device record was created, changed or removed. op: "upsert" or
+    /// "delete".
+    #[zbus(signal)]
+    pub async fn device_changed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        op: &str,
+    ) -> zbus::Result<()>;
+
+    /// An alert was raised or updated; alert holds the record as in
+    /// ListAlerts.
+    #[zbus(signal)]
+    pub async fn alert_raised(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        alert: Dict,
+    ) -> zbus::Result<()>;
+}
+
+#[interface(name = "io.konsul.Edge1.Sync")]
+impl SyncIface {
+    /// Asks the sync client to sync with the hub as soon as it can; returns
+    /// at once (watch LastSync and LastError). Needs root or group konsul.
+    /// Errors: Unavailable (no hub configured), AccessDenied.
+    async fn sync_now(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
+        self.0.access.require_admin(&hdr, "SyncNow").await?;
+        self.0.api.sync.sync_now().map_err(sync_error)
+    }
+
+    /// A hub is configured (`cloud.server_address`).
+    #[zbus(property)]
+    fn enabled(&self) -> bool {
+        self.0.api.sync.status().enabled
+    }
+
+    /// The last sync attempt reached the hub.
+    #[zbus(property)]
+    fn online(&self) -> bool {
+        self.0.api.sync.status().online
+    }
+
+    /// Milliseconds since the epoch of the last successful sync; 0 = never.
+    #[zbus(property)]
+    fn last_sync(&self) -> u64 {
+        self.0.api.sync.status().last_sync_ms.unwrap_or(0)
+    }
+
+    /// Changed records not yet acknowledged by the hub (the outbox depth).
+    #[zbus(property)]
+    fn pending_changes(&self) -> u64 {
+        self.0.api.sync.status().pending_changes
+    }
+
+    /// Why the last sync attempt failed; "" when it succeeded.
+    #[zbus(property)]
+    fn last_error(&self) -> String {
+        self.0.api.sync.status().last_error.unwrap_or_default()
+    }
+}
+
+#[interface(name = "io.konsul.Edge1.Ota")]
+impl OtaIface {
+    /// "unavailable" (ota.backend: none) or "idle". Placeholder: this
+    /// build has no OTA engine yet; the OTA work adds the update states
+    /// (downloading, installing, ...) without changing the signature.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.0.ota_state.to_owned()
+    }
+}
