@@ -42,7 +42,7 @@ macro_rules! select_records {
 }
 
 mod sync_sql;
-pub use sync_sql::{ConflictRow, EdgeRow};
+pub use sync_sql::{ConflictRow, EdgeRow, ReceivedPoint, TelemetryRow};
 
 /// How many jobs may wait for the store thread before senders block.
 const QUEUE_DEPTH: usize = 256;
