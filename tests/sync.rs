@@ -473,3 +473,159 @@ fn the_hub_refuses_edges_without_its_token() {
     });
     assert_eq!(kv(&hub, "y"), None);
 }
+
+/// A CA, a server certificate for localhost and a client certificate,
+/// made with the openssl CLI in `dir`.
+fn make_pki(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = |name: &str| {
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            name,
+        ])
+    };
+    key("ca.key");
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=konsul test CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "ca.pem",
+    ]);
+    for (name, cn, ext) in [
+        ("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+        ("client", "edge-a", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"),
+    ] {
+        key(&format!("{name}.key"));
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        run(&["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={cn}"), "-out", &format!("{name}.csr")]);
+        run(&[
+            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem"),
+        ]);
+    }
+}
+
+#[test]
+fn https_with_client_certificates() {
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let hub_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        hub_dir.path().join("edge.yaml"),
+        format!(
+            "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0', tls_cert: {}, tls_key: {}, client_ca: {}}}\n",
+            hub_dir.path().join("hub.db").display(),
+            p("server.pem"),
+            p("server.key"),
+            p("ca.pem")
+        ),
+    )
+    .unwrap();
+    let hub = Daemon::start_hub(hub_dir.path());
+    let port = hub.addr.rsplit(':').next().unwrap().to_owned();
+    let edge = |id: &str, client: bool| {
+        let d = tempfile::tempdir().unwrap();
+        let client_keys = if client {
+            format!(
+                ", client_cert: {}, client_key: {}",
+                p("client.pem"),
+                p("client.key")
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            d.path().join("edge.yaml"),
+            format!(
+                "node_id: {id}\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+                 cloud: {{server_address: 'https://localhost:{port}', sync_interval: 1h, ca_file: {}{client_keys}}}\n",
+                d.path().join("edge.db").display(),
+                p("ca.pem")
+            ),
+        )
+        .unwrap();
+        d
+    };
+    // The hub only speaks TLS with client certificates: ask it with curl.
+    let hub_kv = |key: &str| -> Option<String> {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                &p("ca.pem"),
+                "--cert",
+                &p("client.pem"),
+                "--key",
+                &p("client.key"),
+            ])
+            .arg(format!("https://localhost:{port}/kv/{key}"))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["value"].as_str().map(str::to_owned)
+    };
+    let with_cert = edge("edge-a", true);
+    let a = Daemon::start(with_cert.path());
+    assert_eq!(a.put("/kv/over-tls", r#"{"value":"yes"}"#).status, 200);
+    sync(&a);
+    assert_eq!(hub_kv("over-tls").as_deref(), Some("yes"));
+
+    let without = edge("edge-b", false);
+    let b = Daemon::start(without.path());
+    assert_eq!(b.put("/kv/no-cert", r#"{"value":"x"}"#).status, 200);
+    assert_eq!(b.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("edge B to be refused by the TLS handshake", || {
+        b.get("/v1/edge/sync").json()["last_error"].is_string()
+    });
+    assert_eq!(hub_kv("no-cert"), None);
+    assert!(b.get("/v1/edge/sync").json()["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("client certificate"));
+    // plain HTTP to the TLS port gets nowhere either
+    let plain = std::net::TcpStream::connect(&hub.addr).map(|mut s| {
+        use std::io::{Read, Write};
+        let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    });
+    assert!(!String::from_utf8_lossy(&plain.unwrap()).contains("healthy"));
+    drop(hub);
+}

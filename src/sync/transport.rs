@@ -290,9 +290,9 @@ impl Client {
                     host: ep.host.clone(),
                     source,
                 })?;
-            exchange(tls_stream, req, url, limit).await
+            exchange(tls_stream, req, url, limit, true).await
         } else {
-            exchange(stream, req, url, limit).await
+            exchange(stream, req, url, limit, false).await
         }
     }
 }
@@ -302,6 +302,7 @@ async fn exchange<S>(
     req: hyper::Request<Full<Bytes>>,
     url: &str,
     limit: usize,
+    tls: bool,
 ) -> Result<Vec<u8>, TransportError>
 where
     S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
@@ -315,10 +316,28 @@ where
             .await
             .map_err(http)?;
     let driver = async {
-        let _ = conn.await;
+        // With TLS 1.3 a refused client certificate shows up here, as an
+        // alert read after the handshake: name it, it is what the operator
+        // has to fix.
+        let detail = match conn.await {
+            Ok(()) if tls => "connection closed before the response; over TLS this is \
+                               usually the hub refusing our client certificate (cloud.client_cert)"
+                .to_owned(),
+            Ok(()) => "connection closed before the response".to_owned(),
+            Err(e) => {
+                let mut text = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    src = s.source();
+                }
+                text
+            }
+        };
         Err(TransportError::Http {
             url: url.into(),
-            detail: "connection closed before the response".into(),
+            detail,
         })
     };
     let exchange = async {
