@@ -629,3 +629,40 @@ fn https_with_client_certificates() {
     assert!(!String::from_utf8_lossy(&plain.unwrap()).contains("healthy"));
     drop(hub);
 }
+
+#[test]
+fn a_large_download_is_paged_until_more_is_false() {
+    let net = net(1, "");
+    let hub = net.hub();
+    // ~5,000 global keys of ~150 bytes: more than one 256 KiB page.
+    for chunk in 0..5 {
+        let items: serde_json::Map<String, Value> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| {
+                (
+                    format!("catalog/item-{i:05}"),
+                    Value::String(format!("{i}-{}", "x".repeat(100))),
+                )
+            })
+            .collect();
+        let r = hub.req(
+            "POST",
+            "/batch/kv/set",
+            Some(&serde_json::json!({ "items": items }).to_string()),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let a = &net.edges[0];
+    sync(a);
+    assert_eq!(a.get("/kv/").json().as_array().unwrap().len(), 5000);
+    let metrics = a.get("/metrics").text();
+    let requests: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("konsul_edge_sync_requests_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        requests >= 3,
+        "5,000 keys came in one response: {requests} requests"
+    );
+    assert_eq!(kv(a, "catalog/item-04999").unwrap().len(), 105);
+}
