@@ -666,3 +666,50 @@ fn a_large_download_is_paged_until_more_is_false() {
     );
     assert_eq!(kv(a, "catalog/item-04999").unwrap().len(), 105);
 }
+
+#[test]
+fn records_held_for_edges_do_not_count_against_the_hubs_own_limit() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    hub_config(
+        hub_dir.path(),
+        "127.0.0.1:0",
+        "services: {max_local_services: 2}\n",
+    );
+    let hub = Daemon::start_hub(hub_dir.path());
+    let d = tempfile::tempdir().unwrap();
+    edge_config(d.path(), "edge-a", &hub.addr, "");
+    let a = Daemon::start(d.path());
+    for i in 0..3 {
+        assert_eq!(
+            a.put(
+                "/register",
+                &format!(r#"{{"name":"s{i}","address":"h","port":1}}"#)
+            )
+            .status,
+            200
+        );
+    }
+    sync(&a);
+    assert_eq!(hub.get("/services/").json().as_array().unwrap().len(), 3);
+    assert_eq!(
+        hub.put("/register", r#"{"name":"hub-own","address":"h","port":1}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        hub.put(
+            "/register",
+            r#"{"name":"hub-own-2","address":"h","port":1}"#
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        hub.put(
+            "/register",
+            r#"{"name":"hub-own-3","address":"h","port":1}"#
+        )
+        .status,
+        507
+    );
+}
