@@ -22,7 +22,7 @@ pub enum TransportError {
     BadUrl { url: String },
     #[error("{path}: {detail}")]
     Tls { path: String, detail: String },
-    #[error("no system CA certificates found; install ca-certificates or set cloud.ca_file")]
+    #[error("no system CA certificates found (/etc/ssl/certs/ca-certificates.crt); install ca-certificates or set cloud.ca_file")]
     NoRoots,
     #[error("{host}: cannot resolve: {source}")]
     Resolve {
@@ -116,6 +116,11 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| tls_err(path, e))
 }
 
+const SYSTEM_CA_BUNDLES: [&str; 2] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -134,8 +139,17 @@ pub fn client_tls(
             }
         }
         None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
+            // The system bundle: Debian, Yocto and Buildroot's
+            // ca-certificates all install the first; RPM systems the second.
+            for bundle in SYSTEM_CA_BUNDLES {
+                if let Ok(iter) = CertificateDer::pem_file_iter(bundle) {
+                    for c in iter.flatten() {
+                        let _ = roots.add(c);
+                    }
+                }
+                if !roots.is_empty() {
+                    break;
+                }
             }
             if roots.is_empty() {
                 return Err(TransportError::NoRoots);
