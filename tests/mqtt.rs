@@ -236,19 +236,11 @@ fn mqtt_config(dir: &Path, broker: &Broker, qos: u8, mqtt_extra: &str, devices_e
 
 fn start_connected(dir: &Path) -> Daemon {
     let d = Daemon::start(dir);
-    let mut seen = Vec::new();
-    let end = Instant::now() + DEADLINE;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match d.log.recv_timeout(left) {
-            Ok(l) if l.contains("mqtt::bridge: connected to ") => return d,
-            Ok(l) => seen.push(l),
-            Err(e) => panic!(
-                "daemon did not connect to the broker ({e}); its log since ready:\n{}",
-                seen.join("\n")
-            ),
-        }
-    }
+    // The bridge may connect before the ready line is logged: wait_log
+    // also looks at the lines read while waiting for ready.
+    d.wait_log(|l| l.contains("mqtt::bridge: connected to "))
+        .expect("daemon did not connect to the broker");
+    d
 }
 
 /// Polls `f` until it returns Some, or fails at the deadline.

@@ -713,3 +713,95 @@ fn records_held_for_edges_do_not_count_against_the_hubs_own_limit() {
         507
     );
 }
+
+#[test]
+fn a_hub_syncs_upstream_with_the_same_client() {
+    // device -> site gateway (a hub with its own upstream) -> cloud hub
+    let cloud_dir = tempfile::tempdir().unwrap();
+    hub_config(cloud_dir.path(), "127.0.0.1:0", "");
+    let cloud = Daemon::start_hub(cloud_dir.path());
+    let site_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site_dir.path().join("edge.yaml"),
+        format!(
+            "node_id: site-1\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+             cloud: {{server_address: 'http://{}', sync_interval: 1h}}\n",
+            site_dir.path().join("site.db").display(),
+            cloud.addr
+        ),
+    )
+    .unwrap();
+    let site = Daemon::start_hub(site_dir.path());
+    let edge_dir = tempfile::tempdir().unwrap();
+    edge_config(edge_dir.path(), "till-7", &site.addr, "");
+    let edge = Daemon::start(edge_dir.path());
+
+    assert_eq!(
+        edge.put(
+            "/register",
+            r#"{"name":"till","address":"10.1.1.7","port":9100}"#
+        )
+        .status,
+        200
+    );
+    sync(&edge);
+    sync(&site);
+    assert_eq!(cloud.get("/services/till").json()["address"], "10.1.1.7");
+    let edges: Vec<Value> = cloud
+        .get("/v1/edge/edges")
+        .json()
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(edges.len(), 1);
+    assert_eq!(
+        edges[0]["edge_id"], "site-1",
+        "the cloud sees the site, not each till"
+    );
+
+    assert_eq!(
+        cloud.put("/kv/global/tax-rate", r#"{"value":"19"}"#).status,
+        200
+    );
+    sync(&site);
+    sync(&edge);
+    assert_eq!(kv(&edge, "global/tax-rate").as_deref(), Some("19"));
+}
+
+#[test]
+fn reaching_the_offline_queue_size_is_visible_and_drops_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    // A hub address nothing listens on: the uplink is down.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    edge_config(d.path(), "edge-q", &dead, "");
+    let cfg = std::fs::read_to_string(d.path().join("edge.yaml")).unwrap();
+    std::fs::write(
+        d.path().join("edge.yaml"),
+        cfg.replace(
+            "sync_interval: 1h}",
+            "sync_interval: 1h, offline_queue_size: 2}",
+        ),
+    )
+    .unwrap();
+    let a = Daemon::start(d.path());
+    for k in ["a", "b", "c"] {
+        assert_eq!(a.put(&format!("/kv/{k}"), r#"{"value":"1"}"#).status, 200);
+    }
+    assert_eq!(a.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("queue_over_limit", || {
+        a.get("/v1/edge/sync").json()["queue_over_limit"] == true
+    });
+    assert!(a
+        .get("/metrics")
+        .text()
+        .contains("konsul_edge_sync_queue_over_limit 1"));
+    assert_eq!(
+        a.get("/v1/edge/status").json()["outbox_pending"],
+        3,
+        "nothing dropped"
+    );
+}
