@@ -304,9 +304,23 @@ impl Client {
                     host: ep.host.clone(),
                     source,
                 })?;
-            exchange(tls_stream, req, url, limit, true).await
+            // In TLS 1.3 the hub refuses a client certificate after the
+            // handshake: the client only sees the connection end or reset.
+            // Name the likely cause; it is what the operator has to fix.
+            exchange(tls_stream, req, url, limit)
+                .await
+                .map_err(|e| match e {
+                    TransportError::Http { url, detail } => TransportError::Http {
+                        url,
+                        detail: format!(
+                            "{detail} (over TLS this is usually the hub refusing our client \
+                             certificate: check cloud.client_cert and the hub's http.client_ca)"
+                        ),
+                    },
+                    other => other,
+                })
         } else {
-            exchange(stream, req, url, limit, false).await
+            exchange(stream, req, url, limit).await
         }
     }
 }
@@ -316,7 +330,6 @@ async fn exchange<S>(
     req: hyper::Request<Full<Bytes>>,
     url: &str,
     limit: usize,
-    tls: bool,
 ) -> Result<Vec<u8>, TransportError>
 where
     S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
@@ -330,13 +343,7 @@ where
             .await
             .map_err(http)?;
     let driver = async {
-        // With TLS 1.3 a refused client certificate shows up here, as an
-        // alert read after the handshake: name it, it is what the operator
-        // has to fix.
         let detail = match conn.await {
-            Ok(()) if tls => "connection closed before the response; over TLS this is \
-                               usually the hub refusing our client certificate (cloud.client_cert)"
-                .to_owned(),
             Ok(()) => "connection closed before the response".to_owned(),
             Err(e) => {
                 let mut text = e.to_string();
