@@ -312,6 +312,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Mqtt(_) => EX_CONFIG,
         // No bus, or the name is taken: a restart later may succeed.
         DaemonError::Dbus(_) => EX_UNAVAILABLE,
+        // The firmware directory cannot be created or read.
+        DaemonError::Firmware(_) => EX_CANTCREAT,
     };
     ExitCode::from(code)
 }

@@ -728,6 +728,8 @@ fn apply_one(
         },
         Prepared::Other(Inbound::Ignored) => Ok(Outcome::Ignored),
         Prepared::Other(Inbound::Register { .. }) => Ok(Outcome::Ignored),
+        // The rollout engine's input; the bridge routes it there.
+        Prepared::Other(Inbound::UpdateStatus { .. }) => Ok(Outcome::Ignored),
         Prepared::Other(Inbound::Status { device, online }) => {
             // A last will for a device we do not know is not an error: the
             // broker sends it for anything that had set one.

@@ -12,9 +12,10 @@
 //! Topics (`{id}` is one level, 1-128 of `A-Z a-z 0-9 - _ . :`):
 //! `devices/{id}/register|telemetry|heartbeat|events|status` are input;
 //! `devices/{id}/ack|error|update` are the edge's own output (seen again
-//! when someone subscribes to `devices/#`) and `devices/{id}/update/status`
-//! belongs to the OTA work: both are ignored without complaint, so the edge
-//! never answers its own messages. Anything else under `devices/` is an
+//! when someone subscribes to `devices/#`): ignored without complaint, so
+//! the edge never answers its own messages. `devices/{id}/update/status`
+//! is a device's firmware update progress ([`UpdateReport`]), for the
+//! rollout engine (`crate::firmware::rollout`). Anything else under `devices/` is an
 //! unknown topic; topics outside `devices/` are not ours to judge.
 
 use std::collections::BTreeMap;
@@ -277,6 +278,11 @@ pub enum Inbound {
         device: String,
         online: bool,
     },
+    /// Firmware update progress (`devices/{id}/update/status`).
+    UpdateStatus {
+        device: String,
+        report: UpdateReport,
+    },
     /// One of the edge's own topics, or another subsystem's: not input.
     Ignored,
 }
@@ -288,7 +294,8 @@ impl Inbound {
             | Inbound::Telemetry { device, .. }
             | Inbound::Heartbeat { device, .. }
             | Inbound::Event { device, .. }
-            | Inbound::Status { device, .. } => Some(device),
+            | Inbound::Status { device, .. }
+            | Inbound::UpdateStatus { device, .. } => Some(device),
             Inbound::Ignored => None,
         }
     }
@@ -315,7 +322,7 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
     };
     let kind = match levels.as_slice() {
         [_, _, kind] => *kind,
-        [_, _, "update", "status"] => return Ok(Inbound::Ignored),
+        [_, _, "update", "status"] => "update/status",
         _ => return Err(unknown()),
     };
     if matches!(kind, "ack" | "error" | "update") {
@@ -323,7 +330,7 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
     }
     if !matches!(
         kind,
-        "register" | "telemetry" | "heartbeat" | "events" | "status"
+        "register" | "telemetry" | "heartbeat" | "events" | "status" | "update/status"
     ) {
         return Err(unknown());
     }
@@ -457,8 +464,52 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
                 online,
             })
         }
+        "update/status" => {
+            let report: UpdateReport = ctx.json(payload)?;
+            ctx.check_id(report.id.as_deref())?;
+            if !UPDATE_STATUSES[1..].contains(&report.status.as_str()) {
+                return Err(ctx.invalid(
+                    "status",
+                    format!(
+                        "`{}`: expected pending, downloading, installing, complete or failed",
+                        report.status.escape_debug()
+                    ),
+                ));
+            }
+            if report.progress.is_some_and(|p| p > 100) {
+                return Err(ctx.invalid("progress", "must be 0-100".into()));
+            }
+            if let Some(e) = &report.error {
+                ctx.check_text("error", e, MAX_MESSAGE_LEN, true)?;
+            }
+            Ok(Inbound::UpdateStatus {
+                device: ctx.device,
+                report,
+            })
+        }
         _ => Err(unknown()),
     }
+}
+
+/// A device's firmware update progress.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateReport {
+    #[serde(default)]
+    pub id: Option<String>,
+    /// pending, downloading, installing, complete or failed.
+    pub status: String,
+    /// Percent, 0-100.
+    #[serde(default)]
+    pub progress: Option<u8>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The rollout the offer named (optional).
+    #[serde(default)]
+    pub rollout: Option<String>,
+    /// The version being installed (informational).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 struct Ctx<'a> {
@@ -765,7 +816,6 @@ mod tests {
             "devices/a/ack",
             "devices/a/error",
             "devices/a/update",
-            "devices/a/update/status",
             "alerts/a",
             "edges/n/status",
             "$SYS/broker/uptime",
