@@ -4,6 +4,8 @@
 //! every wait has a deadline so a hung daemon fails the test, not CI.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
