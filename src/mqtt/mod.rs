@@ -138,21 +138,6 @@ pub fn paho_uri(url: &str) -> (String, bool) {
     (format!("{scheme}://{rest}"), tls)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls_map_to_paho_schemes() {
-        assert_eq!(paho_uri("mqtt://h:1883"), ("tcp://h:1883".into(), false));
-        assert_eq!(paho_uri("tcp://h:1883"), ("tcp://h:1883".into(), false));
-        assert_eq!(paho_uri("mqtts://h:8883"), ("ssl://h:8883".into(), true));
-        assert_eq!(paho_uri("ssl://h:8883"), ("ssl://h:8883".into(), true));
-        assert_eq!(paho_uri("ws://h:80/mqtt"), ("ws://h:80/mqtt".into(), false));
-        assert_eq!(paho_uri("wss://h/mqtt"), ("wss://h/mqtt".into(), true));
-    }
-}
-
 /// The configured topics plus `devices/+/update/status` (firmware rollout
 /// progress) unless a configured filter already covers it: rollouts depend
 /// on it, so it is not left to the config.
@@ -166,4 +151,30 @@ fn with_update_status(topics: &[String]) -> Vec<String> {
         out.push(UPDATE_STATUS.into());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_map_to_paho_schemes() {
+        assert_eq!(paho_uri("mqtt://h:1883"), ("tcp://h:1883".into(), false));
+        assert_eq!(paho_uri("tcp://h:1883"), ("tcp://h:1883".into(), false));
+        assert_eq!(paho_uri("mqtts://h:8883"), ("ssl://h:8883".into(), true));
+        assert_eq!(paho_uri("ssl://h:8883"), ("ssl://h:8883".into(), true));
+        assert_eq!(paho_uri("ws://h:80/mqtt"), ("ws://h:80/mqtt".into(), false));
+        assert_eq!(paho_uri("wss://h/mqtt"), ("wss://h/mqtt".into(), true));
+    }
+
+    #[test]
+    fn update_status_is_always_subscribed() {
+        let t =
+            |v: &[&str]| with_update_status(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            t(&["devices/+/register"]),
+            ["devices/+/register", "devices/+/update/status"]
+        );
+        assert_eq!(t(&["devices/#"]), ["devices/#"]);
+    }
 }

@@ -898,4 +898,35 @@ mod tests {
             let _ = parse(topics[i % topics.len()], &bytes, MAX);
         }
     }
+
+    #[test]
+    fn update_status_reports() {
+        let Inbound::UpdateStatus { device, report } = p(
+            "devices/a/update/status",
+            r#"{"status":"downloading","progress":40,"rollout":"r1"}"#,
+        )
+        .unwrap() else {
+            panic!("not an update status")
+        };
+        assert_eq!(device, "a");
+        assert_eq!(report.status, "downloading");
+        assert_eq!(report.progress, Some(40));
+        assert_eq!(report.rollout.as_deref(), Some("r1"));
+        let e = p("devices/a/update/status", r#"{"status":"done"}"#).unwrap_err();
+        assert_eq!(e.reason(), Reason::Invalid);
+        let e = p(
+            "devices/a/update/status",
+            r#"{"status":"failed","progress":101}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), Reason::Invalid);
+        let e = p("devices/a/update/status", r#"{"status":"failed","id":"b"}"#).unwrap_err();
+        assert_eq!(e.reason(), Reason::IdMismatch);
+        let e = p(
+            "devices/a/update/status",
+            r#"{"status":"failed","bogus":1}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), Reason::WrongType);
+    }
 }
