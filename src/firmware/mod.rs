@@ -336,12 +336,13 @@ impl Artifacts {
             .await??;
         match existing {
             (Some(same), _) => return Ok(same),
-            (None, Some(other)) => return Err(FirmwareError::Conflict {
-                what: format!(
+            (None, Some(other)) => {
+                let what = format!(
                     "{} {} is already stored with another image ({other}); versions are immutable",
                     artifact.device_type, artifact.version
-                ),
-            }),
+                );
+                return Err(FirmwareError::Conflict { what });
+            }
             (None, None) => {}
         }
         self.make_room(size).await?;
