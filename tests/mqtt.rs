@@ -116,6 +116,12 @@ fn mqtt_config(dir: &Path, broker: &Broker, qos: u8, mqtt_extra: &str, devices_e
 
 fn start_connected(dir: &Path) -> Daemon {
     let d = Daemon::start(dir);
+    if d.early
+        .iter()
+        .any(|l| l.contains("mqtt::bridge: connected to "))
+    {
+        return d;
+    }
     let mut seen = Vec::new();
     let end = Instant::now() + DEADLINE;
     loop {

@@ -21,6 +21,9 @@ pub struct Daemon {
     pub addr: String,
     pub dir: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// Log lines before the ready line (tasks started before READY may
+    /// log first, e.g. the MQTT bridge's "connected").
+    pub early: Vec<String>,
     exited: Option<mpsc::Receiver<ExitStatus>>,
 }
 
@@ -83,11 +86,20 @@ impl Daemon {
             addr: String::new(),
             dir: dir.to_path_buf(),
             log: rx,
+            early: Vec::new(),
             exited: None,
         };
+        let mut early = Vec::new();
         let line = d
-            .wait_log(|l| l.contains(" ready in "))
+            .wait_log(|l| {
+                if l.contains(" ready in ") {
+                    return true;
+                }
+                early.push(l.to_owned());
+                false
+            })
             .expect("daemon did not become ready");
+        d.early = early;
         let addr = line
             .split("API on ")
             .nth(1)
@@ -100,7 +112,7 @@ impl Daemon {
 
     /// Waits for a log line matching `pred`; None when the deadline passes
     /// or the daemon's stderr closes.
-    pub fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+    pub fn wait_log(&self, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
         let end = Instant::now() + DEADLINE;
         loop {
             let left = end.checked_duration_since(Instant::now())?;
