@@ -124,8 +124,23 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         Ok(f) => smol::block_on(crate::firmware::Artifacts::open(store.clone(), f)),
         Err(e) => Err(e),
     };
+    // An edge with a hub fetches the artifacts of rollouts defined there.
+    let fetcher = if config.mode == Mode::Edge && !config.cloud.server_address.is_empty() {
+        match crate::sync::client::hub_client(&config) {
+            Ok(client) => Some(crate::firmware::rollout::Fetcher {
+                client,
+                bytes_per_sec: config.firmware.bandwidth_limit.0,
+            }),
+            Err(e) => {
+                store.close();
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let (rollouts, offers) = match firmware {
-        Ok(a) => crate::firmware::rollout::Rollouts::new(registry.clone(), a),
+        Ok(a) => crate::firmware::rollout::Rollouts::new(registry.clone(), a, fetcher),
         Err(e) => {
             store.close();
             return Err(e.into());

@@ -1223,6 +1223,7 @@ fn firmware_error(e: FirmwareError, metrics: &Metrics) -> Resp {
                 "firmware storage error; see the daemon log",
             )
         }
+        FirmwareError::Fetch(_) => error(StatusCode::BAD_GATEWAY, e.to_string()),
         FirmwareError::Store(s) => store_error(s, metrics),
     }
 }

@@ -54,6 +54,10 @@ fn image(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn config(dir: &Path, broker: Option<&Broker>, signer: &Signer, listen: &str) {
+    config_with(dir, broker, signer, listen, "");
+}
+
+fn config_with(dir: &Path, broker: Option<&Broker>, signer: &Signer, listen: &str, extra: &str) {
     let mqtt = match broker {
         Some(b) => format!(
             "mqtt:\n  enabled: true\n  broker: {}\n  client_id: edge-fw-{}\n  qos: 1\n",
@@ -65,7 +69,7 @@ fn config(dir: &Path, broker: Option<&Broker>, signer: &Signer, listen: &str) {
     let path = dir.join("edge.yaml");
     let text = format!(
         "mode: edge\nnode_id: fw-node\nstorage:\n  path: {}\n  max_size: 32Mi\nhttp:\n  listen: {listen}\n\
-         {mqtt}firmware:\n  max_size: 16Mi\n  public_keys: [\"{}\"]\n  rollout:\n    device_deadline: 60s\n",
+         {mqtt}firmware:\n  max_size: 16Mi\n  public_keys: [\"{}\"]\n  bandwidth_limit: 2Mi\n  rollout:\n    device_deadline: 60s\n{extra}",
         dir.join("konsul.db").display(),
         signer.public_b64()
     );
@@ -713,4 +717,69 @@ fn kill_9_mid_rollout_resumes_where_it_was() {
         10,
         "wave 0 was not offered again"
     );
+}
+
+#[test]
+fn a_rollout_defined_at_the_hub_fetches_its_artifact_with_resume_and_reports_back() {
+    let signer = Signer::new();
+    let hub_dir = tempfile::tempdir().unwrap();
+    config(hub_dir.path(), None, &signer, "127.0.0.1:0");
+    let hub = Daemon::start_hub(hub_dir.path());
+    let img = image(512 << 10, 11);
+    let (sha, _) = signer.sign(&img);
+    assert_eq!(upload(&hub, &signer, &img, "3.0.0").status, 201);
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    config_with(
+        dir.path(),
+        Some(&broker),
+        &signer,
+        "127.0.0.1:0",
+        &format!(
+            "cloud: {{server_address: 'http://{}', sync_interval: 1h}}\n",
+            hub.addr
+        ),
+    );
+    // A fetch that was cut off earlier: the first 100 KiB are on disk.
+    std::fs::create_dir_all(dir.path().join("firmware")).unwrap();
+    std::fs::write(
+        dir.path().join(format!("firmware/.fetch-{sha}.part")),
+        &img[..100 << 10],
+    )
+    .unwrap();
+    let edge = start_connected(dir.path());
+    let fleet = Fleet::start(&broker, 4, |_| Behaviour::Good, |_| None);
+
+    let r = hub.req(
+        "POST",
+        "/v1/edge/rollouts",
+        Some(r#"{"id":"hr","device_type":"sensor","version":"3.0.0","wave_size":2}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(edge.req("POST", "/v1/edge/sync/now", None).status, 202);
+    edge.wait_log(|l| l.contains("resuming at byte 102400"))
+        .expect("the edge resumes the partial fetch with Range");
+    wait_journal(&fleet.journal, "4 updates", |j| {
+        j.events.iter().filter(|e| e.1 == "updated").count() == 4
+    });
+    // The stored artifact is the hub's, verified.
+    let a = edge.get(&format!("/v1/edge/firmware/{sha}"));
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, img);
+    // Progress per device reaches the hub.
+    let seen = wait_for(
+        "the hub sees the rollout complete",
+        ROLLOUT_DEADLINE,
+        || {
+            edge.req("POST", "/v1/edge/sync/now", None);
+            let r = rollout(&hub, "hr");
+            let st = states(&r);
+            (r["state"] == "complete"
+                && st.len() == 4
+                && st.values().all(|d| d["state"] == "complete"))
+            .then_some(r)
+        },
+    );
+    assert_eq!(seen["targets"], 4);
 }

@@ -66,6 +66,8 @@ pub enum FirmwareError {
     NotFound { what: String },
     #[error("{what}")]
     Conflict { what: String },
+    #[error("fetching from the hub: {0}")]
+    Fetch(#[from] crate::sync::TransportError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -524,6 +526,69 @@ impl Artifacts {
         }
         let _ = std::fs::remove_file(self.path_of(&sha256));
         Ok(())
+    }
+
+    /// Fetches an artifact a rollout from the hub names, into
+    /// `.fetch-{sha256}.part` (kept across failures and restarts, so the
+    /// next attempt resumes with Range), then verifies and stores it like
+    /// an upload. Content that fails verification is deleted.
+    pub async fn fetch(
+        &self,
+        client: &crate::sync::transport::Client,
+        bytes_per_sec: u64,
+        meta: NewArtifact,
+        size: u64,
+    ) -> Result<Artifact, FirmwareError> {
+        check_meta(&meta)?;
+        if size > self.settings.max_upload {
+            return Err(FirmwareError::TooLarge {
+                limit: self.settings.max_upload,
+            });
+        }
+        let sha = meta.sha256.to_ascii_lowercase();
+        let part = self.settings.dir.join(format!(".fetch-{sha}.part"));
+        let len = client
+            .get_to_file(&format!("/v1/edge/firmware/{sha}"), &part, bytes_per_sec)
+            .await?;
+        if len < size {
+            return Err(FirmwareError::Invalid {
+                field: "body",
+                message: format!("{len} of {size} bytes received; resuming later"),
+            });
+        }
+        // Hash what is on disk (the file may have been resumed).
+        let path = part.clone();
+        let (ctx, file_len) = smol::unblock(move || {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, "open", e))?;
+            let mut ctx = digest::Context::new(&digest::SHA256);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n_total = 0u64;
+            loop {
+                let n = f.read(&mut buf).map_err(|e| io_err(&path, "read", e))?;
+                if n == 0 {
+                    break;
+                }
+                n_total += n as u64;
+                ctx.update(&buf[..n]);
+            }
+            Ok::<_, FirmwareError>((ctx, n_total))
+        })
+        .await?;
+        let file = smol::fs::OpenOptions::new()
+            .write(true)
+            .open(&part)
+            .await
+            .map_err(|e| io_err(&part, "open", e))?;
+        let up = Upload {
+            file: Some(file),
+            tmp: part,
+            ctx,
+            size: file_len,
+            limit: self.settings.max_upload,
+        };
+        // On a verification failure `up` is dropped: the bad bytes go.
+        self.finish_upload(up, meta).await
     }
 
     /// Re-hashes the stored file and re-checks its signature: what a

@@ -193,9 +193,20 @@ pub struct Rollouts {
     inner: Arc<Inner>,
 }
 
+/// Fetches artifacts that rollouts from the hub name.
+pub struct Fetcher {
+    pub client: crate::sync::transport::Client,
+    /// `firmware.bandwidth_limit` (0: none).
+    pub bytes_per_sec: u64,
+}
+
+/// How long a failed fetch waits before the next attempt (which resumes).
+const FETCH_RETRY: Duration = Duration::from_secs(30);
+
 struct Inner {
     registry: Registry,
     artifacts: Artifacts,
+    fetcher: Option<Fetcher>,
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
     offers_tx: async_channel::Sender<Offer>,
@@ -350,6 +361,8 @@ fn offer_for(r: &Rollout, d: &DeviceRollout, base_url: &str) -> Offer {
 struct Step {
     offers: Vec<Offer>,
     next_deadline: Option<u64>,
+    /// Live rollouts whose artifact this node does not hold.
+    missing: Vec<Rollout>,
 }
 
 /// One step of every live rollout (see the module docs). `resend`:
@@ -458,6 +471,9 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
             .prepare_cached("SELECT 1 FROM firmware WHERE sha256 = ?1")
             .and_then(|mut s| s.exists([&r.sha256]))
             .map_err(|e| tx.sql_error("read firmware", e))?;
+        if !have {
+            step.missing.push(r.clone());
+        }
         if r.state == State::Running && have {
             let online = |d: &DeviceRollout| infos.get(&d.device).is_some_and(|i| i.online);
             let current = devs
@@ -573,6 +589,7 @@ impl Rollouts {
     pub fn new(
         registry: Registry,
         artifacts: Artifacts,
+        fetcher: Option<Fetcher>,
     ) -> (Rollouts, async_channel::Receiver<Offer>) {
         let (wake_tx, wake_rx) = async_channel::bounded(1);
         let (offers_tx, offers_rx) = async_channel::bounded(OFFER_QUEUE);
@@ -581,6 +598,7 @@ impl Rollouts {
                 inner: Arc::new(Inner {
                     registry,
                     artifacts,
+                    fetcher,
                     wake_tx,
                     wake_rx,
                     offers_tx,
@@ -804,6 +822,95 @@ impl Rollouts {
     /// The engine: ticks on wakes, on device and rollout changes, and at
     /// the next deadline; until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
+        let (fetch_tx, fetch_rx) = async_channel::unbounded::<Rollout>();
+        let fetching = std::sync::Mutex::new(HashSet::<String>::new());
+        let engine = self.engine(&shutdown, &fetch_tx, &fetching);
+        let fetch = self.fetch_loop(&shutdown, fetch_rx, &fetching);
+        smol::future::zip(engine, fetch).await;
+    }
+
+    /// Fetches, one artifact at a time, what `missing` rollouts need.
+    async fn fetch_loop(
+        &self,
+        shutdown: &Shutdown,
+        queue: async_channel::Receiver<Rollout>,
+        fetching: &std::sync::Mutex<HashSet<String>>,
+    ) {
+        let Some(f) = &self.inner.fetcher else { return };
+        loop {
+            let next = async { queue.recv().await.ok() }
+                .or(async {
+                    shutdown.wait().await;
+                    None
+                })
+                .await;
+            let Some(r) = next else { return };
+            let meta = super::NewArtifact {
+                device_type: r.device_type.clone(),
+                version: r.version.clone(),
+                sha256: r.sha256.clone(),
+                signature: r.signature.clone(),
+                notes: format!("fetched from the hub for rollout {}", r.id),
+            };
+            log::info!(
+                "rollout {}: fetching firmware {} from the hub",
+                r.id,
+                r.sha256
+            );
+            let done = async {
+                Some(
+                    self.inner
+                        .artifacts
+                        .fetch(&f.client, f.bytes_per_sec, meta, r.size)
+                        .await,
+                )
+            }
+            .or(async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
+            match done {
+                None => return,
+                Some(Ok(a)) => log::info!(
+                    "rollout {}: firmware {} fetched ({} bytes)",
+                    r.id,
+                    a.sha256,
+                    a.size
+                ),
+                Some(Err(e)) => {
+                    log::warn!(
+                        "rollout {}: fetching firmware {}: {e}; retrying in {FETCH_RETRY:?}",
+                        r.id,
+                        r.sha256
+                    );
+                    let slept = async {
+                        async_io::Timer::after(FETCH_RETRY).await;
+                        true
+                    }
+                    .or(async {
+                        shutdown.wait().await;
+                        false
+                    })
+                    .await;
+                    if !slept {
+                        return;
+                    }
+                }
+            }
+            if let Ok(mut set) = fetching.lock() {
+                set.remove(&r.sha256);
+            }
+            self.wake();
+        }
+    }
+
+    async fn engine(
+        &self,
+        shutdown: &Shutdown,
+        fetch: &async_channel::Sender<Rollout>,
+        fetching: &std::sync::Mutex<HashSet<String>>,
+    ) {
         let mut changes = self.inner.registry.subscribe();
         let base_url = self.inner.artifacts.settings().base_url.clone();
         let mut resend = true;
@@ -819,6 +926,16 @@ impl Rollouts {
             let next = match result {
                 Ok(Ok(step)) => {
                     resend = false;
+                    if self.inner.fetcher.is_some() {
+                        for r in step.missing {
+                            let new = fetching
+                                .lock()
+                                .is_ok_and(|mut s| s.insert(r.sha256.clone()));
+                            if new {
+                                let _ = fetch.try_send(r);
+                            }
+                        }
+                    }
                     for o in step.offers {
                         if self.inner.offers_tx.try_send(o).is_err() {
                             log::warn!("firmware offer queue full; the device's deadline will bring it back");

@@ -15,7 +15,7 @@ use serde::Serialize;
 pub mod client;
 mod engine;
 pub mod server;
-mod transport;
+pub mod transport;
 mod wire;
 
 pub use client::SyncClient;
