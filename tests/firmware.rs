@@ -161,6 +161,9 @@ struct Journal {
     /// (device, "offer" | "updated" | "resumed", when)
     events: Vec<(String, &'static str, Instant)>,
     errors: Vec<String>,
+    /// Firmware bytes received over HTTP, MQTT payload bytes both ways.
+    http_bytes: u64,
+    mqtt_bytes: u64,
 }
 
 type Shared = Arc<(Mutex<Journal>, Condvar)>;
@@ -284,6 +287,7 @@ fn device_main(
         .unwrap();
     };
     let status = |s: Value| {
+        journal.0.lock().unwrap().mqtt_bytes += s.to_string().len() as u64;
         cli.publish(paho::Message::new(
             format!("devices/{id}/update/status"),
             s.to_string(),
@@ -305,6 +309,7 @@ fn device_main(
             }
             continue;
         }
+        journal.0.lock().unwrap().mqtt_bytes += m.payload().len() as u64;
         let offer: Value = serde_json::from_slice(m.payload()).unwrap();
         let target = offer["version"].as_str().unwrap().to_owned();
         if target == version {
@@ -357,6 +362,7 @@ fn device_main(
             assert_eq!(r.status, 200);
             r.body
         };
+        journal.0.lock().unwrap().http_bytes += data.len() as u64;
         let sha = hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
         if data.len() != size || offer["sha256"].as_str() != Some(sha.as_str()) {
             status(json!({"status": "failed", "rollout": rollout, "error": "checksum mismatch"}));
@@ -782,4 +788,47 @@ fn a_rollout_defined_at_the_hub_fetches_its_artifact_with_resume_and_reports_bac
         },
     );
     assert_eq!(seen["targets"], 4);
+}
+
+/// The benchmark note's measurement (bench/firmware-rollout.md): a 4 MiB
+/// image to 100 devices through one edge, waves of 25. By hand:
+/// `cargo test --release --test firmware -- --ignored --nocapture bench_`.
+#[test]
+#[ignore]
+fn bench_4mib_to_100_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let signer = Signer::new();
+    config(dir.path(), Some(&broker), &signer, "127.0.0.1:0");
+    let d = start_connected(dir.path());
+    let img = image(4 << 20, 2);
+    let t = Instant::now();
+    assert_eq!(upload(&d, &signer, &img, "2.0.0").status, 201);
+    let upload_time = t.elapsed();
+    let fleet = Fleet::start(&broker, 100, |_| Behaviour::Good, |_| None);
+    let started = Instant::now();
+    let r = d.req(
+        "POST",
+        "/v1/edge/rollouts",
+        Some(r#"{"id":"bench","device_type":"sensor","version":"2.0.0","wave_size":25}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_journal(&fleet.journal, "100 updates", |j| {
+        j.events.iter().filter(|e| e.1 == "updated").count() == 100
+    });
+    wait_for("complete", ROLLOUT_DEADLINE, || {
+        (rollout(&d, "bench")["state"] == "complete").then_some(())
+    });
+    let took = started.elapsed();
+    let j = fleet.journal.0.lock().unwrap();
+    let db = std::fs::metadata(dir.path().join("konsul.db"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!(
+        "BENCH upload {upload_time:?}; rollout of {} bytes to 100 devices in {took:?}; \
+         HTTP firmware bytes {}; MQTT payload bytes (offers + status) {}; db {db} bytes",
+        img.len(),
+        j.http_bytes,
+        j.mqtt_bytes
+    );
 }
