@@ -134,6 +134,9 @@ enum Behaviour {
     DropOnce,
     /// Reports failure for every offer.
     Fail,
+    /// Says it is offline (as its last will would) once registered, and
+    /// comes back (a heartbeat) when its gate opens.
+    Away,
 }
 
 /// A gate the test opens; devices behind it wait before downloading.
@@ -305,7 +308,23 @@ fn device_main(
         if m.topic().ends_with("/ack") {
             if !acked {
                 acked = true;
-                let _ = ready.send(());
+                if behaviour == Behaviour::Away {
+                    cli.publish(paho::Message::new(
+                        format!("devices/{id}/status"),
+                        "offline",
+                        1,
+                    ))
+                    .unwrap();
+                    let _ = ready.send(());
+                    if let Some(g) = &gate {
+                        g.wait();
+                    }
+                    note(journal, id, "back");
+                    cli.publish(paho::Message::new(format!("devices/{id}/heartbeat"), "", 1))
+                        .unwrap();
+                } else {
+                    let _ = ready.send(());
+                }
             }
             continue;
         }
@@ -323,7 +342,7 @@ fn device_main(
             );
             continue;
         }
-        if let Some(g) = &gate {
+        if let (Some(g), false) = (&gate, behaviour == Behaviour::Away) {
             g.wait();
         }
         status(json!({"status": "downloading", "rollout": rollout, "progress": 0}));
@@ -788,6 +807,63 @@ fn a_rollout_defined_at_the_hub_fetches_its_artifact_with_resume_and_reports_bac
         },
     );
     assert_eq!(seen["targets"], 4);
+}
+
+#[test]
+fn an_offline_device_does_not_hold_its_wave_and_gets_the_offer_when_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let signer = Signer::new();
+    config(dir.path(), Some(&broker), &signer, "127.0.0.1:0");
+    let d = start_connected(dir.path());
+    assert_eq!(upload(&d, &signer, &image(8192, 4), "2.0.0").status, 201);
+    let gate = Arc::new(Gate::default());
+    let g = gate.clone();
+    // dev01 is in the first wave and away.
+    let fleet = Fleet::start(
+        &broker,
+        4,
+        |i| {
+            if i == 1 {
+                Behaviour::Away
+            } else {
+                Behaviour::Good
+            }
+        },
+        move |i| (i == 1).then(|| g.clone()),
+    );
+    wait_for("dev01 offline", DEADLINE, || {
+        (d.get("/v1/edge/devices/dev01").json()["health"] == "offline").then_some(())
+    });
+    let r = d.req(
+        "POST",
+        "/v1/edge/rollouts",
+        Some(r#"{"id":"r4","device_type":"sensor","version":"2.0.0","wave_size":2}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_journal(&fleet.journal, "the three online devices updated", |j| {
+        j.events.iter().filter(|e| e.1 == "updated").count() == 3
+    });
+    let r = wait_for("three complete", ROLLOUT_DEADLINE, || {
+        let r = rollout(&d, "r4");
+        (r["counts"].is_null()
+            && states(&r)
+                .values()
+                .filter(|s| s["state"] == "complete")
+                .count()
+                == 3)
+            .then_some(r)
+    });
+    assert_eq!(r["state"], "running");
+    assert_eq!(states(&r)["dev01"]["state"], "waiting");
+    assert_eq!(states(&r)["dev01"]["attempts"], 0);
+    gate.release();
+    let done = wait_for("rollout r4 complete", ROLLOUT_DEADLINE, || {
+        let r = rollout(&d, "r4");
+        (r["state"] == "complete").then_some(r)
+    });
+    assert_eq!(states(&done)["dev01"]["state"], "complete");
+    assert_eq!(states(&done)["dev01"]["attempts"], 1);
 }
 
 /// The benchmark note's measurement (bench/firmware-rollout.md): a 4 MiB

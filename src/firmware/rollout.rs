@@ -283,23 +283,11 @@ struct DeviceInfo {
     online: bool,
 }
 
-fn device_infos(tx: &Tx<'_>, now: u64) -> Result<HashMap<String, DeviceInfo>, StoreError> {
-    let state: HashMap<String, (String, u64, u64)> = tx
+fn device_infos(tx: &Tx<'_>) -> Result<HashMap<String, DeviceInfo>, StoreError> {
+    let state: HashMap<String, String> = tx
         .conn()
-        .prepare_cached("SELECT id, health, last_seen_ms, interval_ms FROM device_state")
-        .and_then(|mut s| {
-            s.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    (
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)? as u64,
-                        r.get::<_, i64>(3)? as u64,
-                    ),
-                ))
-            })?
-            .collect()
-        })
+        .prepare_cached("SELECT id, health FROM device_state")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
         .map_err(|e| tx.sql_error("read device state", e))?;
     let rows: Vec<(String, String)> = tx
         .conn()
@@ -311,11 +299,10 @@ fn device_infos(tx: &Tx<'_>, now: u64) -> Result<HashMap<String, DeviceInfo>, St
         let Ok(d) = serde_json::from_str::<crate::devices::Device>(&body) else {
             continue;
         };
-        // Seen within its interval counts as online even before the health
-        // monitor has recorded the transition back from offline.
-        let online = state.get(&id).is_some_and(|(h, seen, interval)| {
-            h != "offline" || now.saturating_sub(*seen) < (*interval).max(1000)
-        });
+        // The health monitor's view. Its transitions raise or clear the
+        // offline alert, a change the engine wakes on, so a device coming
+        // back is offered as soon as the monitor has recorded it.
+        let online = state.get(&id).is_some_and(|h| h != "offline");
         out.insert(
             id,
             DeviceInfo {
@@ -377,7 +364,7 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
     if rollouts.is_empty() {
         return Ok(step);
     }
-    let infos = device_infos(tx, now)?;
+    let infos = device_infos(tx)?;
     for mut r in rollouts {
         let before = r.clone();
         let mut devs = load_progress(tx, &r.id)?;
@@ -966,7 +953,9 @@ impl Rollouts {
             let changed = async {
                 loop {
                     match changes.recv().await {
-                        Ok(c) if matches!(c.kind, Kind::Device | Kind::Rollout) => return true,
+                        Ok(c) if matches!(c.kind, Kind::Device | Kind::Rollout | Kind::Alert) => {
+                            return true
+                        }
                         Ok(_) => continue,
                         Err(async_broadcast::RecvError::Overflowed(_)) => return true,
                         Err(async_broadcast::RecvError::Closed) => {
