@@ -868,4 +868,91 @@ mod tests {
         assert!(check_name("version", "").is_err());
         assert!(check_name("version", "a/b").is_err());
     }
+
+    #[test]
+    fn quota_evicts_oldest_but_never_what_a_live_rollout_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(crate::store::StoreOptions {
+            path: dir.path().join("k.db"),
+            max_size: 8 << 20,
+            node_id: "t".into(),
+        })
+        .unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let mut key = [0u8; 32];
+        key.copy_from_slice(kp.public_key().as_ref());
+        let settings = Settings {
+            dir: dir.path().join("fw"),
+            max_size: 250_000,
+            max_upload: 1 << 20,
+            keys: vec![key],
+            base_url: String::new(),
+            defaults: crate::config::RolloutDefaults::default(),
+        };
+        smol::block_on(async {
+            let a = Artifacts::open(store.clone(), settings).await.unwrap();
+            let put = |version: &str, len: usize| {
+                let img = vec![version.len() as u8 ^ version.as_bytes()[0]; len];
+                let d = digest::digest(&digest::SHA256, &img);
+                let meta = NewArtifact {
+                    device_type: "sensor".into(),
+                    version: version.into(),
+                    sha256: hex(d.as_ref()),
+                    signature: base64_encode(kp.sign(d.as_ref()).as_ref()),
+                    notes: String::new(),
+                };
+                let a = a.clone();
+                async move {
+                    let mut up = a.begin_upload(&meta, None).await?;
+                    up.write(&img).await?;
+                    a.finish_upload(up, meta).await
+                }
+            };
+            let v1 = put("1", 100_000).await.unwrap();
+            let v2 = put("2", 100_000).await.unwrap();
+            // A running rollout pins v1.
+            let body = serde_json::json!({
+                "id": "r", "device_type": "sensor", "version": "1", "sha256": v1.sha256,
+                "size": v1.size, "signature": v1.signature, "wave_size": 1,
+                "failure_threshold": 1, "device_deadline_ms": 1000, "max_retries": 0,
+                "state": "running", "created_ms": 1
+            })
+            .to_string();
+            store
+                .call(move |db| {
+                    db.tx(|tx| {
+                        crate::registry::commit(
+                            tx,
+                            crate::store::Kind::Rollout,
+                            "r",
+                            None,
+                            Some(body),
+                        )
+                    })
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            // v3 needs room: v2 goes, v1 stays.
+            let v3 = put("3", 100_000).await.unwrap();
+            let left: Vec<String> = a
+                .list()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| x.version)
+                .collect();
+            assert_eq!(left, ["1", "3"]);
+            assert!(!a.path_of(&v2.sha256).exists());
+            assert!(a.path_of(&v1.sha256).exists() && a.path_of(&v3.sha256).exists());
+            // Room only by evicting v1: refused, and nothing was evicted.
+            let e = put("4", 200_000).await.unwrap_err();
+            assert!(matches!(e, FirmwareError::Quota { .. }), "{e}");
+            assert_eq!(a.list().await.unwrap().len(), 2);
+            assert!(a.delete(v1.sha256.clone()).await.is_err(), "pinned");
+        });
+        store.close();
+    }
 }
