@@ -924,8 +924,16 @@ impl Rollouts {
                         }
                     }
                     for o in step.offers {
-                        if self.inner.offers_tx.try_send(o).is_err() {
-                            log::warn!("firmware offer queue full; the device's deadline will bring it back");
+                        match self.inner.offers_tx.try_send(o) {
+                            Ok(()) => {}
+                            Err(async_channel::TrySendError::Full(o)) => log::warn!(
+                                "firmware offer queue full, {} not sent now; its deadline brings it back",
+                                o.topic
+                            ),
+                            Err(async_channel::TrySendError::Closed(o)) => log::warn!(
+                                "no MQTT bridge (mqtt.enabled: false): {} cannot be offered",
+                                o.topic
+                            ),
                         }
                     }
                     step.next_deadline
