@@ -396,9 +396,20 @@ fn device_main(
         status(json!({"status": "installing", "rollout": rollout}));
         status(json!({"status": "complete", "rollout": rollout}));
         version = target;
-        // After "reboot": the new version in the registration completes it.
+        // After "reboot": the new version in the next registration (even
+        // devices) or heartbeat (odd ones) completes it.
         note(journal, id, "updated");
-        register(&version);
+        if id.ends_with(['1', '3', '5', '7', '9']) {
+            let hb = json!({"firmware_version": version});
+            cli.publish(paho::Message::new(
+                format!("devices/{id}/heartbeat"),
+                hb.to_string(),
+                1,
+            ))
+            .unwrap();
+        } else {
+            register(&version);
+        }
     }
     let _ = cli.disconnect(None);
 }

@@ -757,6 +757,9 @@ fn apply_one(
                 ));
             };
             touch(tx, &device, now, heartbeat.battery, heartbeat.signal)?;
+            if let Some(v) = heartbeat.firmware_version {
+                set_firmware_version(tx, &device, v, fx)?;
+            }
             fx.signals.push(Signal::Seen {
                 device,
                 at_ms: now,
@@ -944,6 +947,34 @@ fn register(
         modify_index,
         created: prev.is_none(),
     })
+}
+
+/// A heartbeat reporting another firmware version: a replicated write of
+/// the device record, only when the version changed (heartbeats are
+/// otherwise local state).
+fn set_firmware_version(
+    tx: &mut Tx<'_>,
+    id: &str,
+    version: String,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    let Some(rec) = tx.get(Kind::Device, id)?.filter(|r| !r.tombstone) else {
+        return Ok(());
+    };
+    let mut device: Device =
+        serde_json::from_str(&rec.body).map_err(|e| StoreError::BadRecord {
+            kind: "device".into(),
+            key: id.into(),
+            detail: e.to_string(),
+        })?;
+    if device.firmware_version == version {
+        return Ok(());
+    }
+    device.firmware_version = version;
+    let body = to_json(&device)?;
+    registry::commit(tx, Kind::Device, id, Some(&device.device_type), Some(body))?;
+    fx.changed.push((Kind::Device, id.to_owned()));
+    Ok(())
 }
 
 /// Canonical JSON (sorted keys, as `registry::commit` stores it), so an

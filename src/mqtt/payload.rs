@@ -208,6 +208,10 @@ pub struct Heartbeat {
     /// The device's own clock (ms since the epoch); informational.
     #[serde(default)]
     pub ts: Option<u64>,
+    /// The firmware it runs: a changed version updates the device record
+    /// (and completes a firmware rollout to that version).
+    #[serde(default)]
+    pub firmware_version: Option<String>,
 }
 
 /// Telemetry: a JSON object of readings. `id`, `battery` and `signal` are
@@ -386,6 +390,9 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
             };
             ctx.check_id(heartbeat.id.as_deref())?;
             ctx.check_health_values(heartbeat.battery, heartbeat.signal)?;
+            if let Some(v) = &heartbeat.firmware_version {
+                ctx.check_text("firmware_version", v, MAX_TEXT_LEN, false)?;
+            }
             Ok(Inbound::Heartbeat {
                 device: ctx.device,
                 heartbeat,
