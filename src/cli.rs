@@ -1,5 +1,5 @@
 //! The operator CLI: `konsul-edge status | services | devices | kv get/put |
-//! sync status/now`, a D-Bus client of the running daemon (like `rauc
+//! sync status/now | firmware | rollouts | rollout ...`, a D-Bus client of the running daemon (like `rauc
 //! status`).
 //!
 //! It speaks only the public D-Bus API, so it shows exactly what other
@@ -20,7 +20,9 @@ use serde_json::{json, Value as Json};
 use zbus::zvariant::{DynamicType, Type};
 
 use crate::dbus::convert::{dict_to_json, Dict};
-use crate::dbus::{IFACE_DEVICES, IFACE_KV, IFACE_OTA, IFACE_REGISTRY, IFACE_SYNC, NAME, PATH};
+use crate::dbus::{
+    IFACE_DEVICES, IFACE_FIRMWARE, IFACE_KV, IFACE_OTA, IFACE_REGISTRY, IFACE_SYNC, NAME, PATH,
+};
 
 /// A hung daemon must not hang the operator's shell.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,6 +42,21 @@ pub enum Command {
     },
     SyncStatus,
     SyncNow,
+    Firmware,
+    Rollouts,
+    Rollout {
+        id: String,
+    },
+    RolloutStart {
+        device_type: String,
+        version: String,
+        wave_size: Option<u32>,
+    },
+    /// pause, resume or abort.
+    RolloutCommand {
+        verb: String,
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +134,42 @@ pub fn run(cmd: &Command, opts: &Options) -> Result<String, CliError> {
                     pretty(&s)
                 } else {
                     format!("sync: {}\n", sync_line(&s))
+                })
+            }
+            Command::Firmware => firmware(&c, opts.json).await,
+            Command::Rollouts => rollouts(&c, opts.json).await,
+            Command::Rollout { id } => rollout(&c, id, opts.json).await,
+            Command::RolloutStart {
+                device_type,
+                version,
+                wave_size,
+            } => {
+                let mut spec: BTreeMap<&str, zbus::zvariant::Value<'_>> = BTreeMap::new();
+                spec.insert("device_type", device_type.as_str().into());
+                spec.insert("version", version.as_str().into());
+                if let Some(n) = wave_size {
+                    spec.insert("wave_size", (*n).into());
+                }
+                let r: Dict = c.call(IFACE_FIRMWARE, "StartRollout", &(spec,)).await?;
+                let r = dict_to_json(&r);
+                Ok(if opts.json {
+                    pretty(&r)
+                } else {
+                    format!("rollout {} started\n", cell(&r["id"]))
+                })
+            }
+            Command::RolloutCommand { verb, id } => {
+                let method = match verb.as_str() {
+                    "pause" => "PauseRollout",
+                    "resume" => "ResumeRollout",
+                    _ => "AbortRollout",
+                };
+                let r: Dict = c.call(IFACE_FIRMWARE, method, &(id.as_str(),)).await?;
+                let r = dict_to_json(&r);
+                Ok(if opts.json {
+                    pretty(&r)
+                } else {
+                    format!("rollout {id}: {}\n", cell(&r["state"]))
                 })
             }
             Command::SyncNow => {
@@ -351,6 +404,102 @@ async fn devices(c: &Client<'_>, as_json: bool) -> Result<String, CliError> {
     if !alerts.is_empty() {
         let _ = writeln!(out, "\n{} alerts (see --json)", alerts.len());
     }
+    Ok(out)
+}
+
+async fn firmware(c: &Client<'_>, as_json: bool) -> Result<String, CliError> {
+    let items: Vec<Dict> = c.call(IFACE_FIRMWARE, "ListArtifacts", &()).await?;
+    let items: Vec<Json> = items.iter().map(dict_to_json).collect();
+    if as_json {
+        return Ok(pretty(&Json::Array(items)));
+    }
+    let rows = items
+        .iter()
+        .map(|a| {
+            vec![
+                cell(&a["device_type"]),
+                cell(&a["version"]),
+                cell(&a["size"]),
+                a["sha256"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .chars()
+                    .take(16)
+                    .collect(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(
+        &["TYPE", "VERSION", "SIZE", "SHA256"],
+        &rows,
+        "no firmware stored",
+    ))
+}
+
+async fn rollouts(c: &Client<'_>, as_json: bool) -> Result<String, CliError> {
+    let items: Vec<Dict> = c.call(IFACE_FIRMWARE, "ListRollouts", &()).await?;
+    let items: Vec<Json> = items.iter().map(dict_to_json).collect();
+    if as_json {
+        return Ok(pretty(&Json::Array(items)));
+    }
+    let rows = items
+        .iter()
+        .map(|r| {
+            let counts = r["counts"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", cell(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "-".into());
+            vec![
+                cell(&r["id"]),
+                cell(&r["device_type"]),
+                cell(&r["version"]),
+                cell(&r["state"]),
+                counts,
+            ]
+        })
+        .collect::<Vec<_>>();
+    Ok(table(
+        &["ID", "TYPE", "VERSION", "STATE", "DEVICES"],
+        &rows,
+        "no rollouts",
+    ))
+}
+
+async fn rollout(c: &Client<'_>, id: &str, as_json: bool) -> Result<String, CliError> {
+    let (r, devices): (Dict, Vec<Dict>) = c.call(IFACE_FIRMWARE, "GetRollout", &(id,)).await?;
+    let r = dict_to_json(&r);
+    let devices: Vec<Json> = devices.iter().map(dict_to_json).collect();
+    if as_json {
+        return Ok(pretty(&json!({"rollout": r, "devices": devices})));
+    }
+    let mut out = format!(
+        "rollout {}: {} {} {} ({})\n\n",
+        cell(&r["id"]),
+        cell(&r["device_type"]),
+        cell(&r["version"]),
+        cell(&r["state"]),
+        cell(&r["reason"])
+    );
+    let rows = devices
+        .iter()
+        .map(|d| {
+            ["device", "wave", "state", "attempts", "progress", "error"]
+                .iter()
+                .map(|k| cell(&d[*k]))
+                .collect()
+        })
+        .collect::<Vec<_>>();
+    out.push_str(&table(
+        &["DEVICE", "WAVE", "STATE", "ATTEMPTS", "PROGRESS", "ERROR"],
+        &rows,
+        "no target devices",
+    ));
     Ok(out)
 }
 

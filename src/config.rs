@@ -515,6 +515,72 @@ impl Default for Ota {
     }
 }
 
+/// Firmware OTA for MQTT devices (`src/firmware/`): the artifact store and
+/// rollout defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Firmware {
+    /// Where artifacts live; default: `firmware/` next to `storage.path`.
+    pub dir: Option<PathBuf>,
+    /// Total size of stored artifacts; older artifacts no rollout needs are
+    /// evicted to make room.
+    pub max_size: ByteSize,
+    /// Largest single upload (streamed to disk, never held in memory).
+    #[serde(deserialize_with = "de_upload_size")]
+    pub max_upload_size: ByteSize,
+    /// ed25519 public keys (base64 of the 32 raw bytes, or a PEM
+    /// `PUBLIC KEY` block); an artifact must be signed by one of them.
+    #[serde(deserialize_with = "de_public_keys")]
+    pub public_keys: Vec<String>,
+    /// The URL devices download from (`http://192.168.1.10:8500`); default:
+    /// the API's own address.
+    #[serde(deserialize_with = "de_base_url")]
+    pub base_url: Option<String>,
+    /// Bytes per second when fetching artifacts from the hub (0: no cap).
+    pub bandwidth_limit: ByteSize,
+    pub rollout: RolloutDefaults,
+}
+
+impl Default for Firmware {
+    fn default() -> Self {
+        Firmware {
+            dir: None,
+            max_size: ByteSize(256 << 20),
+            max_upload_size: ByteSize(64 << 20),
+            public_keys: Vec::new(),
+            base_url: None,
+            bandwidth_limit: ByteSize(0),
+            rollout: RolloutDefaults::default(),
+        }
+    }
+}
+
+/// What a rollout that does not say otherwise uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutDefaults {
+    /// Devices per wave.
+    #[serde(deserialize_with = "de_positive")]
+    pub wave_size: u32,
+    /// Failed devices at which the rollout halts (0: never halts).
+    pub failure_threshold: u32,
+    /// How long an offered device has to finish before the attempt fails.
+    pub device_deadline: Duration,
+    /// Offers after the first one to a device whose attempt failed.
+    pub max_retries: u32,
+}
+
+impl Default for RolloutDefaults {
+    fn default() -> Self {
+        RolloutDefaults {
+            wave_size: 10,
+            failure_threshold: 3,
+            device_deadline: Duration::secs(1800),
+            max_retries: 2,
+        }
+    }
+}
+
 /// The whole configuration, defaults filled in.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -532,6 +598,7 @@ pub struct Config {
     pub devices: Devices,
     pub dbus: Dbus,
     pub ota: Ota,
+    pub firmware: Firmware,
 }
 
 /// Environment variables the seed documents, mapped to their keys. Every
@@ -555,6 +622,7 @@ const SECTIONS: &[&str] = &[
     "devices",
     "dbus",
     "ota",
+    "firmware",
 ];
 
 /// Where a loaded config came from, for `check-config` and the start-up log.
@@ -858,6 +926,41 @@ fn de_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error>
         )));
     }
     Ok(addr)
+}
+
+fn de_upload_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    let size = ByteSize::deserialize(d)?;
+    if size.0 == 0 {
+        return Err(serde::de::Error::custom("must be greater than 0"));
+    }
+    Ok(size)
+}
+
+fn de_positive<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+fn de_public_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let keys = Vec::<String>::deserialize(d)?;
+    for (i, k) in keys.iter().enumerate() {
+        crate::firmware::parse_public_key(k)
+            .map_err(|e| serde::de::Error::custom(format!("[{i}]: {e}")))?;
+    }
+    Ok(keys)
+}
+
+fn de_base_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let url = Option::<String>::deserialize(d)?;
+    if let Some(u) = &url {
+        if let Some(e) = url_error(u, &["http", "https"]) {
+            return Err(serde::de::Error::custom(e));
+        }
+    }
+    Ok(url)
 }
 
 fn de_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

@@ -46,6 +46,19 @@ pub enum DaemonError {
     Mqtt(#[from] crate::mqtt::MqttError),
     #[error(transparent)]
     Dbus(Box<crate::dbus::DbusError>),
+    #[error("firmware: {0}")]
+    Firmware(#[from] crate::firmware::FirmwareError),
+}
+
+fn firmware_settings(
+    config: &Config,
+    api_url: &str,
+) -> Result<crate::firmware::Settings, crate::firmware::FirmwareError> {
+    let s = crate::firmware::Settings::from_config(config, api_url)?;
+    if config.firmware.base_url.is_none() && api_url.contains("://0.0.0.0:") {
+        log::warn!("firmware.base_url is not set and the API listens on 0.0.0.0: devices will be offered {api_url} URLs; set firmware.base_url to an address they can reach");
+    }
+    Ok(s)
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -107,12 +120,42 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         registry.clone(),
         crate::devices::Settings::from_config(&config.devices),
     );
+    let firmware = match firmware_settings(&config, &format!("{scheme}://{addr}")) {
+        Ok(f) => smol::block_on(crate::firmware::Artifacts::open(store.clone(), f)),
+        Err(e) => Err(e),
+    };
+    // An edge with a hub fetches the artifacts of rollouts defined there.
+    let fetcher = if config.mode == Mode::Edge && !config.cloud.server_address.is_empty() {
+        match crate::sync::client::hub_client(&config) {
+            Ok(client) => Some(crate::firmware::rollout::Fetcher {
+                client,
+                bytes_per_sec: config.firmware.bandwidth_limit.0,
+            }),
+            Err(e) => {
+                store.close();
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
+    let (rollouts, offers) = match firmware {
+        Ok(a) => crate::firmware::rollout::Rollouts::new(registry.clone(), a, fetcher),
+        Err(e) => {
+            store.close();
+            return Err(e.into());
+        }
+    };
+    // Only an edge runs rollouts: it has the devices. A hub stores
+    // artifacts and rollout records, which flow down to the edges.
+    let engine = (config.mode == Mode::Edge).then(|| rollouts.clone());
     let bridge = match start_bridge(
         &config,
         store.node_id(),
         &devices,
         &metrics,
         &device_channels,
+        engine.clone().map(|r| (r, offers)),
     ) {
         Ok(b) => b,
         Err(e) => {
@@ -128,6 +171,7 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         metrics,
         max_body: config.http.max_body_size.0,
         test_hooks: std::env::var_os("KONSUL_TEST_HOOKS").is_some_and(|v| v == "1"),
+        rollouts: Some(rollouts),
     });
     if api.test_hooks {
         log::warn!("KONSUL_TEST_HOOKS=1: debug routes enabled; never set this in production");
@@ -152,6 +196,9 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     .detach();
     ex.spawn(retention(devices.clone())).detach();
     let shutdown = Shutdown::default();
+    if let Some(engine) = engine {
+        ex.spawn(engine.run(shutdown.clone())).detach();
+    }
     let mqtt_task = bridge.map(|b| ex.spawn(b.run(shutdown.clone())));
     let http_task = ex.spawn(server.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
@@ -276,6 +323,10 @@ fn start_bridge(
     devices: &Devices,
     metrics: &Arc<Metrics>,
     channels: &crate::devices::Channels,
+    rollouts: Option<(
+        crate::firmware::rollout::Rollouts,
+        async_channel::Receiver<crate::firmware::rollout::Offer>,
+    )>,
 ) -> Result<Option<crate::mqtt::Bridge>, crate::mqtt::MqttError> {
     if !config.mqtt.enabled {
         return Ok(None);
@@ -286,6 +337,7 @@ fn start_bridge(
         devices.clone(),
         metrics.clone(),
         channels.alerts.clone(),
+        rollouts,
     )
     .map(Some)
 }
@@ -299,6 +351,10 @@ fn start_bridge(
     _devices: &Devices,
     _metrics: &Arc<Metrics>,
     _channels: &crate::devices::Channels,
+    _rollouts: Option<(
+        crate::firmware::rollout::Rollouts,
+        async_channel::Receiver<crate::firmware::rollout::Offer>,
+    )>,
 ) -> Result<Option<NoBridge>, crate::mqtt::MqttError> {
     if config.mqtt.enabled {
         return Err(crate::mqtt::MqttError::NotBuilt);

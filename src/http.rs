@@ -29,6 +29,7 @@ use smol::future::FutureExt;
 
 use crate::clock::{rfc3339, wall_millis};
 use crate::devices::{DeviceError, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
+use crate::firmware::FirmwareError;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryError, ServiceEntry, ServiceInput};
 use crate::store::StoreError;
@@ -46,7 +47,80 @@ pub enum HttpError {
     },
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<Body>;
+
+/// A response body: a buffer (every JSON answer) or a byte range of a file
+/// streamed in chunks (firmware images: never read whole into memory).
+pub enum Body {
+    Full(Full<Bytes>),
+    File(FileBody),
+}
+
+impl Body {
+    fn full(b: impl Into<Bytes>) -> Body {
+        Body::Full(Full::new(b.into()))
+    }
+}
+
+pub struct FileBody {
+    file: smol::fs::File,
+    remaining: u64,
+    buf: Box<[u8]>,
+}
+
+/// Read size per frame when streaming a file.
+const FILE_CHUNK: usize = 64 << 10;
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use std::task::Poll;
+        match self.get_mut() {
+            Body::Full(f) => std::pin::Pin::new(f)
+                .poll_frame(cx)
+                .map_err(|never: Infallible| match never {}),
+            Body::File(f) => {
+                if f.remaining == 0 {
+                    return Poll::Ready(None);
+                }
+                let n = (f.remaining as usize).min(f.buf.len());
+                let FileBody { file, buf, .. } = f;
+                match smol::io::AsyncRead::poll_read(std::pin::Pin::new(file), cx, &mut buf[..n]) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                    Poll::Ready(Ok(0)) => {
+                        Poll::Ready(Some(Err(std::io::ErrorKind::UnexpectedEof.into())))
+                    }
+                    Poll::Ready(Ok(k)) => {
+                        f.remaining -= k as u64;
+                        Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::copy_from_slice(
+                            &f.buf[..k],
+                        )))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(f) => f.is_end_stream(),
+            Body::File(f) => f.remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Body::Full(f) => f.size_hint(),
+            Body::File(f) => hyper::body::SizeHint::with_exact(f.remaining),
+        }
+    }
+}
 
 /// A one-shot, clonable shutdown flag that tasks can await.
 #[derive(Clone, Default)]
@@ -105,6 +179,9 @@ pub struct Api {
     pub max_body: u64,
     /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
     pub test_hooks: bool,
+    /// Firmware artifacts and rollouts (`/v1/edge/firmware`,
+    /// `/v1/edge/rollouts`).
+    pub rollouts: Option<crate::firmware::rollout::Rollouts>,
 }
 
 /// A bound listener; bind before READY=1 so "ready" means "accepting".
@@ -263,7 +340,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Resp {
 
 fn json_resp(status: StatusCode, v: &Value) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Body::full(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -733,7 +810,7 @@ impl Api {
                 let mut text = self.metrics.render(&stats, self.registry.store().node_id());
                 self.metrics.render_devices(&counts, &mut text);
                 self.sync.render_metrics(&mut text);
-                let mut r = Response::new(Full::new(Bytes::from(text)));
+                let mut r = Response::new(Body::full(text));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -869,7 +946,7 @@ impl Api {
         };
         match hub.handle(&body, compressed).await {
             Ok(bytes) => {
-                let mut r = Response::new(Full::new(Bytes::from(bytes)));
+                let mut r = Response::new(Body::full(bytes));
                 let h = r.headers_mut();
                 h.insert(
                     CONTENT_TYPE,
@@ -1050,6 +1127,10 @@ impl Api {
                     _ => method_not_allowed("GET"),
                 },
             ),
+            "edge/firmware" | "edge/rollouts" => self.firmware_routes(req, method, rest, query).await,
+            r if r.starts_with("edge/firmware/") || r.starts_with("edge/rollouts/") => {
+                self.firmware_routes(req, method, rest, query).await
+            }
             r if r.starts_with("edge/devices/") => {
                 self.device_route(method, &r["edge/devices/".len()..], query)
                     .await
@@ -1161,9 +1242,358 @@ impl Api {
     }
 }
 
+/// Maps every firmware error to a status, exhaustively.
+fn firmware_error(e: FirmwareError, metrics: &Metrics) -> Resp {
+    match e {
+        FirmwareError::DigestMismatch { .. }
+        | FirmwareError::BadSignature { .. }
+        | FirmwareError::Invalid { .. } => {
+            log::warn!("firmware refused: {e}");
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        FirmwareError::NoKeys => error(StatusCode::FORBIDDEN, e.to_string()),
+        FirmwareError::TooLarge { .. } => {
+            metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+        }
+        FirmwareError::Quota { .. } => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        FirmwareError::NotFound { .. } => error(StatusCode::NOT_FOUND, e.to_string()),
+        FirmwareError::Conflict { .. } => error(StatusCode::CONFLICT, e.to_string()),
+        FirmwareError::Io { .. } => {
+            log::error!("{e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "firmware storage error; see the daemon log",
+            )
+        }
+        FirmwareError::Fetch(_) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+        FirmwareError::Store(s) => store_error(s, metrics),
+    }
+}
+
+/// A single `bytes=` range of a `size`-byte entity: None = serve it all
+/// (no header, or a form we do not split, such as several ranges);
+/// Some(Err) = unsatisfiable (416); else the inclusive start and end.
+fn parse_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = match (a.is_empty(), b.is_empty()) {
+        // The last `b` bytes.
+        (true, false) => {
+            let n: u64 = b.parse().ok()?;
+            if n == 0 || size == 0 {
+                return Some(Err(()));
+            }
+            (size.saturating_sub(n), size - 1)
+        }
+        (false, _) => {
+            let start: u64 = a.parse().ok()?;
+            let end: u64 = if b.is_empty() {
+                u64::MAX
+            } else {
+                b.parse().ok()?
+            };
+            if start >= size || end < start {
+                return Some(Err(()));
+            }
+            (start, end.min(size - 1))
+        }
+        (true, true) => return None,
+    };
+    Some(Ok(range))
+}
+
+impl Api {
+    /// `/v1/edge/firmware[/{ref}]` and `/v1/edge/rollouts[/{id}[/{cmd}]]`.
+    async fn firmware_routes(
+        &self,
+        req: Request<Incoming>,
+        method: Method,
+        rest: &str,
+        query: &Query,
+    ) -> (&'static str, Resp) {
+        use crate::firmware::rollout::{Command, Spec};
+        let Some(rollouts) = &self.rollouts else {
+            return (
+                "other",
+                error(
+                    StatusCode::NOT_FOUND,
+                    "firmware is not enabled on this node",
+                ),
+            );
+        };
+        let artifacts = rollouts.artifacts();
+        let m = &self.metrics;
+        let parts: Vec<&str> = rest.splitn(4, '/').collect();
+        match parts.as_slice() {
+            ["edge", "firmware"] => (
+                "/v1/edge/firmware",
+                match method {
+                    Method::GET => match artifacts.list().await {
+                        Ok(l) => ok(json!(l)),
+                        Err(e) => firmware_error(e, m),
+                    },
+                    Method::PUT | Method::POST => self.firmware_upload(artifacts, req, query).await,
+                    _ => method_not_allowed("GET, PUT"),
+                },
+            ),
+            ["edge", "firmware", reference] => {
+                let reference = percent_decode(reference);
+                (
+                    "/v1/edge/firmware/:ref",
+                    match method {
+                        Method::GET | Method::HEAD => {
+                            self.firmware_serve(artifacts, &req, reference, query).await
+                        }
+                        Method::DELETE => match artifacts.delete(reference).await {
+                            Ok(()) => ok(json!({"message": "firmware deleted"})),
+                            Err(e) => firmware_error(e, m),
+                        },
+                        _ => method_not_allowed("GET, HEAD, DELETE"),
+                    },
+                )
+            }
+            ["edge", "rollouts"] => (
+                "/v1/edge/rollouts",
+                match method {
+                    Method::GET => match rollouts.list().await {
+                        Ok(l) => ok(json!(l)),
+                        Err(e) => firmware_error(e, m),
+                    },
+                    Method::POST | Method::PUT => match self.body::<Spec>(req).await {
+                        Err(r) => *r,
+                        Ok(spec) => match rollouts.create(spec).await {
+                            Ok(r) => json_resp(StatusCode::CREATED, &json!(r)),
+                            Err(e) => firmware_error(e, m),
+                        },
+                    },
+                    _ => method_not_allowed("GET, POST"),
+                },
+            ),
+            ["edge", "rollouts", id] => (
+                "/v1/edge/rollouts/:id",
+                match method {
+                    Method::GET => match rollouts.get(percent_decode(id)).await {
+                        Ok((r, devices)) => {
+                            let mut v = json!(r);
+                            v["device_states"] = json!(devices);
+                            ok(v)
+                        }
+                        Err(e) => firmware_error(e, m),
+                    },
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            ["edge", "rollouts", id, cmd] => {
+                let cmd = match *cmd {
+                    "pause" => Command::Pause,
+                    "resume" => Command::Resume,
+                    "abort" => Command::Abort,
+                    other => {
+                        return (
+                            "other",
+                            error(
+                                StatusCode::NOT_FOUND,
+                                format!("no rollout command `{other}` (pause, resume, abort)"),
+                            ),
+                        )
+                    }
+                };
+                (
+                    "/v1/edge/rollouts/:id/:cmd",
+                    match method {
+                        Method::POST => match rollouts.command(percent_decode(id), cmd).await {
+                            Ok(r) => ok(json!(r)),
+                            Err(e) => firmware_error(e, m),
+                        },
+                        _ => method_not_allowed("POST"),
+                    },
+                )
+            }
+            _ => (
+                "other",
+                error(StatusCode::NOT_FOUND, format!("no route for /v1/{rest}")),
+            ),
+        }
+    }
+
+    /// Streams the body to the artifact store: never buffered whole.
+    async fn firmware_upload(
+        &self,
+        artifacts: &crate::firmware::Artifacts,
+        req: Request<Incoming>,
+        query: &Query,
+    ) -> Resp {
+        let q = |k: &str| query.get(k).unwrap_or_default().to_owned();
+        let meta = crate::firmware::NewArtifact {
+            device_type: query
+                .get("device_type")
+                .or(query.get("type"))
+                .unwrap_or_default()
+                .to_owned(),
+            version: q("version"),
+            sha256: q("sha256"),
+            signature: q("signature"),
+            notes: q("notes"),
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut up = match artifacts.begin_upload(&meta, declared).await {
+            Ok(u) => u,
+            Err(e) => return firmware_error(e, &self.metrics),
+        };
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        if let Err(e) = up.write(&data).await {
+                            return firmware_error(e, &self.metrics);
+                        }
+                    }
+                }
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"));
+                }
+            }
+        }
+        match artifacts.finish_upload(up, meta).await {
+            Ok(a) => json_resp(StatusCode::CREATED, &json!(a)),
+            Err(e) => firmware_error(e, &self.metrics),
+        }
+    }
+
+    /// The image, whole or one byte range, with its digest as ETag.
+    async fn firmware_serve(
+        &self,
+        artifacts: &crate::firmware::Artifacts,
+        req: &Request<Incoming>,
+        reference: String,
+        query: &Query,
+    ) -> Resp {
+        use hyper::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_NONE_MATCH, IF_RANGE, RANGE};
+        let a = match artifacts
+            .resolve(reference, query.get("type").map(str::to_owned))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return firmware_error(e, &self.metrics),
+        };
+        let etag = format!("\"{}\"", a.sha256);
+        let header = |n| {
+            req.headers()
+                .get(n)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        let with_common = |mut r: Resp| {
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                h.insert(ETAG, v);
+            }
+            h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            r
+        };
+        if header(IF_NONE_MATCH)
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        {
+            let mut r = Response::new(Body::full(Bytes::new()));
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            return with_common(r);
+        }
+        let size = a.size;
+        // A range against another version of the entity serves it whole.
+        let range_ok = header(IF_RANGE).is_none_or(|v| v.trim() == etag);
+        let range = header(RANGE)
+            .filter(|_| range_ok)
+            .and_then(|h| parse_range(h, size));
+        let (start, end) = match range {
+            None => (0, size),
+            Some(Ok((s, e))) => (s, e + 1),
+            Some(Err(())) => {
+                let mut r = error(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    format!("range outside the {size}-byte image"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    r.headers_mut().insert(CONTENT_RANGE, v);
+                }
+                return with_common(r);
+            }
+        };
+        let path = artifacts.path_of(&a.sha256);
+        let mut file = match smol::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => {
+                return firmware_error(
+                    FirmwareError::Io {
+                        path,
+                        op: "open",
+                        source: e,
+                    },
+                    &self.metrics,
+                )
+            }
+        };
+        if start > 0 {
+            if let Err(e) =
+                smol::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(start)).await
+            {
+                return firmware_error(
+                    FirmwareError::Io {
+                        path,
+                        op: "seek",
+                        source: e,
+                    },
+                    &self.metrics,
+                );
+            }
+        }
+        let len = end - start;
+        let mut r = Response::new(Body::File(FileBody {
+            file,
+            remaining: len,
+            buf: vec![0u8; FILE_CHUNK.min(len.max(1) as usize)].into_boxed_slice(),
+        }));
+        let h = r.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        if range.is_some() {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+                h.insert(CONTENT_RANGE, v);
+            }
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
+        with_common(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=90-200", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=-200", 100), Some(Ok((0, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=5-2", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=x-1", 100), None);
+    }
 
     #[test]
     fn percent_decoding() {

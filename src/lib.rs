@@ -11,6 +11,7 @@ pub mod crdt;
 pub mod daemon;
 pub mod dbus;
 pub mod devices;
+pub mod firmware;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -43,6 +43,13 @@ USAGE:
     konsul-edge kv put KEY VALUE [--cas N]  needs root or group konsul
     konsul-edge sync status
     konsul-edge sync now                    needs root or group konsul
+    konsul-edge firmware                    firmware artifacts stored on this node
+    konsul-edge rollouts                    firmware rollouts and their progress
+    konsul-edge rollout show ID             one rollout, device by device
+    konsul-edge rollout start TYPE VERSION [--wave-size N]
+    konsul-edge rollout pause|resume|abort ID
+                                            (start/pause/resume/abort need root
+                                            or group konsul)
     BUS is system (default), session or a D-Bus address; exit 69 when the
     daemon is not running, 77 when refused.
 
@@ -90,7 +97,7 @@ fn parse_args() -> Result<Command, lexopt::Error> {
     };
     if matches!(
         sub.as_str(),
-        "status" | "services" | "devices" | "kv" | "sync"
+        "status" | "services" | "devices" | "kv" | "sync" | "firmware" | "rollout" | "rollouts"
     ) {
         return parse_client(&sub, p);
     }
@@ -147,12 +154,14 @@ fn parse_client(sub: &str, mut p: lexopt::Parser) -> Result<Command, lexopt::Err
     let mut json = false;
     let mut bus = std::env::var("KONSUL_DBUS_BUS").unwrap_or_else(|_| "system".into());
     let mut cas = None;
+    let mut wave_size: Option<u32> = None;
     while let Some(arg) = p.next()? {
         match arg {
             Long("help") | Short('h') => return Ok(Command::Help),
             Long("json") => json = true,
             Long("bus") => bus = p.value()?.string()?,
             Long("cas") if sub == "kv" => cas = Some(p.value()?.parse()?),
+            Long("wave-size") if sub == "rollout" => wave_size = Some(p.value()?.parse()?),
             Value(v) => words.push(v.string()?),
             other => return Err(other.unexpected()),
         }
@@ -172,6 +181,24 @@ fn parse_client(sub: &str, mut p: lexopt::Parser) -> Result<Command, lexopt::Err
         },
         ("sync", ["status"] | []) => cli::Command::SyncStatus,
         ("sync", ["now"]) => cli::Command::SyncNow,
+        ("firmware", []) => cli::Command::Firmware,
+        ("rollouts", []) | ("rollout", ["list"]) => cli::Command::Rollouts,
+        ("rollout", ["show", id]) => cli::Command::Rollout { id: id.to_string() },
+        ("rollout", ["start", device_type, version]) => cli::Command::RolloutStart {
+            device_type: device_type.to_string(),
+            version: version.to_string(),
+            wave_size,
+        },
+        ("rollout", [verb @ ("pause" | "resume" | "abort"), id]) => cli::Command::RolloutCommand {
+            verb: verb.to_string(),
+            id: id.to_string(),
+        },
+        ("rollout", _) => {
+            return Err(
+                "usage: rollout show ID | rollout start TYPE VERSION [--wave-size N] | rollout pause|resume|abort ID"
+                    .into(),
+            )
+        }
         ("kv", _) => return Err("usage: kv get KEY | kv put KEY VALUE [--cas N]".into()),
         ("sync", _) => return Err("usage: sync status | sync now".into()),
         (_, extra) => {
@@ -312,6 +339,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Mqtt(_) => EX_CONFIG,
         // No bus, or the name is taken: a restart later may succeed.
         DaemonError::Dbus(_) => EX_UNAVAILABLE,
+        // The firmware directory cannot be created or read.
+        DaemonError::Firmware(_) => EX_CANTCREAT,
     };
     ExitCode::from(code)
 }

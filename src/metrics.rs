@@ -22,14 +22,16 @@ pub enum Published {
     Error,
     Alert,
     Status,
+    Offer,
 }
 
 impl Published {
-    const ALL: [Published; 4] = [
+    const ALL: [Published; 5] = [
         Published::Ack,
         Published::Error,
         Published::Alert,
         Published::Status,
+        Published::Offer,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -37,6 +39,7 @@ impl Published {
             Published::Error => "error",
             Published::Alert => "alert",
             Published::Status => "status",
+            Published::Offer => "firmware_offer",
         }
     }
 }

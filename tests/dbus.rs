@@ -641,6 +641,86 @@ fn signals_follow_http_writes_and_sync_state() {
 }
 
 #[test]
+fn firmware_and_rollouts_over_dbus_and_the_cli() {
+    use ring::signature::KeyPair;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::start(dir.path(), Policy::Open);
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let public = konsul_edge::firmware::base64_encode(key.public_key().as_ref());
+    bus.config(
+        dir.path(),
+        &format!("firmware:\n  public_keys: [\"{public}\"]\n"),
+    );
+    let d = Daemon::start(dir.path());
+    let img = vec![7u8; 5000];
+    let digest = ring::digest::digest(&ring::digest::SHA256, &img);
+    let sha = konsul_edge::firmware::hex(digest.as_ref());
+    let sig = konsul_edge::firmware::hex(key.sign(digest.as_ref()).as_ref());
+    let r = request(
+        &d.addr,
+        "PUT",
+        &format!("/v1/edge/firmware?device_type=sensor&version=2.0.0&sha256={sha}&signature={sig}"),
+        Some(&img),
+        &[],
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    let out = cli(&bus, &["firmware"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("sensor") && text.contains(&sha[..16]),
+        "{text}"
+    );
+    // Starting a rollout is a mutation: refused to nobody.
+    let (ok, err) = gdbus(
+        &bus,
+        true,
+        "io.konsul.Edge1.Firmware.StartRollout",
+        &["{'device_type': <'sensor'>, 'version': <'2.0.0'>}"],
+    );
+    assert!(!ok && err.contains("AccessDenied"), "{err}");
+    let out = cli(
+        &bus,
+        &["rollout", "start", "sensor", "2.0.0", "--wave-size", "5"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = text
+        .strip_prefix("rollout ")
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    let out = cli(&bus, &["rollouts", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["wave_size"], 5);
+    let out = cli(&bus, &["rollout", "show", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("rollout {id}: sensor 2.0.0")));
+    let out = cli(&bus, &["rollout", "show", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+    // With no devices of the type it completes at once; abort is refused then.
+    let out = cli(&bus, &["rollout", "abort", &id]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot abort"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn sync_now_without_a_hub_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::start(dir.path(), Policy::Open);

@@ -6,12 +6,13 @@
 use konsul_edge::mqtt::payload::{self, Inbound};
 use libfuzzer_sys::fuzz_target;
 
-const TOPICS: [&str; 8] = [
+const TOPICS: [&str; 9] = [
     "devices/d1/register",
     "devices/d1/telemetry",
     "devices/d1/heartbeat",
     "devices/d1/events",
     "devices/d1/status",
+    "devices/d1/update/status",
     "devices/d1/ack",
     "devices/d1/x/y",
     "other/topic",
@@ -40,6 +41,9 @@ fuzz_target!(|data: &[u8]| {
             match m {
                 Inbound::Heartbeat { heartbeat, .. } => {
                     assert!(heartbeat.battery.is_none_or(|b| b <= 100))
+                }
+                Inbound::UpdateStatus { report, .. } => {
+                    assert!(report.progress.is_none_or(|p| p <= 100));
                 }
                 Inbound::Register { reg, .. } => {
                     assert!(reg.battery.is_none_or(|b| b <= 100));

@@ -1,4 +1,4 @@
-//! The five interfaces of `/io/konsul/Edge1`.
+//! The six interfaces of `/io/konsul/Edge1`.
 //!
 //! Records are `a{sv}` built from the HTTP API's JSON (see
 //! [`convert`](super::convert)); CAS and flags travel in an `options`
@@ -14,7 +14,7 @@ use zbus::object_server::SignalEmitter;
 
 use super::access::Access;
 use super::convert::{dict_to_json, to_dict, Dict};
-use super::{registry_error, store_error, sync_error, Error};
+use super::{firmware_error, registry_error, store_error, sync_error, Error};
 use crate::http::Api;
 use crate::registry::{RecordView, ServiceEntry, ServiceInput};
 use crate::store::Kind;
@@ -90,6 +90,7 @@ pub struct KvIface(Arc<Ctx>);
 pub struct DevicesIface(Arc<Ctx>);
 pub struct SyncIface(Arc<Ctx>);
 pub struct OtaIface(Arc<Ctx>);
+pub struct FirmwareIface(Arc<Ctx>);
 
 macro_rules! ctor {
     ($($t:ident),*) => {$(
@@ -100,7 +101,14 @@ macro_rules! ctor {
         }
     )*};
 }
-ctor!(RegistryIface, KvIface, DevicesIface, SyncIface, OtaIface);
+ctor!(
+    RegistryIface,
+    KvIface,
+    DevicesIface,
+    SyncIface,
+    OtaIface,
+    FirmwareIface
+);
 
 #[interface(name = "io.konsul.Edge1.Registry")]
 impl RegistryIface {
@@ -433,5 +441,143 @@ impl OtaIface {
     #[zbus(property)]
     fn state(&self) -> String {
         self.0.ota_state.to_owned()
+    }
+}
+
+impl FirmwareIface {
+    fn rollouts(&self) -> Result<&crate::firmware::rollout::Rollouts, Error> {
+        self.0
+            .api
+            .rollouts
+            .as_ref()
+            .ok_or_else(|| Error::Unavailable("firmware is not enabled on this node".into()))
+    }
+
+    async fn command(
+        &self,
+        hdr: &Header<'_>,
+        method: &str,
+        id: String,
+        cmd: crate::firmware::rollout::Command,
+    ) -> Result<Dict, Error> {
+        self.0.access.require_admin(hdr, method).await?;
+        let r = self
+            .rollouts()?
+            .command(id, cmd)
+            .await
+            .map_err(firmware_error)?;
+        Ok(to_dict(&json!(r)))
+    }
+}
+
+#[interface(name = "io.konsul.Edge1.Firmware")]
+impl FirmwareIface {
+    /// Firmware artifacts stored on this node: sha256, device_type,
+    /// version, size (t), signature, notes, created_ms (t). Upload them
+    /// over HTTP (`PUT /v1/edge/firmware`): images do not travel over the
+    /// bus.
+    #[zbus(out_args("artifacts"))]
+    async fn list_artifacts(&self) -> Result<Vec<Dict>, Error> {
+        let list = self
+            .rollouts()?
+            .artifacts()
+            .list()
+            .await
+            .map_err(firmware_error)?;
+        Ok(list.iter().map(|a| to_dict(&json!(a))).collect())
+    }
+
+    /// Rollouts with their settings, state (running, paused, halted,
+    /// aborted, complete), reason and counts (device state -> number).
+    #[zbus(out_args("rollouts"))]
+    async fn list_rollouts(&self) -> Result<Vec<Dict>, Error> {
+        let list = self.rollouts()?.list().await.map_err(firmware_error)?;
+        Ok(list.iter().map(|r| to_dict(&json!(r))).collect())
+    }
+
+    /// One rollout and each target device's progress: device, wave,
+    /// state (waiting, offered, downloading, installing, installed,
+    /// complete, failed), attempts, progress, error. Errors: NotFound.
+    #[zbus(out_args("rollout", "devices"))]
+    async fn get_rollout(&self, id: String) -> Result<(Dict, Vec<Dict>), Error> {
+        let (r, devices) = self.rollouts()?.get(id).await.map_err(firmware_error)?;
+        Ok((
+            to_dict(&json!(r)),
+            devices.iter().map(|d| to_dict(&json!(d))).collect(),
+        ))
+    }
+
+    /// Starts a rollout. spec: device_type, version (s, required); id (s),
+    /// devices (as), wave_size, wave_percent, failure_threshold,
+    /// max_retries (u), device_deadline (s, like "10m"); unset ones come
+    /// from firmware.rollout. Needs root or group konsul. Errors:
+    /// InvalidArgument, NotFound (no such artifact), CasConflict (id
+    /// taken), AccessDenied.
+    #[zbus(out_args("rollout"))]
+    async fn start_rollout(
+        &self,
+        spec: Dict,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Dict, Error> {
+        self.0.access.require_admin(&hdr, "StartRollout").await?;
+        let spec: crate::firmware::rollout::Spec = serde_json::from_value(dict_to_json(&spec))
+            .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
+        let r = self
+            .rollouts()?
+            .create(spec)
+            .await
+            .map_err(firmware_error)?;
+        Ok(to_dict(&json!(r)))
+    }
+
+    /// Stops offering (devices in flight are still tracked). Needs root or
+    /// group konsul. Errors: NotFound, CasConflict (not running).
+    #[zbus(out_args("rollout"))]
+    async fn pause_rollout(
+        &self,
+        id: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Dict, Error> {
+        self.command(
+            &hdr,
+            "PauseRollout",
+            id,
+            crate::firmware::rollout::Command::Pause,
+        )
+        .await
+    }
+
+    /// Continues a paused rollout, or one the failure threshold halted.
+    /// Needs root or group konsul.
+    #[zbus(out_args("rollout"))]
+    async fn resume_rollout(
+        &self,
+        id: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Dict, Error> {
+        self.command(
+            &hdr,
+            "ResumeRollout",
+            id,
+            crate::firmware::rollout::Command::Resume,
+        )
+        .await
+    }
+
+    /// Ends a rollout for good; its artifact may then be evicted. Needs
+    /// root or group konsul.
+    #[zbus(out_args("rollout"))]
+    async fn abort_rollout(
+        &self,
+        id: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Dict, Error> {
+        self.command(
+            &hdr,
+            "AbortRollout",
+            id,
+            crate::firmware::rollout::Command::Abort,
+        )
+        .await
     }
 }

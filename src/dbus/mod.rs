@@ -35,7 +35,7 @@ use crate::registry::{ChangeOp, RegistryError};
 use crate::store::{Kind, StoreError};
 use crate::sync::SyncError;
 
-pub use interfaces::{DevicesIface, KvIface, OtaIface, RegistryIface, SyncIface};
+pub use interfaces::{DevicesIface, FirmwareIface, KvIface, OtaIface, RegistryIface, SyncIface};
 
 /// The well-known bus name.
 pub const NAME: &str = "io.konsul.Edge1";
@@ -46,6 +46,7 @@ pub const IFACE_KV: &str = "io.konsul.Edge1.Kv";
 pub const IFACE_DEVICES: &str = "io.konsul.Edge1.Devices";
 pub const IFACE_SYNC: &str = "io.konsul.Edge1.Sync";
 pub const IFACE_OTA: &str = "io.konsul.Edge1.Ota";
+pub const IFACE_FIRMWARE: &str = "io.konsul.Edge1.Firmware";
 
 /// Errors on the wire: `io.konsul.Edge1.Error.<Variant>`. The set is
 /// documented in `docs/dbus/io.konsul.Edge1.xml` and the README.
@@ -105,6 +106,26 @@ pub fn store_error(e: StoreError) -> Error {
             // be any local user.
             Error::Failed("storage error; see the daemon log".into())
         }
+    }
+}
+
+/// Maps every firmware error, exhaustively.
+pub fn firmware_error(e: crate::firmware::FirmwareError) -> Error {
+    use crate::firmware::FirmwareError as F;
+    match e {
+        F::Invalid { .. } | F::DigestMismatch { .. } | F::BadSignature { .. } => {
+            Error::InvalidArgument(e.to_string())
+        }
+        F::NotFound { .. } => Error::NotFound(e.to_string()),
+        // An id taken, or a command the rollout's state does not allow.
+        F::Conflict { .. } => Error::CasConflict(e.to_string()),
+        F::TooLarge { .. } | F::Quota { .. } => Error::LimitReached(e.to_string()),
+        F::NoKeys | F::Fetch(_) => Error::Unavailable(e.to_string()),
+        F::Io { .. } => {
+            log::error!("{e}");
+            Error::Failed("firmware storage error; see the daemon log".into())
+        }
+        F::Store(s) => store_error(s),
     }
 }
 
@@ -199,6 +220,10 @@ pub async fn serve(
         .map_err(setup)?;
     server
         .at(PATH, OtaIface::new(ctx.clone()))
+        .await
+        .map_err(setup)?;
+    server
+        .at(PATH, FirmwareIface::new(ctx.clone()))
         .await
         .map_err(setup)?;
 

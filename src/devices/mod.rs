@@ -728,6 +728,8 @@ fn apply_one(
         },
         Prepared::Other(Inbound::Ignored) => Ok(Outcome::Ignored),
         Prepared::Other(Inbound::Register { .. }) => Ok(Outcome::Ignored),
+        // The rollout engine's input; the bridge routes it there.
+        Prepared::Other(Inbound::UpdateStatus { .. }) => Ok(Outcome::Ignored),
         Prepared::Other(Inbound::Status { device, online }) => {
             // A last will for a device we do not know is not an error: the
             // broker sends it for anything that had set one.
@@ -755,6 +757,9 @@ fn apply_one(
                 ));
             };
             touch(tx, &device, now, heartbeat.battery, heartbeat.signal)?;
+            if let Some(v) = heartbeat.firmware_version {
+                set_firmware_version(tx, &device, v, fx)?;
+            }
             fx.signals.push(Signal::Seen {
                 device,
                 at_ms: now,
@@ -945,6 +950,34 @@ fn register(
 }
 
 use crate::registry::to_body as to_json;
+
+/// A heartbeat reporting another firmware version: a replicated write of
+/// the device record, only when the version changed (heartbeats are
+/// otherwise local state).
+fn set_firmware_version(
+    tx: &mut Tx<'_>,
+    id: &str,
+    version: String,
+    fx: &mut Effects,
+) -> Result<(), StoreError> {
+    let Some(rec) = tx.get(Kind::Device, id)?.filter(|r| !r.tombstone) else {
+        return Ok(());
+    };
+    let mut device: Device =
+        serde_json::from_str(&rec.body).map_err(|e| StoreError::BadRecord {
+            kind: "device".into(),
+            key: id.into(),
+            detail: e.to_string(),
+        })?;
+    if device.firmware_version == version {
+        return Ok(());
+    }
+    device.firmware_version = version;
+    let body = to_json(&device)?;
+    registry::commit(tx, Kind::Device, id, Some(&device.device_type), Some(body))?;
+    fx.changed.push((Kind::Device, id.to_owned()));
+    Ok(())
+}
 
 fn interval_of(tx: &Tx<'_>, device: &str) -> Result<Option<u64>, StoreError> {
     tx.conn()

@@ -14,6 +14,7 @@ use smol::future::FutureExt;
 use super::payload::{self, Inbound, PayloadError, Reason};
 use super::{paho_uri, MqttError, Settings};
 use crate::devices::{ack_json, Alert, Devices, Outcome};
+use crate::firmware::rollout::{Offer, Rollouts};
 use crate::http::Shutdown;
 use crate::metrics::{Metrics, Published};
 
@@ -39,6 +40,8 @@ pub struct Bridge {
     messages: async_channel::Receiver<paho::Message>,
     lost: async_channel::Receiver<()>,
     alerts: async_channel::Receiver<Alert>,
+    /// The rollout engine (status reports in, offers out).
+    rollouts: Option<(Rollouts, async_channel::Receiver<Offer>)>,
 }
 
 impl Bridge {
@@ -49,6 +52,7 @@ impl Bridge {
         devices: Devices,
         metrics: Arc<Metrics>,
         alerts: async_channel::Receiver<Alert>,
+        rollouts: Option<(Rollouts, async_channel::Receiver<Offer>)>,
     ) -> Result<Bridge, MqttError> {
         let (uri, tls) = paho_uri(&settings.url);
         if tls && !cfg!(feature = "mqtt-tls") {
@@ -115,6 +119,7 @@ impl Bridge {
             messages,
             lost,
             alerts,
+            rollouts,
         })
     }
 
@@ -129,6 +134,7 @@ impl Bridge {
             metrics: self.metrics.clone(),
             max_payload: self.settings.max_payload,
             logged: HashMap::new(),
+            rollouts: self.rollouts.as_ref().map(|(r, _)| r.clone()),
         };
         let connection = async {
             self.connection(&shutdown).await;
@@ -153,8 +159,28 @@ impl Bridge {
                 );
             }
         };
+        let offers = async {
+            let Some((_, offers)) = &self.rollouts else {
+                return;
+            };
+            loop {
+                let next = async { offers.recv().await.ok() }
+                    .or(async {
+                        shutdown.wait().await;
+                        None
+                    })
+                    .await;
+                let Some(o) = next else { return };
+                publish(
+                    &self.client,
+                    &self.metrics,
+                    Published::Offer,
+                    paho::Message::new(o.topic, o.payload, 1),
+                );
+            }
+        };
         smol::future::zip(
-            smol::future::zip(connection, alerts),
+            smol::future::zip(connection, smol::future::zip(alerts, offers)),
             ingest.run(self.messages.clone(), stop_ingest.clone()),
         )
         .await;
@@ -352,6 +378,7 @@ struct Ingest {
     max_payload: usize,
     /// device -> when its last rejection was logged.
     logged: HashMap<String, Instant>,
+    rollouts: Option<Rollouts>,
 }
 
 impl Ingest {
@@ -382,15 +409,32 @@ impl Ingest {
 
     async fn process(&mut self, batch: Vec<paho::Message>) {
         let mut parsed = Vec::with_capacity(batch.len());
+        let mut reports = Vec::new();
         for m in &batch {
             let topic = m.topic();
             self.metrics.mqtt.received(topic);
             match payload::parse(topic, m.payload(), self.max_payload) {
                 Ok(Inbound::Ignored) => {}
+                Ok(Inbound::UpdateStatus { device, report }) => reports.push((device, report)),
                 Ok(inbound) => parsed.push(inbound),
                 Err(e) => self.reject_payload(&e),
             }
         }
+        if let Some(r) = &self.rollouts {
+            if !reports.is_empty() {
+                if let Err(e) = r.report(reports).await {
+                    log::warn!("firmware status reports not recorded: {e}");
+                }
+            }
+        }
+        // A device seen again may be owed an offer, or may report the new
+        // version: the engine looks once this batch is committed.
+        let seen = parsed.iter().any(|m| {
+            matches!(
+                m,
+                Inbound::Register { .. } | Inbound::Heartbeat { .. } | Inbound::Status { .. }
+            )
+        });
         if parsed.is_empty() {
             return;
         }
@@ -445,6 +489,9 @@ impl Ingest {
                 } => self.reject(Some(&device), reason, &message, None),
                 Outcome::Stored | Outcome::Ignored => {}
             }
+        }
+        if let (true, Some(r)) = (seen, &self.rollouts) {
+            r.wake();
         }
     }
 

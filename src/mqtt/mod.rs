@@ -103,7 +103,7 @@ impl Settings {
                 m.client_id.clone()
             },
             qos: m.qos as i32,
-            topics: m.topics.clone(),
+            topics: with_update_status(&m.topics),
             username: m.username.clone(),
             password,
             ca_file: m.ca_file.clone(),
@@ -138,6 +138,21 @@ pub fn paho_uri(url: &str) -> (String, bool) {
     (format!("{scheme}://{rest}"), tls)
 }
 
+/// The configured topics plus `devices/+/update/status` (firmware rollout
+/// progress) unless a configured filter already covers it: rollouts depend
+/// on it, so it is not left to the config.
+fn with_update_status(topics: &[String]) -> Vec<String> {
+    const UPDATE_STATUS: &str = "devices/+/update/status";
+    let mut out = topics.to_vec();
+    let covered = topics
+        .iter()
+        .any(|t| t == "#" || t == "devices/#" || t == "devices/+/update/#" || t == UPDATE_STATUS);
+    if !covered {
+        out.push(UPDATE_STATUS.into());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +165,16 @@ mod tests {
         assert_eq!(paho_uri("ssl://h:8883"), ("ssl://h:8883".into(), true));
         assert_eq!(paho_uri("ws://h:80/mqtt"), ("ws://h:80/mqtt".into(), false));
         assert_eq!(paho_uri("wss://h/mqtt"), ("wss://h/mqtt".into(), true));
+    }
+
+    #[test]
+    fn update_status_is_always_subscribed() {
+        let t =
+            |v: &[&str]| with_update_status(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            t(&["devices/+/register"]),
+            ["devices/+/register", "devices/+/update/status"]
+        );
+        assert_eq!(t(&["devices/#"]), ["devices/#"]);
     }
 }

@@ -12,9 +12,10 @@
 //! Topics (`{id}` is one level, 1-128 of `A-Z a-z 0-9 - _ . :`):
 //! `devices/{id}/register|telemetry|heartbeat|events|status` are input;
 //! `devices/{id}/ack|error|update` are the edge's own output (seen again
-//! when someone subscribes to `devices/#`) and `devices/{id}/update/status`
-//! belongs to the OTA work: both are ignored without complaint, so the edge
-//! never answers its own messages. Anything else under `devices/` is an
+//! when someone subscribes to `devices/#`): ignored without complaint, so
+//! the edge never answers its own messages. `devices/{id}/update/status`
+//! is a device's firmware update progress ([`UpdateReport`]), for the
+//! rollout engine (`crate::firmware::rollout`). Anything else under `devices/` is an
 //! unknown topic; topics outside `devices/` are not ours to judge.
 
 use std::collections::BTreeMap;
@@ -207,6 +208,10 @@ pub struct Heartbeat {
     /// The device's own clock (ms since the epoch); informational.
     #[serde(default)]
     pub ts: Option<u64>,
+    /// The firmware it runs: a changed version updates the device record
+    /// (and completes a firmware rollout to that version).
+    #[serde(default)]
+    pub firmware_version: Option<String>,
 }
 
 /// Telemetry: a JSON object of readings. `id`, `battery` and `signal` are
@@ -277,6 +282,11 @@ pub enum Inbound {
         device: String,
         online: bool,
     },
+    /// Firmware update progress (`devices/{id}/update/status`).
+    UpdateStatus {
+        device: String,
+        report: UpdateReport,
+    },
     /// One of the edge's own topics, or another subsystem's: not input.
     Ignored,
 }
@@ -288,7 +298,8 @@ impl Inbound {
             | Inbound::Telemetry { device, .. }
             | Inbound::Heartbeat { device, .. }
             | Inbound::Event { device, .. }
-            | Inbound::Status { device, .. } => Some(device),
+            | Inbound::Status { device, .. }
+            | Inbound::UpdateStatus { device, .. } => Some(device),
             Inbound::Ignored => None,
         }
     }
@@ -315,7 +326,7 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
     };
     let kind = match levels.as_slice() {
         [_, _, kind] => *kind,
-        [_, _, "update", "status"] => return Ok(Inbound::Ignored),
+        [_, _, "update", "status"] => "update/status",
         _ => return Err(unknown()),
     };
     if matches!(kind, "ack" | "error" | "update") {
@@ -323,7 +334,7 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
     }
     if !matches!(
         kind,
-        "register" | "telemetry" | "heartbeat" | "events" | "status"
+        "register" | "telemetry" | "heartbeat" | "events" | "status" | "update/status"
     ) {
         return Err(unknown());
     }
@@ -379,6 +390,9 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
             };
             ctx.check_id(heartbeat.id.as_deref())?;
             ctx.check_health_values(heartbeat.battery, heartbeat.signal)?;
+            if let Some(v) = &heartbeat.firmware_version {
+                ctx.check_text("firmware_version", v, MAX_TEXT_LEN, false)?;
+            }
             Ok(Inbound::Heartbeat {
                 device: ctx.device,
                 heartbeat,
@@ -457,8 +471,52 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
                 online,
             })
         }
+        "update/status" => {
+            let report: UpdateReport = ctx.json(payload)?;
+            ctx.check_id(report.id.as_deref())?;
+            if !UPDATE_STATUSES[1..].contains(&report.status.as_str()) {
+                return Err(ctx.invalid(
+                    "status",
+                    format!(
+                        "`{}`: expected pending, downloading, installing, complete or failed",
+                        report.status.escape_debug()
+                    ),
+                ));
+            }
+            if report.progress.is_some_and(|p| p > 100) {
+                return Err(ctx.invalid("progress", "must be 0-100".into()));
+            }
+            if let Some(e) = &report.error {
+                ctx.check_text("error", e, MAX_MESSAGE_LEN, true)?;
+            }
+            Ok(Inbound::UpdateStatus {
+                device: ctx.device,
+                report,
+            })
+        }
         _ => Err(unknown()),
     }
+}
+
+/// A device's firmware update progress.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateReport {
+    #[serde(default)]
+    pub id: Option<String>,
+    /// pending, downloading, installing, complete or failed.
+    pub status: String,
+    /// Percent, 0-100.
+    #[serde(default)]
+    pub progress: Option<u8>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The rollout the offer named (optional).
+    #[serde(default)]
+    pub rollout: Option<String>,
+    /// The version being installed (informational).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 struct Ctx<'a> {
@@ -765,7 +823,6 @@ mod tests {
             "devices/a/ack",
             "devices/a/error",
             "devices/a/update",
-            "devices/a/update/status",
             "alerts/a",
             "edges/n/status",
             "$SYS/broker/uptime",
@@ -847,5 +904,36 @@ mod tests {
             }
             let _ = parse(topics[i % topics.len()], &bytes, MAX);
         }
+    }
+
+    #[test]
+    fn update_status_reports() {
+        let Inbound::UpdateStatus { device, report } = p(
+            "devices/a/update/status",
+            r#"{"status":"downloading","progress":40,"rollout":"r1"}"#,
+        )
+        .unwrap() else {
+            panic!("not an update status")
+        };
+        assert_eq!(device, "a");
+        assert_eq!(report.status, "downloading");
+        assert_eq!(report.progress, Some(40));
+        assert_eq!(report.rollout.as_deref(), Some("r1"));
+        let e = p("devices/a/update/status", r#"{"status":"done"}"#).unwrap_err();
+        assert_eq!(e.reason(), Reason::Invalid);
+        let e = p(
+            "devices/a/update/status",
+            r#"{"status":"failed","progress":101}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), Reason::Invalid);
+        let e = p("devices/a/update/status", r#"{"status":"failed","id":"b"}"#).unwrap_err();
+        assert_eq!(e.reason(), Reason::IdMismatch);
+        let e = p(
+            "devices/a/update/status",
+            r#"{"status":"failed","bogus":1}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), Reason::WrongType);
     }
 }

@@ -153,6 +153,21 @@ pub const MIGRATIONS: &[&str] = &[
     -- without a full scan.
     INSERT INTO meta (key, value) VALUES ('telemetry_bytes', '0');
     "#,
+    // 4: firmware artifacts (src/firmware/): metadata of the images under
+    // the firmware directory, local to this node (the file is the source of
+    // truth for the bytes; rollouts, which are replicated, name the digest).
+    r#"
+    CREATE TABLE firmware (
+        sha256      TEXT PRIMARY KEY,
+        device_type TEXT    NOT NULL,
+        version     TEXT    NOT NULL,
+        size        INTEGER NOT NULL,
+        signature   TEXT    NOT NULL,
+        notes       TEXT    NOT NULL DEFAULT '',
+        created_ms  INTEGER NOT NULL,
+        UNIQUE (device_type, version)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

@@ -73,6 +73,37 @@ pub fn strategy(config: &Config) -> MergeStrategy {
     }
 }
 
+/// The HTTP(S) client for `cloud.server_address` (TLS, client
+/// certificate and token from the config): sync, and firmware fetches.
+pub fn hub_client(config: &Config) -> Result<Client, ClientError> {
+    let c = &config.cloud;
+    let endpoint = Endpoint::parse(&c.server_address)?;
+    let tls = if endpoint.https {
+        let client = c.client_cert.as_deref().zip(c.client_key.as_deref());
+        Some(super::transport::client_tls(c.ca_file.as_deref(), client)?)
+    } else {
+        None
+    };
+    let token = match &c.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|source| ClientError::Token {
+                    path: p.display().to_string(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    Ok(Client {
+        endpoint,
+        tls,
+        token,
+        timeout: Duration::from_secs(60),
+    })
+}
+
 impl SyncClient {
     pub fn new(
         config: &Config,
@@ -80,34 +111,11 @@ impl SyncClient {
         handle: SyncHandle,
     ) -> Result<SyncClient, ClientError> {
         let c = &config.cloud;
-        let endpoint = Endpoint::parse(&c.server_address)?;
-        let tls = if endpoint.https {
-            let client = c.client_cert.as_deref().zip(c.client_key.as_deref());
-            Some(super::transport::client_tls(c.ca_file.as_deref(), client)?)
-        } else {
-            None
-        };
-        let token = match &c.token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|source| ClientError::Token {
-                        path: p.display().to_string(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => None,
-        };
+        let http = hub_client(config)?;
         Ok(SyncClient {
             registry,
             handle,
-            http: Client {
-                endpoint,
-                tls,
-                token,
-                timeout: Duration::from_secs(60),
-            },
+            http,
             interval: c.sync_interval.0,
             backoff: c.retry_backoff,
             compress: config.sync.compression,

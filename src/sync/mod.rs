@@ -17,7 +17,7 @@ use serde::Serialize;
 pub mod client;
 mod engine;
 pub mod server;
-mod transport;
+pub mod transport;
 pub(crate) mod wire;
 
 pub use client::SyncClient;

@@ -49,6 +49,11 @@ pub enum TransportError {
     },
     #[error("{url}: no answer within {0:?}", .timeout)]
     Timeout { url: String, timeout: Duration },
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// A parsed `http(s)://host[:port][/base]`.
@@ -230,17 +235,10 @@ impl Client {
         work.or(timeout).await
     }
 
-    async fn post_inner(
-        &self,
-        url: &str,
-        path: &str,
-        body: Vec<u8>,
-        headers: &[(&str, &str)],
-        limit: usize,
-    ) -> Result<Vec<u8>, TransportError> {
+    /// A TCP connection to the endpoint (the first address that answers).
+    async fn connect(&self) -> Result<Async<std::net::TcpStream>, TransportError> {
         let ep = &self.endpoint;
-        let host_port = format!("{}:{}", ep.host, ep.port);
-        let lookup = host_port.clone();
+        let lookup = format!("{}:{}", ep.host, ep.port);
         // getaddrinfo blocks: keep it off the executor.
         let addrs: Vec<_> =
             smol::unblock(move || lookup.to_socket_addrs().map(|a| a.collect::<Vec<_>>()))
@@ -275,6 +273,84 @@ impl Client {
                 })
             }
         };
+        Ok(stream)
+    }
+
+    /// GETs `path` into `dest`, resuming from `dest`'s length with a
+    /// Range request (a server that answers 200 instead restarts the
+    /// file), at most `bytes_per_sec` (0: no cap). Every read must make
+    /// progress within the client's timeout. Returns the file's length.
+    pub async fn get_to_file(
+        &self,
+        path: &str,
+        dest: &Path,
+        bytes_per_sec: u64,
+    ) -> Result<u64, TransportError> {
+        let url = format!("{}{path}", self.endpoint.url);
+        let ep = &self.endpoint;
+        let file_err = |source| TransportError::File {
+            path: dest.display().to_string(),
+            source,
+        };
+        let offset = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        let stream = self.connect().await?;
+        let _ = stream.get_ref().set_nodelay(true);
+        let mut b = hyper::Request::get(format!("{}{path}", ep.base))
+            .header(hyper::header::HOST, format!("{}:{}", ep.host, ep.port));
+        if offset > 0 {
+            b = b.header(hyper::header::RANGE, format!("bytes={offset}-"));
+        }
+        if let Some(t) = &self.token {
+            b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = b
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| TransportError::Http {
+                url: url.clone(),
+                detail: e.to_string(),
+            })?;
+        let file = smol::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dest)
+            .await
+            .map_err(file_err)?;
+        let dl = Download {
+            url: &url,
+            file,
+            offset,
+            bytes_per_sec,
+            idle: self.timeout,
+            dest,
+        };
+        if ep.https {
+            let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
+            let name = ServerName::try_from(ep.host.clone())
+                .map_err(|_| TransportError::BadUrl { url: url.clone() })?;
+            let tls_stream = futures_rustls::TlsConnector::from(tls)
+                .connect(name, stream)
+                .await
+                .map_err(|source| TransportError::Handshake {
+                    host: ep.host.clone(),
+                    source,
+                })?;
+            dl.run(tls_stream, req).await
+        } else {
+            dl.run(stream, req).await
+        }
+    }
+
+    async fn post_inner(
+        &self,
+        url: &str,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+        limit: usize,
+    ) -> Result<Vec<u8>, TransportError> {
+        let ep = &self.endpoint;
+        let host_port = format!("{}:{}", ep.host, ep.port);
+        let stream = self.connect().await?;
         let _ = stream.get_ref().set_nodelay(true);
         let request = |host: &str| {
             let mut b = hyper::Request::post(format!("{}{path}", ep.base))
@@ -385,6 +461,121 @@ where
     // The connection future drives the socket; the exchange finishes first
     // unless the connection dies.
     exchange.or(driver).await
+}
+
+struct Download<'a> {
+    url: &'a str,
+    file: smol::fs::File,
+    offset: u64,
+    bytes_per_sec: u64,
+    idle: Duration,
+    dest: &'a Path,
+}
+
+impl Download<'_> {
+    async fn run<S>(
+        mut self,
+        stream: S,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> Result<u64, TransportError>
+    where
+        S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use smol::io::AsyncWriteExt;
+        let url = self.url;
+        let http = |e: hyper::Error| TransportError::Http {
+            url: url.into(),
+            detail: e.to_string(),
+        };
+        let file_err = |source| TransportError::File {
+            path: self.dest.display().to_string(),
+            source,
+        };
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(smol_hyper::rt::FuturesIo::new(stream))
+                .await
+                .map_err(http)?;
+        let driver = async {
+            let _ = conn.await;
+            Err(TransportError::Http {
+                url: url.into(),
+                detail: "connection closed before the response".into(),
+            })
+        };
+        let idle = self.idle;
+        let timeout = || TransportError::Timeout {
+            url: url.into(),
+            timeout: idle,
+        };
+        let exchange = async {
+            let resp = async { Ok(sender.send_request(req).await) }
+                .or(async {
+                    async_io::Timer::after(idle).await;
+                    Err(timeout())
+                })
+                .await?
+                .map_err(http)?;
+            let status = resp.status();
+            let mut len = match status.as_u16() {
+                206 => {
+                    log::info!("{url}: resuming at byte {}", self.offset);
+                    self.offset
+                }
+                200 => {
+                    // Whole entity: start the file over.
+                    self.file.set_len(0).await.map_err(file_err)?;
+                    0
+                }
+                416 if self.offset > 0 => {
+                    // Already complete (or the file is longer than the image:
+                    // verification decides).
+                    return Ok(self.offset);
+                }
+                code => {
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes().to_vec())
+                        .unwrap_or_default();
+                    return Err(TransportError::Status {
+                        url: url.into(),
+                        status: code,
+                        body: String::from_utf8_lossy(&body).chars().take(300).collect(),
+                    });
+                }
+            };
+            let started = std::time::Instant::now();
+            let mut received: u64 = 0;
+            let mut body = resp.into_body();
+            loop {
+                let frame = async { Ok(body.frame().await) }
+                    .or(async {
+                        async_io::Timer::after(idle).await;
+                        Err(timeout())
+                    })
+                    .await?;
+                let Some(frame) = frame else { break };
+                let frame = frame.map_err(http)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                self.file.write_all(&data).await.map_err(file_err)?;
+                len += data.len() as u64;
+                received += data.len() as u64;
+                if self.bytes_per_sec > 0 {
+                    // Sleep off whatever ran ahead of the cap.
+                    let due = Duration::from_secs_f64(received as f64 / self.bytes_per_sec as f64);
+                    if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                        async_io::Timer::after(ahead).await;
+                    }
+                }
+            }
+            self.file.flush().await.map_err(file_err)?;
+            Ok(len)
+        };
+        exchange.or(driver).await
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! every wait has a deadline so a hung daemon fails the test, not CI.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,9 @@ pub struct Daemon {
     /// `wait_log` looks here first, so a line that arrived early (the MQTT
     /// bridge connecting before the ready line) is not lost.
     skipped: std::sync::Mutex<Vec<String>>,
+    /// Log lines before the ready line (tasks started before READY may
+    /// log first, e.g. the MQTT bridge's "connected").
+    pub early: Vec<String>,
     exited: Option<mpsc::Receiver<ExitStatus>>,
 }
 
@@ -86,11 +91,20 @@ impl Daemon {
             dir: dir.to_path_buf(),
             log: rx,
             skipped: std::sync::Mutex::new(Vec::new()),
+            early: Vec::new(),
             exited: None,
         };
+        let mut early = Vec::new();
         let line = d
-            .wait_log(|l| l.contains(" ready in "))
+            .wait_log(|l| {
+                if l.contains(" ready in ") {
+                    return true;
+                }
+                early.push(l.to_owned());
+                false
+            })
             .expect("daemon did not become ready");
+        d.early = early;
         let addr = line
             .split("API on ")
             .nth(1)
@@ -103,7 +117,7 @@ impl Daemon {
 
     /// Waits for a log line matching `pred`; None when the deadline passes
     /// or the daemon's stderr closes.
-    pub fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+    pub fn wait_log(&self, mut pred: impl FnMut(&str) -> bool) -> Option<String> {
         {
             let mut skipped = self.skipped.lock().unwrap();
             if let Some(i) = skipped.iter().position(|l| pred(l)) {

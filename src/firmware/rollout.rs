@@ -1,0 +1,987 @@
+//! Staged rollouts of an artifact to MQTT devices.
+//!
+//! A rollout and each device's progress in it are replicated records
+//! (`Kind::Rollout`, keys `{id}` and `{id}/{device}`), written through
+//! `registry::commit`, so the hub sees progress per edge and per device,
+//! and all of it is in SQLite: after `kill -9` the engine reloads it and
+//! carries on from the same wave, offering nothing twice that was already
+//! finished.
+//!
+//! The engine is one task that recomputes the next step in one store
+//! transaction ("tick") whenever something it depends on changes: a status
+//! report, a registration or heartbeat (the bridge wakes it), a device or
+//! rollout record changing (the registry's change feed, which includes
+//! records arriving from the hub), an API command, or the earliest
+//! per-device deadline (the only timer; none while nothing is in flight).
+//! Wakes that arrive while a tick runs coalesce into one more tick.
+//!
+//! A tick, per rollout that is running, paused or halted:
+//! 1. on first sight, resolve the targets (devices of the type, or the
+//!    listed ones, not yet at the version; sorted by id) and number their
+//!    waves (`wave_size`, or `wave_percent` of the targets);
+//! 2. a device whose registration or heartbeat reports the version is
+//!    complete; an in-flight device past its deadline has failed an
+//!    attempt; a failed attempt is retried (re-offered) up to
+//!    `max_retries` times, then the device has failed;
+//! 3. `failure_threshold` failed devices halt the rollout (nothing more is
+//!    offered; devices in flight are still tracked); all devices finished
+//!    completes it;
+//! 4. while running, devices of the current wave (the first with an
+//!    unfinished online device) and of earlier waves that are waiting and
+//!    online get the offer on `devices/{id}/update`. Offline devices do
+//!    not hold a wave back; they get the offer when they are seen again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use smol::future::FutureExt;
+
+use super::{Artifacts, FirmwareError};
+use crate::clock::wall_millis;
+use crate::http::Shutdown;
+use crate::mqtt::payload::UpdateReport;
+use crate::registry::{self, Registry};
+use crate::store::{Kind, StoreError, Tx};
+
+/// Offers waiting for the MQTT bridge; past this the offer is dropped and
+/// the device's deadline brings it back.
+const OFFER_QUEUE: usize = 8192;
+/// Progress is written (replicated) in steps of this many percent.
+const PROGRESS_STEP: u8 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Running,
+    Paused,
+    Halted,
+    Aborted,
+    Complete,
+}
+
+impl State {
+    /// Still tracks devices (and pins its artifact).
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Running | State::Paused | State::Halted)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevState {
+    Waiting,
+    Offered,
+    Downloading,
+    Installing,
+    /// The device said `complete`; done once it reports the version.
+    Installed,
+    Complete,
+    Failed,
+}
+
+impl DevState {
+    fn in_flight(self) -> bool {
+        matches!(
+            self,
+            DevState::Offered | DevState::Downloading | DevState::Installing | DevState::Installed
+        )
+    }
+    fn finished(self) -> bool {
+        matches!(self, DevState::Complete | DevState::Failed)
+    }
+}
+
+/// The rollout record (key `{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    pub device_type: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub signature: String,
+    /// Explicit targets; empty = every device of the type.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    pub wave_size: u32,
+    #[serde(default)]
+    pub wave_percent: Option<u32>,
+    pub failure_threshold: u32,
+    pub device_deadline_ms: u64,
+    pub max_retries: u32,
+    pub state: State,
+    #[serde(default)]
+    pub reason: String,
+    /// Targets resolved (the device records exist).
+    #[serde(default)]
+    pub resolved: bool,
+    #[serde(default)]
+    pub targets: u32,
+    pub created_ms: u64,
+}
+
+/// One device's progress in a rollout (key `{rollout}/{device}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRollout {
+    pub rollout: String,
+    pub device: String,
+    pub wave: u32,
+    pub state: DevState,
+    pub attempts: u32,
+    pub progress: u8,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub offered_ms: u64,
+    #[serde(default)]
+    pub deadline_ms: u64,
+}
+
+/// What `POST /v1/edge/rollouts` takes; unset fields come from
+/// `firmware.rollout` in the config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub device_type: String,
+    pub version: String,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub wave_size: Option<u32>,
+    #[serde(default)]
+    pub wave_percent: Option<u32>,
+    #[serde(default)]
+    pub failure_threshold: Option<u32>,
+    /// `30s`, `10m`, ...
+    #[serde(default)]
+    pub device_deadline: Option<String>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// A rollout with its per-state device counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub counts: BTreeMap<String, u32>,
+}
+
+/// An offer for the bridge to publish.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// The rollout engine's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Rollouts {
+    inner: Arc<Inner>,
+}
+
+/// Fetches artifacts that rollouts from the hub name.
+pub struct Fetcher {
+    pub client: crate::sync::transport::Client,
+    /// `firmware.bandwidth_limit` (0: none).
+    pub bytes_per_sec: u64,
+}
+
+/// How long a failed fetch waits before the next attempt (which resumes).
+const FETCH_RETRY: Duration = Duration::from_secs(30);
+
+struct Inner {
+    registry: Registry,
+    artifacts: Artifacts,
+    fetcher: Option<Fetcher>,
+    wake_tx: async_channel::Sender<()>,
+    wake_rx: async_channel::Receiver<()>,
+    offers_tx: async_channel::Sender<Offer>,
+}
+
+/// Artifacts that live rollouts name: never evicted.
+pub fn pinned_artifacts(tx: &Tx<'_>) -> Result<HashSet<String>, StoreError> {
+    Ok(load_rollouts(tx)?
+        .into_iter()
+        .filter(|r| r.state.is_live())
+        .map(|r| r.sha256)
+        .collect())
+}
+
+fn bad_record(key: &str, e: serde_json::Error) -> StoreError {
+    StoreError::BadRecord {
+        kind: "rollout".into(),
+        key: key.into(),
+        detail: e.to_string(),
+    }
+}
+
+fn load_rollouts(tx: &Tx<'_>) -> Result<Vec<Rollout>, StoreError> {
+    let rows: Vec<(String, String)> = tx
+        .conn()
+        .prepare_cached(
+            "SELECT key, body FROM records WHERE kind = 'rollout' AND tombstone = 0
+             AND instr(key, '/') = 0 ORDER BY key",
+        )
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(|e| tx.sql_error("list rollouts", e))?;
+    rows.into_iter()
+        .map(|(k, b)| serde_json::from_str(&b).map_err(|e| bad_record(&k, e)))
+        .collect()
+}
+
+fn load_progress(tx: &Tx<'_>, id: &str) -> Result<Vec<DeviceRollout>, StoreError> {
+    // `0` sorts right after `/`: the range is exactly the `{id}/` prefix.
+    let rows: Vec<(String, String)> = tx
+        .conn()
+        .prepare_cached(
+            "SELECT key, body FROM records WHERE kind = 'rollout' AND tombstone = 0
+             AND key > ?1 AND key < ?2 ORDER BY key",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![format!("{id}/"), format!("{id}0")], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect()
+        })
+        .map_err(|e| tx.sql_error("list rollout devices", e))?;
+    rows.into_iter()
+        .map(|(k, b)| serde_json::from_str(&b).map_err(|e| bad_record(&k, e)))
+        .collect()
+}
+
+fn to_body<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| bad_record("body", e))
+}
+
+fn write_rollout(tx: &mut Tx<'_>, r: &Rollout) -> Result<(), StoreError> {
+    registry::commit(tx, Kind::Rollout, &r.id, None, Some(to_body(r)?)).map(drop)
+}
+
+fn write_device(tx: &mut Tx<'_>, d: &DeviceRollout) -> Result<(), StoreError> {
+    let key = format!("{}/{}", d.rollout, d.device);
+    registry::commit(tx, Kind::Rollout, &key, None, Some(to_body(d)?)).map(drop)
+}
+
+/// What the tick needs to know of a device.
+struct DeviceInfo {
+    device_type: String,
+    firmware_version: String,
+    online: bool,
+}
+
+fn device_infos(tx: &Tx<'_>) -> Result<HashMap<String, DeviceInfo>, StoreError> {
+    let state: HashMap<String, String> = tx
+        .conn()
+        .prepare_cached("SELECT id, health FROM device_state")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(|e| tx.sql_error("read device state", e))?;
+    let rows: Vec<(String, String)> = tx
+        .conn()
+        .prepare_cached("SELECT key, body FROM records WHERE kind = 'device' AND tombstone = 0")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(|e| tx.sql_error("list devices", e))?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for (id, body) in rows {
+        let Ok(d) = serde_json::from_str::<crate::devices::Device>(&body) else {
+            continue;
+        };
+        // The health monitor's view. Its transitions raise or clear the
+        // offline alert, a change the engine wakes on, so a device coming
+        // back is offered as soon as the monitor has recorded it.
+        let online = state.get(&id).is_some_and(|h| h != "offline");
+        out.insert(
+            id,
+            DeviceInfo {
+                device_type: d.device_type,
+                firmware_version: d.firmware_version,
+                online,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// A failed attempt: retried while retries are left, else final.
+fn fail_attempt(d: &mut DeviceRollout, r: &Rollout, error: String) {
+    d.error = error;
+    d.progress = 0;
+    d.deadline_ms = 0;
+    d.state = if d.attempts > r.max_retries {
+        DevState::Failed
+    } else {
+        DevState::Waiting
+    };
+}
+
+fn offer_for(r: &Rollout, d: &DeviceRollout, base_url: &str) -> Offer {
+    let payload = json!({
+        "rollout": r.id,
+        "version": r.version,
+        "url": format!("{base_url}/v1/edge/firmware/{}", r.sha256),
+        "size": r.size,
+        "sha256": r.sha256,
+        "signature": r.signature,
+        "attempt": d.attempts,
+    });
+    Offer {
+        topic: format!("devices/{}/update", d.device),
+        payload: payload.to_string().into_bytes(),
+    }
+}
+
+/// What a tick did.
+#[derive(Default)]
+struct Step {
+    offers: Vec<Offer>,
+    next_deadline: Option<u64>,
+    /// Live rollouts whose artifact this node does not hold.
+    missing: Vec<Rollout>,
+}
+
+/// One step of every live rollout (see the module docs). `resend`:
+/// publish again the offers of devices still in `offered` (the edge may
+/// have died between the commit and the publish).
+fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step, StoreError> {
+    let mut step = Step::default();
+    let rollouts: Vec<Rollout> = load_rollouts(tx)?
+        .into_iter()
+        .filter(|r| r.state.is_live())
+        .collect();
+    if rollouts.is_empty() {
+        return Ok(step);
+    }
+    let infos = device_infos(tx)?;
+    for mut r in rollouts {
+        let before = r.clone();
+        let mut devs = load_progress(tx, &r.id)?;
+        let mut dirty: Vec<bool> = vec![false; devs.len()];
+        if !r.resolved {
+            let mut ids: Vec<&String> = if r.devices.is_empty() {
+                infos
+                    .iter()
+                    .filter(|(_, i)| i.device_type == r.device_type)
+                    .map(|(id, _)| id)
+                    .collect()
+            } else {
+                r.devices
+                    .iter()
+                    .filter(|id| infos.contains_key(*id))
+                    .collect()
+            };
+            ids.sort();
+            let n = ids.len() as u32;
+            let wave = match r.wave_percent {
+                Some(p) => (n * p.clamp(1, 100)).div_ceil(100).max(1),
+                None => r.wave_size.max(1),
+            };
+            for (i, id) in ids.into_iter().enumerate() {
+                devs.push(DeviceRollout {
+                    rollout: r.id.clone(),
+                    device: id.clone(),
+                    wave: i as u32 / wave,
+                    state: DevState::Waiting,
+                    attempts: 0,
+                    progress: 0,
+                    error: String::new(),
+                    offered_ms: 0,
+                    deadline_ms: 0,
+                });
+                dirty.push(true);
+            }
+            r.resolved = true;
+            r.targets = n;
+            log::info!(
+                "rollout {}: {} {} to {n} devices in waves of {wave}",
+                r.id,
+                r.device_type,
+                r.version
+            );
+        }
+        // 2: completions and deadlines.
+        for (d, dirty) in devs.iter_mut().zip(dirty.iter_mut()) {
+            if d.state.finished() {
+                continue;
+            }
+            let info = infos.get(&d.device);
+            if info.is_some_and(|i| i.firmware_version == r.version) {
+                d.state = DevState::Complete;
+                d.progress = 100;
+                d.deadline_ms = 0;
+                d.error.clear();
+                *dirty = true;
+            } else if d.state.in_flight() && d.deadline_ms > 0 && now >= d.deadline_ms {
+                fail_attempt(
+                    d,
+                    &r,
+                    format!("not updated within {} ms", r.device_deadline_ms),
+                );
+                *dirty = true;
+            }
+        }
+        // 3: threshold and completion.
+        let failed = devs.iter().filter(|d| d.state == DevState::Failed).count() as u32;
+        if r.state == State::Running && r.failure_threshold > 0 && failed >= r.failure_threshold {
+            r.state = State::Halted;
+            r.reason = format!(
+                "{failed} devices failed (failure_threshold {}); no further offers",
+                r.failure_threshold
+            );
+            log::warn!("rollout {} halted: {}", r.id, r.reason);
+        }
+        if devs.iter().all(|d| d.state.finished()) {
+            r.state = State::Complete;
+            r.reason = format!(
+                "{} of {} devices updated",
+                devs.len() as u32 - failed,
+                devs.len()
+            );
+            log::info!("rollout {} complete: {}", r.id, r.reason);
+        }
+        // 4: offers, only of an artifact this node holds (a rollout from the
+        // hub may arrive before its image does).
+        let have = tx
+            .conn()
+            .prepare_cached("SELECT 1 FROM firmware WHERE sha256 = ?1")
+            .and_then(|mut s| s.exists([&r.sha256]))
+            .map_err(|e| tx.sql_error("read firmware", e))?;
+        if !have {
+            step.missing.push(r.clone());
+        }
+        if r.state == State::Running && have {
+            let online = |d: &DeviceRollout| infos.get(&d.device).is_some_and(|i| i.online);
+            let current = devs
+                .iter()
+                .filter(|d| !d.state.finished() && (d.state != DevState::Waiting || online(d)))
+                .map(|d| d.wave)
+                .min();
+            for (d, dirty) in devs.iter_mut().zip(dirty.iter_mut()) {
+                let due = d.state == DevState::Waiting
+                    && current.is_some_and(|c| d.wave <= c)
+                    && online(d);
+                if due {
+                    d.state = DevState::Offered;
+                    d.attempts += 1;
+                    d.progress = 0;
+                    d.offered_ms = now;
+                    d.deadline_ms = now + r.device_deadline_ms;
+                    *dirty = true;
+                    step.offers.push(offer_for(&r, d, base_url));
+                } else if resend && d.state == DevState::Offered {
+                    step.offers.push(offer_for(&r, d, base_url));
+                }
+            }
+        }
+        for d in &devs {
+            if d.state.in_flight() && d.deadline_ms > 0 {
+                step.next_deadline = Some(
+                    step.next_deadline
+                        .map_or(d.deadline_ms, |n| n.min(d.deadline_ms)),
+                );
+            }
+        }
+        for (d, dirty) in devs.iter().zip(&dirty) {
+            if *dirty {
+                write_device(tx, d)?;
+            }
+        }
+        if r != before {
+            write_rollout(tx, &r)?;
+        }
+    }
+    Ok(step)
+}
+
+/// Applies status reports; returns whether anything changed.
+fn apply_reports(tx: &mut Tx<'_>, reports: &[(String, UpdateReport)]) -> Result<bool, StoreError> {
+    let rollouts: Vec<Rollout> = load_rollouts(tx)?
+        .into_iter()
+        .filter(|r| r.state.is_live())
+        .collect();
+    let mut changed = false;
+    for (device, rep) in reports {
+        for r in &rollouts {
+            if rep.rollout.as_deref().is_some_and(|id| id != r.id) {
+                continue;
+            }
+            let key = format!("{}/{device}", r.id);
+            let Some(rec) = tx.get(Kind::Rollout, &key)?.filter(|x| !x.tombstone) else {
+                continue;
+            };
+            let mut d: DeviceRollout =
+                serde_json::from_str(&rec.body).map_err(|e| bad_record(&key, e))?;
+            if !d.state.in_flight() {
+                continue;
+            }
+            let before = d.clone();
+            let progress = rep.progress.unwrap_or(d.progress).min(100);
+            match rep.status.as_str() {
+                "pending" => {}
+                "downloading" | "installing" => {
+                    let s = if rep.status == "downloading" {
+                        DevState::Downloading
+                    } else {
+                        DevState::Installing
+                    };
+                    // Progress is replicated in steps, not per report.
+                    if s != d.state
+                        || progress >= d.progress.saturating_add(PROGRESS_STEP)
+                        || progress == 100
+                    {
+                        d.state = s;
+                        d.progress = progress;
+                    }
+                }
+                "complete" => {
+                    d.state = DevState::Installed;
+                    d.progress = 100;
+                }
+                "failed" => {
+                    let error = rep
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "the device reported failure".into());
+                    fail_attempt(&mut d, r, error);
+                }
+                _ => {}
+            }
+            if d != before {
+                write_device(tx, &d)?;
+                changed = true;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+fn valid_id(id: &str) -> bool {
+    crate::mqtt::payload::valid_id(id) && id.len() <= 64
+}
+
+impl Rollouts {
+    /// The handle and the offers for the bridge to publish.
+    pub fn new(
+        registry: Registry,
+        artifacts: Artifacts,
+        fetcher: Option<Fetcher>,
+    ) -> (Rollouts, async_channel::Receiver<Offer>) {
+        let (wake_tx, wake_rx) = async_channel::bounded(1);
+        let (offers_tx, offers_rx) = async_channel::bounded(OFFER_QUEUE);
+        (
+            Rollouts {
+                inner: Arc::new(Inner {
+                    registry,
+                    artifacts,
+                    fetcher,
+                    wake_tx,
+                    wake_rx,
+                    offers_tx,
+                }),
+            },
+            offers_rx,
+        )
+    }
+
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.inner.artifacts
+    }
+
+    /// Asks for a tick; wakes coalesce.
+    pub fn wake(&self) {
+        let _ = self.inner.wake_tx.try_send(());
+    }
+
+    /// Status reports from `devices/{id}/update/status`, in one
+    /// transaction.
+    pub async fn report(&self, reports: Vec<(String, UpdateReport)>) -> Result<(), StoreError> {
+        let changed = self
+            .inner
+            .registry
+            .store()
+            .call(move |db| db.tx(|tx| apply_reports(tx, &reports)))
+            .await??;
+        if changed {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// Creates a rollout (running) after re-verifying its artifact.
+    pub async fn create(&self, spec: Spec) -> Result<Rollout, FirmwareError> {
+        let defaults = &self.inner.artifacts.settings().defaults;
+        let invalid = |field, message: String| FirmwareError::Invalid { field, message };
+        let id = spec.id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}-{:06x}",
+                spec.device_type,
+                spec.version,
+                fastrand::u32(..0xFF_FFFF)
+            )
+        });
+        if !valid_id(&id) {
+            return Err(invalid(
+                "id",
+                format!("`{}`: 1-64 of A-Z a-z 0-9 - _ . :", id.escape_debug()),
+            ));
+        }
+        if spec
+            .devices
+            .iter()
+            .any(|d| !crate::mqtt::payload::valid_id(d))
+        {
+            return Err(invalid(
+                "devices",
+                "device ids are 1-128 of A-Z a-z 0-9 - _ . :".into(),
+            ));
+        }
+        if spec.wave_size == Some(0) {
+            return Err(invalid("wave_size", "must be at least 1".into()));
+        }
+        if spec.wave_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(invalid("wave_percent", "must be 1-100".into()));
+        }
+        let deadline = match &spec.device_deadline {
+            None => defaults.device_deadline,
+            Some(s) => s
+                .parse::<crate::config::Duration>()
+                .map_err(|e| invalid("device_deadline", e))?,
+        };
+        if deadline.is_zero() {
+            return Err(invalid("device_deadline", "must be greater than 0s".into()));
+        }
+        let artifact = self
+            .inner
+            .artifacts
+            .resolve(spec.version.clone(), Some(spec.device_type.clone()))
+            .await?;
+        // Verified before use: the bytes on disk and the signature, now.
+        self.inner.artifacts.verify_stored(&artifact).await?;
+        let r = Rollout {
+            id: id.clone(),
+            device_type: spec.device_type,
+            version: spec.version,
+            sha256: artifact.sha256,
+            size: artifact.size,
+            signature: artifact.signature,
+            devices: spec.devices,
+            wave_size: spec.wave_size.unwrap_or(defaults.wave_size),
+            wave_percent: spec.wave_percent,
+            failure_threshold: spec.failure_threshold.unwrap_or(defaults.failure_threshold),
+            device_deadline_ms: deadline.0.as_millis() as u64,
+            max_retries: spec.max_retries.unwrap_or(defaults.max_retries),
+            state: State::Running,
+            reason: String::new(),
+            resolved: false,
+            targets: 0,
+            created_ms: wall_millis(),
+        };
+        let rec = r.clone();
+        self.inner
+            .registry
+            .store()
+            .call(move |db| {
+                db.tx(|tx| {
+                    if tx.get(Kind::Rollout, &rec.id)?.is_some() {
+                        return Err(FirmwareError::Conflict {
+                            what: format!("rollout {} already exists", rec.id),
+                        });
+                    }
+                    write_rollout(tx, &rec)?;
+                    Ok(())
+                })
+            })
+            .await??;
+        log::info!("rollout {id} created: {} {}", r.device_type, r.version);
+        self.wake();
+        Ok(r)
+    }
+
+    pub async fn list(&self) -> Result<Vec<Summary>, FirmwareError> {
+        Ok(self
+            .inner
+            .registry
+            .store()
+            .call(|db| {
+                db.tx(|tx| {
+                    let mut out = Vec::new();
+                    for r in load_rollouts(tx)? {
+                        let mut counts = BTreeMap::new();
+                        for d in load_progress(tx, &r.id)? {
+                            let k = serde_json::to_value(d.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            *counts.entry(k).or_insert(0) += 1;
+                        }
+                        out.push(Summary { rollout: r, counts });
+                    }
+                    Ok::<_, StoreError>(out)
+                })
+            })
+            .await??)
+    }
+
+    pub async fn get(&self, id: String) -> Result<(Rollout, Vec<DeviceRollout>), FirmwareError> {
+        let what = format!("rollout {id}");
+        let found = self
+            .inner
+            .registry
+            .store()
+            .call(move |db| {
+                db.tx(|tx| {
+                    let Some(rec) = tx.get(Kind::Rollout, &id)?.filter(|r| !r.tombstone) else {
+                        return Ok(None);
+                    };
+                    let r: Rollout =
+                        serde_json::from_str(&rec.body).map_err(|e| bad_record(&id, e))?;
+                    Ok::<_, StoreError>(Some((r, load_progress(tx, &id)?)))
+                })
+            })
+            .await??;
+        found.ok_or(FirmwareError::NotFound { what })
+    }
+
+    pub async fn command(&self, id: String, cmd: Command) -> Result<Rollout, FirmwareError> {
+        let r = self
+            .inner
+            .registry
+            .store()
+            .call(move |db| {
+                db.tx(|tx| {
+                    let Some(rec) = tx.get(Kind::Rollout, &id)?.filter(|r| !r.tombstone) else {
+                        return Err(FirmwareError::NotFound {
+                            what: format!("rollout {id}"),
+                        });
+                    };
+                    let mut r: Rollout =
+                        serde_json::from_str(&rec.body).map_err(|e| bad_record(&id, e))?;
+                    let next = match (cmd, r.state) {
+                        (Command::Pause, State::Running | State::Paused) => State::Paused,
+                        // Resuming a halted rollout is the operator's
+                        // override of the threshold.
+                        (Command::Resume, State::Paused | State::Running | State::Halted) => {
+                            State::Running
+                        }
+                        (Command::Abort, s) if s.is_live() => State::Aborted,
+                        (_, s) => {
+                            return Err(FirmwareError::Conflict {
+                                what: format!("rollout {id} is {s:?}; cannot {cmd:?}")
+                                    .to_lowercase(),
+                            })
+                        }
+                    };
+                    if next != r.state {
+                        if cmd == Command::Resume && r.state == State::Halted {
+                            // The threshold counts from here again.
+                            r.failure_threshold = r.failure_threshold.saturating_add(
+                                load_progress(tx, &id)?
+                                    .iter()
+                                    .filter(|d| d.state == DevState::Failed)
+                                    .count() as u32,
+                            );
+                        }
+                        r.state = next;
+                        r.reason = format!("{cmd:?} by operator").to_lowercase();
+                        write_rollout(tx, &r)?;
+                    }
+                    Ok(r)
+                })
+            })
+            .await??;
+        log::info!("rollout {}: {:?}", r.id, r.state);
+        self.wake();
+        Ok(r)
+    }
+
+    /// The engine: ticks on wakes, on device and rollout changes, and at
+    /// the next deadline; until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let (fetch_tx, fetch_rx) = async_channel::unbounded::<Rollout>();
+        let fetching = std::sync::Mutex::new(HashSet::<String>::new());
+        let engine = self.engine(&shutdown, &fetch_tx, &fetching);
+        let fetch = self.fetch_loop(&shutdown, fetch_rx, &fetching);
+        smol::future::zip(engine, fetch).await;
+    }
+
+    /// Fetches, one artifact at a time, what `missing` rollouts need.
+    async fn fetch_loop(
+        &self,
+        shutdown: &Shutdown,
+        queue: async_channel::Receiver<Rollout>,
+        fetching: &std::sync::Mutex<HashSet<String>>,
+    ) {
+        let Some(f) = &self.inner.fetcher else { return };
+        loop {
+            let next = async { queue.recv().await.ok() }
+                .or(async {
+                    shutdown.wait().await;
+                    None
+                })
+                .await;
+            let Some(r) = next else { return };
+            let meta = super::NewArtifact {
+                device_type: r.device_type.clone(),
+                version: r.version.clone(),
+                sha256: r.sha256.clone(),
+                signature: r.signature.clone(),
+                notes: format!("fetched from the hub for rollout {}", r.id),
+            };
+            log::info!(
+                "rollout {}: fetching firmware {} from the hub",
+                r.id,
+                r.sha256
+            );
+            let done = async {
+                Some(
+                    self.inner
+                        .artifacts
+                        .fetch(&f.client, f.bytes_per_sec, meta, r.size)
+                        .await,
+                )
+            }
+            .or(async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
+            match done {
+                None => return,
+                Some(Ok(a)) => log::info!(
+                    "rollout {}: firmware {} fetched ({} bytes)",
+                    r.id,
+                    a.sha256,
+                    a.size
+                ),
+                Some(Err(e)) => {
+                    log::warn!(
+                        "rollout {}: fetching firmware {}: {e}; retrying in {FETCH_RETRY:?}",
+                        r.id,
+                        r.sha256
+                    );
+                    let slept = async {
+                        async_io::Timer::after(FETCH_RETRY).await;
+                        true
+                    }
+                    .or(async {
+                        shutdown.wait().await;
+                        false
+                    })
+                    .await;
+                    if !slept {
+                        return;
+                    }
+                }
+            }
+            if let Ok(mut set) = fetching.lock() {
+                set.remove(&r.sha256);
+            }
+            self.wake();
+        }
+    }
+
+    async fn engine(
+        &self,
+        shutdown: &Shutdown,
+        fetch: &async_channel::Sender<Rollout>,
+        fetching: &std::sync::Mutex<HashSet<String>>,
+    ) {
+        let mut changes = self.inner.registry.subscribe();
+        let base_url = self.inner.artifacts.settings().base_url.clone();
+        let mut resend = true;
+        loop {
+            let now = wall_millis();
+            let url = base_url.clone();
+            let result = self
+                .inner
+                .registry
+                .store()
+                .call(move |db| db.tx(|tx| tick(tx, now, &url, resend)))
+                .await;
+            let next = match result {
+                Ok(Ok(step)) => {
+                    resend = false;
+                    if self.inner.fetcher.is_some() {
+                        for r in step.missing {
+                            let new = fetching
+                                .lock()
+                                .is_ok_and(|mut s| s.insert(r.sha256.clone()));
+                            if new {
+                                let _ = fetch.try_send(r);
+                            }
+                        }
+                    }
+                    for o in step.offers {
+                        match self.inner.offers_tx.try_send(o) {
+                            Ok(()) => {}
+                            Err(async_channel::TrySendError::Full(o)) => log::warn!(
+                                "firmware offer queue full, {} not sent now; its deadline brings it back",
+                                o.topic
+                            ),
+                            Err(async_channel::TrySendError::Closed(o)) => log::warn!(
+                                "no MQTT bridge (mqtt.enabled: false): {} cannot be offered",
+                                o.topic
+                            ),
+                        }
+                    }
+                    step.next_deadline
+                }
+                Err(StoreError::Closed) | Ok(Err(StoreError::Closed)) => return,
+                Ok(Err(e)) | Err(e) => {
+                    log::error!("rollout engine: {e}; retrying in 5s");
+                    Some(wall_millis() + 5000)
+                }
+            };
+            let timer = async {
+                match next {
+                    Some(at) => {
+                        let wait = at.saturating_sub(wall_millis());
+                        async_io::Timer::after(Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+                true
+            };
+            let woken = async {
+                let _ = self.inner.wake_rx.recv().await;
+                true
+            };
+            let changed = async {
+                loop {
+                    match changes.recv().await {
+                        Ok(c) if matches!(c.kind, Kind::Device | Kind::Rollout | Kind::Alert) => {
+                            return true
+                        }
+                        Ok(_) => continue,
+                        Err(async_broadcast::RecvError::Overflowed(_)) => return true,
+                        Err(async_broadcast::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
+            let stop = async {
+                shutdown.wait().await;
+                false
+            };
+            if !timer.or(woken).or(changed).or(stop).await {
+                return;
+            }
+            // Coalesce whatever else arrived meanwhile into this tick.
+            while changes.try_recv().is_ok() {}
+            while self.inner.wake_rx.try_recv().is_ok() {}
+        }
+    }
+}
