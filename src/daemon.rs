@@ -46,6 +46,8 @@ pub enum DaemonError {
     Mqtt(#[from] crate::mqtt::MqttError),
     #[error(transparent)]
     Dbus(Box<crate::dbus::DbusError>),
+    #[error("ota: {0}")]
+    Ota(#[from] crate::ota::OtaError),
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -120,7 +122,20 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             return Err(e.into());
         }
     };
+    let ota = match smol::block_on(crate::ota::Ota::open(
+        &config.ota,
+        store.clone(),
+        sync.clone(),
+        &config.storage.path,
+    )) {
+        Ok(o) => o,
+        Err(e) => {
+            store.close();
+            return Err(e.into());
+        }
+    };
     let api = Arc::new(Api {
+        ota: ota.clone(),
         registry,
         devices: devices.clone(),
         sync: sync.clone(),
@@ -159,16 +174,14 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         ex.spawn(crate::systemd::watchdog(store.clone(), every))
     });
 
-    let ota_state = match config.ota.backend {
-        // Until the OTA work lands, a configured backend is simply idle.
-        crate::config::OtaBackend::None => "unavailable",
-        _ => "idle",
-    };
+    // Started before the name and READY: a booted-pending-commit slot's
+    // health gate is timed from here.
+    ex.spawn(ota.run()).detach();
     let result = smol::block_on(ex.run(async {
         // The bus name is part of "ready": clients started after READY=1
         // (systemd ordering, D-Bus activation) must find it.
         let dbus = if config.dbus.enabled {
-            match crate::dbus::serve(&config.dbus.bus, api.clone(), ota_state, &ex).await {
+            match crate::dbus::serve(&config.dbus.bus, api.clone(), &ex).await {
                 Ok(service) => Some(service),
                 Err(e) => {
                     shutdown.trigger();
