@@ -327,6 +327,10 @@ impl EnvBackend {
         }
     }
 
+    // Each builder lists variables in an order where every prefix is a safe
+    // environment: the boot order changes before a slot becomes bootable,
+    // and a slot stops being bootable only after it is no longer first.
+
     fn prepare_vars(&self, booted: &str, target: &str) -> Vars {
         let mut v = vec![(self.order_var(), format!("{booted} {target}"))];
         match self.flavor {
@@ -418,28 +422,32 @@ impl EnvBackend {
             .collect())
     }
 
-    /// Sets `vars` in one environment write, then reads back and compares.
+    /// Sets `vars` (in order), then reads back and compares.
     async fn apply(&self, vars: Vars) -> Result<(), OtaError> {
         let env = self.env.clone();
         let flavor = self.flavor;
         let list = vars.clone();
         let out = smol::unblock(move || match flavor {
             Flavor::Uboot => {
-                // One script = one environment save: the variables change
-                // together or not at all.
-                let script: String = list.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
-                let mut child = Command::new("fw_setenv")
-                    .arg("-c")
-                    .arg(&env)
-                    .args(["-s", "-"])
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()?;
-                if let Some(mut stdin) = child.stdin.take() {
-                    std::io::Write::write_all(&mut stdin, script.as_bytes())?;
+                // One fw_setenv per variable, in the listed order, which
+                // keeps every intermediate environment safe to boot (see
+                // the *_vars builders). Not a script: u-boot-tools wants
+                // "name value" lines, libubootenv "name=value", and
+                // libubootenv silently ignores the other form.
+                let mut last = None;
+                for (k, v) in &list {
+                    let out = Command::new("fw_setenv")
+                        .arg("-c")
+                        .arg(&env)
+                        .args([k, v.as_str()])
+                        .output()?;
+                    let failed = !out.status.success();
+                    last = Some(out);
+                    if failed {
+                        break;
+                    }
                 }
-                child.wait_with_output()
+                last.ok_or_else(|| std::io::Error::other("no variables to set"))
             }
             Flavor::Grub => Command::new("grub-editenv")
                 .arg(&env)
