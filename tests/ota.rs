@@ -244,8 +244,12 @@ impl Rig {
         slot
     }
 
+    /// Starts the daemon and waits until the coordinator has looked at
+    /// the bootloader (it does so just after READY).
     fn start(&self) -> Daemon {
-        Daemon::start(self.dir.path())
+        let d = Daemon::start(self.dir.path());
+        wait(&d, "ota: backend ");
+        d
     }
 
     fn reboots(&self) -> usize {
