@@ -174,9 +174,6 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         ex.spawn(crate::systemd::watchdog(store.clone(), every))
     });
 
-    // Started before the name and READY: a booted-pending-commit slot's
-    // health gate is timed from here.
-    ex.spawn(ota.run()).detach();
     let result = smol::block_on(ex.run(async {
         // The bus name is part of "ready": clients started after READY=1
         // (systemd ordering, D-Bus activation) must find it.
@@ -211,6 +208,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             store.path().display()
         );
         crate::systemd::ready(&initial);
+        // After READY: the health gate's "daemon healthy" means what
+        // systemd and clients see, and the coordinator's first log line
+        // (booted slot, state) always follows the ready line.
+        ex.spawn(ota.run()).detach();
 
         let signal = match signals.next().await {
             Some(Ok(Signal::Int)) => "SIGINT",

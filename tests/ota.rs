@@ -78,6 +78,11 @@ const SLOT_SIZE: usize = 2 << 20;
 
 impl Rig {
     fn new(flavor: Flavor, ota_extra: &str) -> Rig {
+        Self::with(flavor, ota_extra, "")
+    }
+
+    /// `top_extra` goes before the `ota:` section (e.g. `dbus:`).
+    fn with(flavor: Flavor, ota_extra: &str, top_extra: &str) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         std::fs::write(p.join("A.img"), vec![OLD_A; SLOT_SIZE]).unwrap();
@@ -120,7 +125,7 @@ impl Rig {
             }
         };
         let cfg = format!(
-            "ota:\n{env_line}  slots: {{A: {a}, B: {b}}}\n  public_keys: [{pk}]\n  cmdline: {dir}/cmdline\n  boot_id_file: {dir}/boot_id\n  reboot_command: echo reboot >> {dir}/reboots\n  health_commands: [\"test -e {dir}/healthy\"]\n{ota_extra}",
+            "{top_extra}ota:\n{env_line}  slots: {{A: {a}, B: {b}}}\n  public_keys: [{pk}]\n  cmdline: {dir}/cmdline\n  boot_id_file: {dir}/boot_id\n  reboot_command: echo reboot >> {dir}/reboots\n  health_commands: [\"test -e {dir}/healthy\"]\n{ota_extra}",
             a = p.join("A.img").display(),
             b = p.join("B.img").display(),
             pk = p.join("ota.pub").display(),
@@ -637,4 +642,73 @@ fn grub_commit_then_rollback() {
     let d = rig.start();
     assert_eq!(ota(&d)["state"], "rolled-back");
     assert_eq!(ota(&d)["booted_slot"], "B");
+}
+
+/// Outside the maintenance window the installed update waits (no reboot);
+/// the operator's `konsul-edge ota reboot` over D-Bus reboots anyway.
+/// `mark-good` with nothing to commit is refused.
+#[test]
+fn reboot_waits_for_the_window_unless_the_operator_asks() {
+    if !have("fw_setenv") || !have("mkenvimage") || !have("dbus-daemon") {
+        return;
+    }
+    let bus_dir = tempfile::tempdir().unwrap();
+    let (mut bus, address) = private_bus(bus_dir.path());
+    // A window that opens two hours from now (UTC) and lasts one hour.
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60)
+        % 1440;
+    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    let window = format!("{}-{}", hm(now_min + 120), hm(now_min + 180));
+    let rig = Rig::with(
+        Flavor::Uboot,
+        &format!("  maintenance_window: \"{window}\"\n"),
+        &format!("dbus:\n  enabled: true\n  bus: \"{address}\"\n"),
+    );
+    let data = new_image(0x66, 40_000);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let d = rig.start();
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--bus", &address])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["ota", "mark-good"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to commit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["ota", "install", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(&d, "-> pending-reboot");
+    wait(&d, "reboot deferred: outside the maintenance window");
+    assert_eq!(rig.reboots(), 0);
+    let st = ota(&d);
+    assert_eq!(st["state"], "pending-reboot");
+    assert!(st["phase"].as_str().unwrap().contains(&window), "{st}");
+    let text = String::from_utf8_lossy(&cli(&["ota", "status"]).stdout).into_owned();
+    assert!(text.contains("pending-reboot"), "{text}");
+    let out = cli(&["ota", "reboot"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(&d, "reboot requested by the operator");
+    wait(&d, "running the reboot command");
+    eventually("the reboot command ran", || rig.reboots() == 1);
+    drop(d);
+    let _ = bus.kill();
+    let _ = bus.wait();
 }

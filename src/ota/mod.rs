@@ -1353,6 +1353,27 @@ mod tests {
     }
 
     #[test]
+    fn battery_below_the_threshold_defers_the_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = dir.path().join("capacity");
+        let cfg = OtaConfig {
+            min_battery_percent: 40,
+            battery_path: Some(cap.clone()),
+            ..Default::default()
+        };
+        std::fs::write(&cap, "25\n").unwrap();
+        let r = smol::block_on(reboot_blocked(&cfg, 0));
+        assert!(r.is_some_and(|(why, wait)| why.contains("25%") && wait == BATTERY_RECHECK));
+        std::fs::write(&cap, "40\n").unwrap();
+        assert!(smol::block_on(reboot_blocked(&cfg, 0)).is_none());
+        std::fs::remove_file(&cap).unwrap();
+        assert!(
+            smol::block_on(reboot_blocked(&cfg, 0)).is_some(),
+            "unreadable blocks"
+        );
+    }
+
+    #[test]
     fn states_round_trip_as_kebab_case() {
         for s in State::ALL {
             let j = serde_json::to_string(&s).unwrap();
