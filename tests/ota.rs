@@ -712,3 +712,35 @@ fn reboot_waits_for_the_window_unless_the_operator_asks() {
     let _ = bus.kill();
     let _ = bus.wait();
 }
+
+/// A command line that names no slot: the coordinator keeps retrying and
+/// refuses installs meanwhile (nothing would drive them), instead of
+/// accepting a deployment that could never end.
+#[test]
+fn unknown_booted_slot_refuses_installs() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let rig = Rig::new(Flavor::Uboot, "");
+    std::fs::write(rig.path("cmdline"), "console=ttyS0 root=/dev/sda2\n").unwrap();
+    let d = Daemon::start(rig.dir.path());
+    wait(&d, "cannot tell the booted slot");
+    let img = rig.image("v2.img", &new_image(1, 1000), "2.0.0", None);
+    let r = install(&d, &img);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("booted slot is not known"),
+        "{}",
+        r.text()
+    );
+    let st = ota(&d);
+    assert_eq!(st["state"], "idle");
+    assert!(
+        st["phase"]
+            .as_str()
+            .unwrap()
+            .contains("booted slot unknown"),
+        "{st}"
+    );
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE]);
+}

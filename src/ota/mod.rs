@@ -513,6 +513,13 @@ impl Ota {
             }
         };
         let _g = self.inner.lock.lock().await;
+        if self.status().booted_slot.is_empty() {
+            // The coordinator has not started (or cannot read the booted
+            // slot): nothing would drive the deployment or its timeouts.
+            return Err(OtaError::NotApplicable(
+                "the booted slot is not known yet; see `konsul-edge ota status`".into(),
+            ));
+        }
         let cur = self.deployment();
         if !cur.state.accepts_install() {
             return Err(OtaError::Busy(cur.state.as_str()));
@@ -647,15 +654,25 @@ impl Ota {
         let Some(backend) = self.inner.backend.as_ref() else {
             return;
         };
-        let booted = match backend.booted().await {
-            Ok(b) => b,
-            Err(e) => {
-                log::error!("ota: cannot tell the booted slot: {e}; OTA is paused");
-                self.update_status(|s| s.deployment.last_error = format!("booted slot: {e}"));
-                return;
+        // Nothing can be decided without knowing the booted slot (RAUC may
+        // start after us): retry with backoff; installs are refused until
+        // then (`install` checks `booted_slot`).
+        let mut backoff = Duration::from_secs(2);
+        let booted = loop {
+            match backend.booted().await {
+                Ok(b) => break b,
+                Err(e) => {
+                    log::error!("ota: cannot tell the booted slot: {e}; retrying in {backoff:?}");
+                    self.update_status(|s| s.phase = format!("booted slot unknown: {e}"));
+                    async_io::Timer::after(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                }
             }
         };
-        self.update_status(|s| s.booted_slot = booted.clone());
+        self.update_status(|s| {
+            s.booted_slot = booted.clone();
+            s.phase = String::new();
+        });
         log::info!(
             "ota: backend {}, booted slot {booted}, state {}",
             backend.name(),
