@@ -763,6 +763,7 @@ impl Api {
             Ok(Ok(stats)) => {
                 let mut text = self.metrics.render(&stats, self.registry.store().node_id());
                 self.metrics.render_devices(&counts, &mut text);
+                self.sync.render_metrics(&mut text);
                 crate::metrics::render_ota(&self.ota.status(), self.ota.enabled(), &mut text);
                 let mut r = Response::new(Full::new(Bytes::from(text)));
                 r.headers_mut().insert(
@@ -998,6 +999,48 @@ impl Api {
                         Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
                     },
                     (Method::GET, None) => error(StatusCode::NOT_FOUND, "this node is not a hub"),
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/telemetry" => (
+                "/v1/edge/telemetry",
+                match (method, &self.hub, query.get("device")) {
+                    (Method::GET, Some(_), Some(device)) => {
+                        let device = device.to_owned();
+                        let limit = query
+                            .get("limit")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(100usize)
+                            .min(10_000);
+                        match self
+                            .registry
+                            .store()
+                            .call(move |db| db.telemetry_received(&device, limit))
+                            .await
+                        {
+                            Ok(Ok(rows)) => ok(Value::Array(
+                                rows.into_iter()
+                                    .map(|p| {
+                                        json!({
+                                            "seq": p.seq,
+                                            "ts_ms": p.ts_ms,
+                                            "edge": p.edge,
+                                            "values": serde_json::from_slice::<Value>(&p.payload)
+                                                .unwrap_or(Value::Null),
+                                        })
+                                    })
+                                    .collect(),
+                            )),
+                            Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                        }
+                    }
+                    (Method::GET, Some(_), None) => {
+                        error(StatusCode::BAD_REQUEST, "name the device: ?device=ID")
+                    }
+                    (Method::GET, None, _) => error(
+                        StatusCode::NOT_FOUND,
+                        "this node is not a hub; local history is /v1/edge/devices/{id}/telemetry",
+                    ),
                     _ => method_not_allowed("GET"),
                 },
             ),

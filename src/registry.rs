@@ -611,7 +611,7 @@ fn check_cas(key: &str, prev: Option<&Record>, cas: Option<u64>) -> Result<(), R
 
 /// Canonical JSON (via `Value`, whose maps are sorted), as `commit` stores
 /// it, so an unchanged registration compares equal.
-fn to_body<T: Serialize>(v: &T) -> Result<String, StoreError> {
+pub fn to_body<T: Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_value(v)
         .and_then(|v| serde_json::to_string(&v))
         .map_err(|e| StoreError::BadRecord {

@@ -252,3 +252,39 @@ fn sd_notify_ready_watchdog_gated_on_the_store_and_stopping() {
     let st = d.wait_exit();
     assert_eq!(st.code(), Some(0), "{st:?} (signal {:?})", st.signal());
 }
+
+#[test]
+fn log_lines_carry_syslog_priorities_when_stderr_is_the_journal() {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "");
+    let (reader, writer) = std::io::pipe().unwrap();
+    // What systemd puts in JOURNAL_STREAM: device and inode of the stream.
+    let meta = std::fs::metadata(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&writer)
+    ))
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(dir.path().join("edge.yaml"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("KONSUL_LOG", "info")
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(reader).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains(" ready in "))
+        .expect("ready line");
+    assert!(ready.starts_with("<6>daemon: "), "{ready}");
+    assert!(
+        !ready.contains("Z INFO"),
+        "no timestamp: the journal adds its own"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -236,19 +236,11 @@ fn mqtt_config(dir: &Path, broker: &Broker, qos: u8, mqtt_extra: &str, devices_e
 
 fn start_connected(dir: &Path) -> Daemon {
     let d = Daemon::start(dir);
-    let mut seen = Vec::new();
-    let end = Instant::now() + DEADLINE;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match d.log.recv_timeout(left) {
-            Ok(l) if l.contains("mqtt::bridge: connected to ") => return d,
-            Ok(l) => seen.push(l),
-            Err(e) => panic!(
-                "daemon did not connect to the broker ({e}); its log since ready:\n{}",
-                seen.join("\n")
-            ),
-        }
-    }
+    // The bridge may connect before the ready line is logged: wait_log
+    // also looks at the lines read while waiting for ready.
+    d.wait_log(|l| l.contains("mqtt::bridge: connected to "))
+        .expect("daemon did not connect to the broker");
+    d
 }
 
 /// Polls `f` until it returns Some, or fails at the deadline.
@@ -700,4 +692,77 @@ fn bad_input_is_rejected_counted_explained_and_changes_nothing() {
         .filter(|l| l.contains("mqtt::bridge: rejected") && l.contains("devices/d8/"))
         .collect();
     assert_eq!(logged.len(), 1, "{logged:#?}");
+}
+
+#[test]
+fn devices_alerts_and_telemetry_sync_up_to_the_hub() {
+    let broker_dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(broker_dir.path());
+    let hub_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        hub_dir.path().join("edge.yaml"),
+        format!(
+            "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n",
+            hub_dir.path().join("hub.db").display()
+        ),
+    )
+    .unwrap();
+    let hub = Daemon::start_hub(hub_dir.path());
+    let dir = tempfile::tempdir().unwrap();
+    mqtt_config(
+        dir.path(),
+        &broker,
+        1,
+        "",
+        &format!(
+            "cloud:\n  server_address: http://{}\n  sync_interval: 1h\n",
+            hub.addr
+        ),
+    );
+    let d = start_connected(dir.path());
+    let dev = Device::connect(&broker, "dev-sync", &["devices/s9/ack"]);
+    dev.register("s9", json!({"battery": 5}));
+    for i in 1..=5 {
+        dev.publish("devices/s9/telemetry", json!({"temp": i}).to_string(), 1);
+    }
+    eventually("telemetry applied at the edge", || {
+        (d.get("/v1/edge/devices/s9").json()["telemetry_seq"] == 5).then_some(())
+    });
+    eventually("a low-battery alert", || {
+        let a = d.get("/v1/edge/alerts?active=true").json();
+        (!a.as_array()?.is_empty()).then_some(())
+    });
+    assert_eq!(d.req("POST", "/v1/edge/sync/now", None).status, 202);
+    let points = eventually("telemetry at the hub", || {
+        let t = hub.get("/v1/edge/telemetry?device=s9&limit=100").json();
+        (t.as_array()?.len() == 5).then_some(t)
+    });
+    assert_eq!(points[0]["seq"], 5, "newest first");
+    assert_eq!(points[0]["values"]["temp"], 5);
+    assert_eq!(points[0]["edge"], "test-node");
+    // the device (as a service) and its alert are replicated records
+    assert_eq!(
+        hub.get("/services/s9").json()["tags"],
+        json!(["iot", "mqtt"])
+    );
+    let hub_metrics = hub.get("/metrics").text();
+    assert!(
+        hub_metrics.contains("konsul_edge_records{kind=\"device\"} 1"),
+        "{hub_metrics}"
+    );
+    assert!(!hub_metrics.contains("konsul_edge_records{kind=\"alert\"} 0"));
+    // a second sync sends no telemetry twice
+    assert_eq!(d.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("the second sync", || {
+        (metric(&d, "konsul_edge_sync_requests_total") >= 2).then_some(())
+    });
+    assert_eq!(metric(&d, "konsul_edge_sync_telemetry_sent_total"), 5);
+    assert_eq!(
+        hub.get("/v1/edge/telemetry?device=s9&limit=100")
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
 }

@@ -473,3 +473,335 @@ fn the_hub_refuses_edges_without_its_token() {
     });
     assert_eq!(kv(&hub, "y"), None);
 }
+
+/// A CA, a server certificate for localhost and a client certificate,
+/// made with the openssl CLI in `dir`.
+fn make_pki(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = |name: &str| {
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            name,
+        ])
+    };
+    key("ca.key");
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=konsul test CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "ca.pem",
+    ]);
+    for (name, cn, ext) in [
+        ("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+        ("client", "edge-a", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"),
+    ] {
+        key(&format!("{name}.key"));
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        run(&["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={cn}"), "-out", &format!("{name}.csr")]);
+        run(&[
+            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem"),
+        ]);
+    }
+}
+
+#[test]
+fn https_with_client_certificates() {
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let hub_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        hub_dir.path().join("edge.yaml"),
+        format!(
+            "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0', tls_cert: {}, tls_key: {}, client_ca: {}}}\n",
+            hub_dir.path().join("hub.db").display(),
+            p("server.pem"),
+            p("server.key"),
+            p("ca.pem")
+        ),
+    )
+    .unwrap();
+    let hub = Daemon::start_hub(hub_dir.path());
+    let port = hub.addr.rsplit(':').next().unwrap().to_owned();
+    let edge = |id: &str, client: bool| {
+        let d = tempfile::tempdir().unwrap();
+        let client_keys = if client {
+            format!(
+                ", client_cert: {}, client_key: {}",
+                p("client.pem"),
+                p("client.key")
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            d.path().join("edge.yaml"),
+            format!(
+                "node_id: {id}\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+                 cloud: {{server_address: 'https://localhost:{port}', sync_interval: 1h, ca_file: {}{client_keys}}}\n",
+                d.path().join("edge.db").display(),
+                p("ca.pem")
+            ),
+        )
+        .unwrap();
+        d
+    };
+    // The hub only speaks TLS with client certificates: ask it with curl.
+    let hub_kv = |key: &str| -> Option<String> {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                &p("ca.pem"),
+                "--cert",
+                &p("client.pem"),
+                "--key",
+                &p("client.key"),
+            ])
+            .arg(format!("https://localhost:{port}/kv/{key}"))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["value"].as_str().map(str::to_owned)
+    };
+    let with_cert = edge("edge-a", true);
+    let a = Daemon::start(with_cert.path());
+    assert_eq!(a.put("/kv/over-tls", r#"{"value":"yes"}"#).status, 200);
+    sync(&a);
+    assert_eq!(hub_kv("over-tls").as_deref(), Some("yes"));
+
+    let without = edge("edge-b", false);
+    let b = Daemon::start(without.path());
+    assert_eq!(b.put("/kv/no-cert", r#"{"value":"x"}"#).status, 200);
+    assert_eq!(b.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("edge B to be refused by the TLS handshake", || {
+        b.get("/v1/edge/sync").json()["last_error"].is_string()
+    });
+    assert_eq!(hub_kv("no-cert"), None);
+    assert!(b.get("/v1/edge/sync").json()["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("client certificate"));
+    // plain HTTP to the TLS port gets nowhere either
+    let plain = std::net::TcpStream::connect(&hub.addr).map(|mut s| {
+        use std::io::{Read, Write};
+        let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    });
+    assert!(!String::from_utf8_lossy(&plain.unwrap()).contains("healthy"));
+    drop(hub);
+}
+
+#[test]
+fn a_large_download_is_paged_until_more_is_false() {
+    let net = net(1, "");
+    let hub = net.hub();
+    // ~5,000 global keys of ~150 bytes: more than one 256 KiB page.
+    for chunk in 0..5 {
+        let items: serde_json::Map<String, Value> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| {
+                (
+                    format!("catalog/item-{i:05}"),
+                    Value::String(format!("{i}-{}", "x".repeat(100))),
+                )
+            })
+            .collect();
+        let r = hub.req(
+            "POST",
+            "/batch/kv/set",
+            Some(&serde_json::json!({ "items": items }).to_string()),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let a = &net.edges[0];
+    sync(a);
+    assert_eq!(a.get("/kv/").json().as_array().unwrap().len(), 5000);
+    let metrics = a.get("/metrics").text();
+    let requests: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("konsul_edge_sync_requests_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        requests >= 3,
+        "5,000 keys came in one response: {requests} requests"
+    );
+    assert_eq!(kv(a, "catalog/item-04999").unwrap().len(), 105);
+}
+
+#[test]
+fn records_held_for_edges_do_not_count_against_the_hubs_own_limit() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    hub_config(
+        hub_dir.path(),
+        "127.0.0.1:0",
+        "services: {max_local_services: 2}\n",
+    );
+    let hub = Daemon::start_hub(hub_dir.path());
+    let d = tempfile::tempdir().unwrap();
+    edge_config(d.path(), "edge-a", &hub.addr, "");
+    let a = Daemon::start(d.path());
+    for i in 0..3 {
+        assert_eq!(
+            a.put(
+                "/register",
+                &format!(r#"{{"name":"s{i}","address":"h","port":1}}"#)
+            )
+            .status,
+            200
+        );
+    }
+    sync(&a);
+    assert_eq!(hub.get("/services/").json().as_array().unwrap().len(), 3);
+    assert_eq!(
+        hub.put("/register", r#"{"name":"hub-own","address":"h","port":1}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        hub.put(
+            "/register",
+            r#"{"name":"hub-own-2","address":"h","port":1}"#
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        hub.put(
+            "/register",
+            r#"{"name":"hub-own-3","address":"h","port":1}"#
+        )
+        .status,
+        507
+    );
+}
+
+#[test]
+fn a_hub_syncs_upstream_with_the_same_client() {
+    // device -> site gateway (a hub with its own upstream) -> cloud hub
+    let cloud_dir = tempfile::tempdir().unwrap();
+    hub_config(cloud_dir.path(), "127.0.0.1:0", "");
+    let cloud = Daemon::start_hub(cloud_dir.path());
+    let site_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site_dir.path().join("edge.yaml"),
+        format!(
+            "node_id: site-1\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+             cloud: {{server_address: 'http://{}', sync_interval: 1h}}\n",
+            site_dir.path().join("site.db").display(),
+            cloud.addr
+        ),
+    )
+    .unwrap();
+    let site = Daemon::start_hub(site_dir.path());
+    let edge_dir = tempfile::tempdir().unwrap();
+    edge_config(edge_dir.path(), "till-7", &site.addr, "");
+    let edge = Daemon::start(edge_dir.path());
+
+    assert_eq!(
+        edge.put(
+            "/register",
+            r#"{"name":"till","address":"10.1.1.7","port":9100}"#
+        )
+        .status,
+        200
+    );
+    sync(&edge);
+    sync(&site);
+    assert_eq!(cloud.get("/services/till").json()["address"], "10.1.1.7");
+    let edges: Vec<Value> = cloud
+        .get("/v1/edge/edges")
+        .json()
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(edges.len(), 1);
+    assert_eq!(
+        edges[0]["edge_id"], "site-1",
+        "the cloud sees the site, not each till"
+    );
+
+    assert_eq!(
+        cloud.put("/kv/global/tax-rate", r#"{"value":"19"}"#).status,
+        200
+    );
+    sync(&site);
+    sync(&edge);
+    assert_eq!(kv(&edge, "global/tax-rate").as_deref(), Some("19"));
+}
+
+#[test]
+fn reaching_the_offline_queue_size_is_visible_and_drops_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    // A hub address nothing listens on: the uplink is down.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    edge_config(d.path(), "edge-q", &dead, "");
+    let cfg = std::fs::read_to_string(d.path().join("edge.yaml")).unwrap();
+    std::fs::write(
+        d.path().join("edge.yaml"),
+        cfg.replace(
+            "sync_interval: 1h}",
+            "sync_interval: 1h, offline_queue_size: 2}",
+        ),
+    )
+    .unwrap();
+    let a = Daemon::start(d.path());
+    for k in ["a", "b", "c"] {
+        assert_eq!(a.put(&format!("/kv/{k}"), r#"{"value":"1"}"#).status, 200);
+    }
+    assert_eq!(a.req("POST", "/v1/edge/sync/now", None).status, 202);
+    eventually("queue_over_limit", || {
+        a.get("/v1/edge/sync").json()["queue_over_limit"] == true
+    });
+    assert!(a
+        .get("/metrics")
+        .text()
+        .contains("konsul_edge_sync_queue_over_limit 1"));
+    assert_eq!(
+        a.get("/v1/edge/status").json()["outbox_pending"],
+        3,
+        "nothing dropped"
+    );
+}

@@ -944,17 +944,7 @@ fn register(
     })
 }
 
-/// Canonical JSON (sorted keys, as `registry::commit` stores it), so an
-/// unchanged registration compares equal to the stored body.
-fn to_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_value(v)
-        .and_then(|v| serde_json::to_string(&v))
-        .map_err(|e| StoreError::BadRecord {
-            kind: "body".into(),
-            key: String::new(),
-            detail: e.to_string(),
-        })
-}
+use crate::registry::to_body as to_json;
 
 fn interval_of(tx: &Tx<'_>, device: &str) -> Result<Option<u64>, StoreError> {
     tx.conn()

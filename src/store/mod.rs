@@ -42,7 +42,7 @@ macro_rules! select_records {
 }
 
 mod sync_sql;
-pub use sync_sql::{ConflictRow, EdgeRow};
+pub use sync_sql::{ConflictRow, EdgeRow, ReceivedPoint, TelemetryRow};
 
 /// How many jobs may wait for the store thread before senders block.
 const QUEUE_DEPTH: usize = 256;
@@ -752,11 +752,14 @@ impl Tx<'_> {
         Ok(v as u64)
     }
 
+    /// Live records of a kind that belong to this node: records a hub
+    /// holds for its downstream edges (owner set) do not count against
+    /// this node's own limits.
     pub fn count_live(&self, kind: Kind) -> Result<u64, StoreError> {
         let n: i64 = self
             .inner
             .query_row(
-                "SELECT count(*) FROM records WHERE kind = ?1 AND tombstone = 0",
+                "SELECT count(*) FROM records WHERE kind = ?1 AND tombstone = 0 AND owner = ''",
                 [kind.as_str()],
                 |r| r.get(0),
             )

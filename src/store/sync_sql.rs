@@ -22,6 +22,25 @@ pub struct ConflictRow {
     pub at_ms: u64,
 }
 
+/// A point of the local telemetry history, for shipping upstream.
+#[derive(Debug, Clone)]
+pub struct TelemetryRow {
+    pub rowid: u64,
+    pub device: String,
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub body: String,
+}
+
+/// A telemetry point a hub received from an edge.
+#[derive(Debug, Clone)]
+pub struct ReceivedPoint {
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub edge: String,
+    pub payload: Vec<u8>,
+}
+
 /// The hub's view of one edge.
 #[derive(Debug, Clone, Serialize)]
 pub struct EdgeRow {
@@ -42,6 +61,62 @@ impl Db {
 
     pub fn current_index(&self) -> Result<u64, StoreError> {
         self.meta_u64("index")
+    }
+
+    /// Telemetry received from edges (hub side) for one device, newest
+    /// first: (seq, ts_ms, edge, payload).
+    pub fn telemetry_received(
+        &self,
+        device: &str,
+        limit: usize,
+    ) -> Result<Vec<ReceivedPoint>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, ts_ms, edge_id, payload FROM telemetry_in WHERE device_id = ?1
+                 ORDER BY seq DESC LIMIT ?2",
+            )
+            .map_err(sql_err(&self.path, "prepare received telemetry"))?;
+        let rows = stmt
+            .query_map(params![device, limit as i64], |r| {
+                Ok(ReceivedPoint {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    ts_ms: r.get(1)?,
+                    edge: r.get(2)?,
+                    payload: r.get(3)?,
+                })
+            })
+            .map_err(sql_err(&self.path, "received telemetry"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql_err(&self.path, "received telemetry"))
+    }
+
+    /// Local telemetry history after `rowid`, oldest first:
+    /// (rowid, device, seq, ts_ms, body).
+    pub fn telemetry_after(
+        &self,
+        rowid: u64,
+        limit: usize,
+    ) -> Result<Vec<TelemetryRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, device, seq, ts_ms, body FROM telemetry WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(sql_err(&self.path, "prepare telemetry"))?;
+        let rows = stmt
+            .query_map(params![rowid as i64, limit as i64], |r| {
+                Ok(TelemetryRow {
+                    rowid: r.get::<_, i64>(0)? as u64,
+                    device: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as u64,
+                    ts_ms: r.get(3)?,
+                    body: r.get(4)?,
+                })
+            })
+            .map_err(sql_err(&self.path, "telemetry"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql_err(&self.path, "telemetry"))
     }
 
     pub fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRow>, StoreError> {

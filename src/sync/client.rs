@@ -15,6 +15,7 @@
 //! up to the interval), so the first round after the link returns drains
 //! the queue. No timer runs faster than that.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prost::Message;
@@ -126,6 +127,10 @@ impl SyncClient {
                     failures = 0;
                 }
                 Err(e) => {
+                    self.handle
+                        .counters()
+                        .failures
+                        .fetch_add(1, Ordering::Relaxed);
                     failures = failures.saturating_add(1);
                     if failures == 1 {
                         log::warn!(
@@ -221,8 +226,23 @@ impl SyncClient {
                 hlc: Hlc::new(wall_millis(), 0).0,
                 ..Default::default()
             };
+            let mut req = req;
+            let (telemetry, telemetry_last) = self
+                .registry
+                .store()
+                .call(|db| read_telemetry(db, TELEMETRY_BATCH))
+                .await??;
+            let points = telemetry.len();
+            if points > 0 {
+                req.telemetry = Some(wire::pb::TelemetryBatch { points: telemetry });
+            }
             let sent = req.pending_updates.len();
             let body = wire::encode(&req, self.compress);
+            let counters = self.handle.counters();
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            counters
+                .bytes_sent
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
             let encoding = if self.compress { "snappy" } else { "identity" };
             let resp_bytes = self
                 .http
@@ -237,6 +257,9 @@ impl SyncClient {
                     wire::MAX_COMPRESSED,
                 )
                 .await?;
+            counters
+                .bytes_received
+                .fetch_add(resp_bytes.len() as u64, Ordering::Relaxed);
             let resp: EdgeSyncResponse =
                 wire::decode(&resp_bytes, self.compress, "EdgeSyncResponse")?;
             if resp.full_sync_required {
@@ -254,7 +277,16 @@ impl SyncClient {
             }
             let more = resp.more;
             let got = resp.cloud_updates.len();
-            let changed = self.apply(resp, seqs, full).await?;
+            let changed = self.apply(resp, seqs, full, telemetry_last).await?;
+            counters
+                .updates_sent
+                .fetch_add(sent as u64, Ordering::Relaxed);
+            counters
+                .updates_received
+                .fetch_add(got as u64, Ordering::Relaxed);
+            counters
+                .telemetry_sent
+                .fetch_add(points as u64, Ordering::Relaxed);
             for (kind, key, op) in changed {
                 self.registry.notify(kind, &key, op);
             }
@@ -263,7 +295,7 @@ impl SyncClient {
                 s.online = true;
                 s.last_error = None;
             });
-            if !more && sent == 0 {
+            if !more && sent == 0 && points == 0 {
                 self.handle.update(|s| s.last_sync_ms = Some(wall_millis()));
                 return Ok(());
             }
@@ -276,6 +308,7 @@ impl SyncClient {
         resp: EdgeSyncResponse,
         seqs: Vec<u64>,
         full: bool,
+        telemetry_last: Option<u64>,
     ) -> Result<Vec<(Kind, String, ChangeOp)>, ClientError> {
         let mut incoming = Vec::with_capacity(resp.cloud_updates.len());
         for (i, u) in resp.cloud_updates.into_iter().enumerate() {
@@ -315,6 +348,9 @@ impl SyncClient {
                         }
                     }
                     tx.ack_outbox(&seqs)?;
+                    if let Some(last) = telemetry_last {
+                        tx.meta_set("telemetry_sent", &last.to_string())?;
+                    }
                     tx.meta_set("sync_index", &index.to_string())?;
                     if full && !more {
                         if let Some(from) = tx
@@ -337,6 +373,34 @@ impl SyncClient {
             .await??;
         Ok(out)
     }
+}
+
+/// Telemetry points per request: append-only history, shipped oldest first.
+const TELEMETRY_BATCH: usize = 500;
+
+/// Telemetry recorded since the last acknowledged point, and the rowid to
+/// remember once the hub has it (the hub stores each (device, seq) once, so
+/// a resend after a crash is harmless).
+fn read_telemetry(
+    db: &mut crate::store::Db,
+    limit: usize,
+) -> Result<(Vec<wire::pb::TelemetryPoint>, Option<u64>), StoreError> {
+    let after: u64 = db
+        .meta_get("telemetry_sent")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let rows = db.telemetry_after(after, limit)?;
+    let last = rows.last().map(|r| r.rowid);
+    let points = rows
+        .into_iter()
+        .map(|r| wire::pb::TelemetryPoint {
+            device_id: r.device,
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            payload: r.body.into_bytes(),
+        })
+        .collect();
+    Ok((points, last))
 }
 
 type Batch = (u64, Vec<wire::ServiceUpdate>, Vec<u64>, bool);

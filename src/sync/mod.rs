@@ -8,6 +8,8 @@
 //! handle still tracks the outbox depth, so operators see what would be
 //! sent once a hub is configured.
 
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -16,11 +18,73 @@ pub mod client;
 mod engine;
 pub mod server;
 mod transport;
-mod wire;
+pub(crate) mod wire;
 
 pub use client::SyncClient;
 pub use server::Hub;
 pub use transport::{server_tls, TransportError};
+
+/// Entry points for `fuzz/` and `bench/`: not a stable API.
+#[doc(hidden)]
+pub mod testing {
+    use super::wire;
+
+    /// Decodes bytes as a request and as a response and validates every
+    /// update, as the hub and the client do; never panics.
+    pub fn decode_untrusted(data: &[u8]) {
+        for compressed in [false, true] {
+            if let Ok(req) = wire::decode::<wire::EdgeSyncRequest>(data, compressed, "request") {
+                for (i, u) in req.pending_updates.into_iter().enumerate() {
+                    let _ = wire::from_update(i, u);
+                }
+            }
+            if let Ok(resp) = wire::decode::<wire::EdgeSyncResponse>(data, compressed, "response") {
+                for (i, u) in resp.cloud_updates.into_iter().enumerate() {
+                    let _ = wire::from_update(i, u);
+                }
+            }
+        }
+    }
+
+    /// A request from `edge` carrying `n` changed services, as an edge
+    /// would send it (for load generators).
+    pub fn service_batch(edge: &str, since: i64, n: usize, compress: bool) -> Vec<u8> {
+        let now = crate::clock::wall_millis();
+        let updates: Vec<wire::ServiceUpdate> = (0..n)
+            .map(|i| wire::ServiceUpdate {
+                kind: wire::RecordKind::Service as i32,
+                key: format!("{edge}-svc-{i}"),
+                name: format!("svc-{i}"),
+                body: format!(
+                    r#"{{"address":"10.{}.{}.{}","id":"{edge}-svc-{i}","name":"svc-{i}","port":8080,"tags":["pos","v2"]}}"#,
+                    i >> 16 & 255,
+                    i >> 8 & 255,
+                    i & 255
+                )
+                .into_bytes(),
+                hlc: crate::clock::Hlc::new(now, i as u16).0,
+                origin: edge.into(),
+                vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
+                ..Default::default()
+            })
+            .collect();
+        let req = wire::EdgeSyncRequest {
+            edge_id: edge.into(),
+            last_sync_index: since,
+            batch_id: wire::batch_id(edge, &updates),
+            pending_updates: updates,
+            ..Default::default()
+        };
+        wire::encode(&req, compress)
+    }
+
+    /// (updates, current_index, more) of an encoded response.
+    pub fn response_summary(data: &[u8], compressed: bool) -> Result<(usize, i64, bool), String> {
+        let r: wire::EdgeSyncResponse =
+            wire::decode(data, compressed, "response").map_err(|e| e.to_string())?;
+        Ok((r.cloud_updates.len(), r.current_index, r.more))
+    }
+}
 
 use crate::registry::Registry;
 
@@ -48,7 +112,20 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
 }
 
+/// Counters for `/metrics`, kept by the client (edge side) and the hub.
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub updates_sent: AtomicU64,
+    pub updates_received: AtomicU64,
+    pub telemetry_sent: AtomicU64,
+}
+
 struct Inner {
+    counters: Counters,
     status: Mutex<SyncStatus>,
     changed: event_listener::Event,
     now: async_channel::Sender<()>,
@@ -68,6 +145,7 @@ impl SyncHandle {
         let (now, now_rx) = async_channel::bounded(1);
         SyncHandle {
             inner: Arc::new(Inner {
+                counters: Counters::default(),
                 status: Mutex::new(SyncStatus {
                     enabled,
                     ..Default::default()
@@ -76,6 +154,80 @@ impl SyncHandle {
                 now,
                 now_rx,
             }),
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The sync figures in Prometheus text, appended to `out`.
+    pub fn render_metrics(&self, out: &mut String) {
+        let s = self.status();
+        let c = &self.inner.counters;
+        let gauges = [
+            (
+                "konsul_edge_sync_online",
+                "1 when the last sync reached the hub.",
+                u64::from(s.online),
+            ),
+            (
+                "konsul_edge_sync_last_success_ms",
+                "Epoch ms of the last complete sync (0: never).",
+                s.last_sync_ms.unwrap_or(0),
+            ),
+            (
+                "konsul_edge_sync_queue_over_limit",
+                "1 when the outbox holds more keys than cloud.offline_queue_size.",
+                u64::from(s.queue_over_limit),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let counters = [
+            (
+                "konsul_edge_sync_requests_total",
+                "Sync requests sent to the hub.",
+                &c.requests,
+            ),
+            (
+                "konsul_edge_sync_failures_total",
+                "Sync attempts that failed.",
+                &c.failures,
+            ),
+            (
+                "konsul_edge_sync_bytes_sent_total",
+                "Request bytes on the wire (compressed).",
+                &c.bytes_sent,
+            ),
+            (
+                "konsul_edge_sync_bytes_received_total",
+                "Response bytes on the wire (compressed).",
+                &c.bytes_received,
+            ),
+            (
+                "konsul_edge_sync_updates_sent_total",
+                "Record versions sent up.",
+                &c.updates_sent,
+            ),
+            (
+                "konsul_edge_sync_updates_received_total",
+                "Record versions received.",
+                &c.updates_received,
+            ),
+            (
+                "konsul_edge_sync_telemetry_sent_total",
+                "Telemetry points sent up.",
+                &c.telemetry_sent,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
     }
 

@@ -22,7 +22,7 @@ pub enum TransportError {
     BadUrl { url: String },
     #[error("{path}: {detail}")]
     Tls { path: String, detail: String },
-    #[error("no system CA certificates found; install ca-certificates or set cloud.ca_file")]
+    #[error("no system CA certificates found (/etc/ssl/certs/ca-certificates.crt); install ca-certificates or set cloud.ca_file")]
     NoRoots,
     #[error("{host}: cannot resolve: {source}")]
     Resolve {
@@ -116,6 +116,11 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransportError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| tls_err(path, e))
 }
 
+const SYSTEM_CA_BUNDLES: [&str; 2] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -134,8 +139,17 @@ pub fn client_tls(
             }
         }
         None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
+            // The system bundle: Debian, Yocto and Buildroot's
+            // ca-certificates all install the first; RPM systems the second.
+            for bundle in SYSTEM_CA_BUNDLES {
+                if let Ok(iter) = CertificateDer::pem_file_iter(bundle) {
+                    for c in iter.flatten() {
+                        let _ = roots.add(c);
+                    }
+                }
+                if !roots.is_empty() {
+                    break;
+                }
             }
             if roots.is_empty() {
                 return Err(TransportError::NoRoots);
@@ -290,7 +304,21 @@ impl Client {
                     host: ep.host.clone(),
                     source,
                 })?;
-            exchange(tls_stream, req, url, limit).await
+            // In TLS 1.3 the hub refuses a client certificate after the
+            // handshake: the client only sees the connection end or reset.
+            // Name the likely cause; it is what the operator has to fix.
+            exchange(tls_stream, req, url, limit)
+                .await
+                .map_err(|e| match e {
+                    TransportError::Http { url, detail } => TransportError::Http {
+                        url,
+                        detail: format!(
+                            "{detail} (over TLS this is usually the hub refusing our client \
+                             certificate: check cloud.client_cert and the hub's http.client_ca)"
+                        ),
+                    },
+                    other => other,
+                })
         } else {
             exchange(stream, req, url, limit).await
         }
@@ -315,10 +343,22 @@ where
             .await
             .map_err(http)?;
     let driver = async {
-        let _ = conn.await;
+        let detail = match conn.await {
+            Ok(()) => "connection closed before the response".to_owned(),
+            Err(e) => {
+                let mut text = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    src = s.source();
+                }
+                text
+            }
+        };
         Err(TransportError::Http {
             url: url.into(),
-            detail: "connection closed before the response".into(),
+            detail,
         })
     };
     let exchange = async {

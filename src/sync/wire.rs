@@ -322,6 +322,38 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mutated_bodies_never_panic() {
+        // What the fuzz target does, in a bounded stable-toolchain run:
+        // random bytes, and valid messages with bytes flipped and cut.
+        let valid = encode(
+            &EdgeSyncRequest {
+                edge_id: "e".into(),
+                pending_updates: vec![update(r#"{"value":"v"}"#); 3],
+                ..Default::default()
+            },
+            false,
+        );
+        let mut rng = fastrand::Rng::with_seed(7);
+        for i in 0..20_000 {
+            let data: Vec<u8> = if i % 2 == 0 {
+                (0..rng.usize(0..256)).map(|_| rng.u8(..)).collect()
+            } else {
+                let mut v = valid.clone();
+                for _ in 0..rng.usize(1..4) {
+                    let at = rng.usize(..v.len());
+                    v[at] = rng.u8(..);
+                }
+                v.truncate(rng.usize(1..=v.len()));
+                if i % 3 == 0 {
+                    v = snap::raw::Encoder::new().compress_vec(&v).unwrap();
+                }
+                v
+            };
+            crate::sync::testing::decode_untrusted(&data);
+        }
+    }
+
+    #[test]
     fn batch_ids_depend_on_content_only() {
         let a = vec![update(r#"{"value":"1"}"#)];
         let b = vec![update(r#"{"value":"2"}"#)];

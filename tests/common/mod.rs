@@ -19,6 +19,10 @@ pub struct Daemon {
     pub addr: String,
     pub dir: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// Lines passed over while waiting for something else: a later
+    /// `wait_log` looks here first, so a line that arrived early (the MQTT
+    /// bridge connecting before the ready line) is not lost.
+    skipped: std::sync::Mutex<Vec<String>>,
     exited: Option<mpsc::Receiver<ExitStatus>>,
 }
 
@@ -81,6 +85,7 @@ impl Daemon {
             addr: String::new(),
             dir: dir.to_path_buf(),
             log: rx,
+            skipped: std::sync::Mutex::new(Vec::new()),
             exited: None,
         };
         let line = d
@@ -99,12 +104,18 @@ impl Daemon {
     /// Waits for a log line matching `pred`; None when the deadline passes
     /// or the daemon's stderr closes.
     pub fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        {
+            let mut skipped = self.skipped.lock().unwrap();
+            if let Some(i) = skipped.iter().position(|l| pred(l)) {
+                return Some(skipped.remove(i));
+            }
+        }
         let end = Instant::now() + DEADLINE;
         loop {
             let left = end.checked_duration_since(Instant::now())?;
             match self.log.recv_timeout(left) {
                 Ok(l) if pred(&l) => return Some(l),
-                Ok(_) => continue,
+                Ok(l) => self.skipped.lock().unwrap().push(l),
                 Err(_) => return None,
             }
         }

@@ -1,0 +1,268 @@
+//! Sync benchmark, run by hand (not in CI):
+//!
+//!     cargo bench --bench sync_load
+//!     BENCH_EDGES=1000 BENCH_REQUESTS=20000 cargo bench --bench sync_load
+//!
+//! 1. bytes on the wire per changed service in a batch of 100 (encoded and
+//!    snappy-compressed exactly as an edge sends it), and the same measured
+//!    end to end from the edge's `konsul_edge_sync_bytes_sent_total`;
+//! 2. time for a real edge to drain 10,000 queued changes to a real hub;
+//! 3. hub sync requests per second from simulated edges (each request from
+//!    one of BENCH_EDGES edge ids, carrying one changed service), p50/p99.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use konsul_edge::sync::testing;
+
+const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(cmd: &str, config: &Path) -> Proc {
+    let mut child = Command::new(BIN)
+        .args([cmd, "--config"])
+        .arg(config)
+        .env("KONSUL_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains(" ready in "))
+        .expect("ready line");
+    std::thread::spawn(move || for _ in lines {});
+    let addr = ready
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    Proc { child, addr }
+}
+
+/// One request on a keep-alive connection; returns (status, body).
+fn call(
+    conn: &mut (BufReader<TcpStream>, TcpStream),
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &str,
+) -> (u16, Vec<u8>) {
+    write!(
+        conn.1,
+        "{method} {path} HTTP/1.1\r\nHost: b\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    conn.1.write_all(body).unwrap();
+    let mut line = String::new();
+    conn.0.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut len = 0;
+    loop {
+        line.clear();
+        conn.0.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut b = vec![0; len];
+    conn.0.read_exact(&mut b).unwrap();
+    (status, b)
+}
+
+fn connect(addr: &str) -> (BufReader<TcpStream>, TcpStream) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    (BufReader::new(s.try_clone().unwrap()), s)
+}
+
+fn get_json(addr: &str, path: &str) -> serde_json::Value {
+    let mut c = connect(addr);
+    let (_, b) = call(&mut c, "GET", path, b"", "");
+    serde_json::from_slice(&b).unwrap()
+}
+
+fn metric(addr: &str, name: &str) -> u64 {
+    let mut c = connect(addr);
+    let (_, b) = call(&mut c, "GET", "/metrics", b"", "");
+    String::from_utf8_lossy(&b)
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(600);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let edges: usize = std::env::var("BENCH_EDGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let requests: usize = std::env::var("BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+
+    // 1a. Encoding alone.
+    let plain = testing::service_batch("edge-0001", 0, 100, false).len();
+    let snappy = testing::service_batch("edge-0001", 0, 100, true).len();
+    println!(
+        "wire: batch of 100 changed services = {plain} B protobuf, {snappy} B with snappy ({:.0} B per service)",
+        snappy as f64 / 100.0
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let hub_dir = tmp.path().join("hub");
+    let edge_dir = tmp.path().join("edge");
+    std::fs::create_dir_all(&hub_dir).unwrap();
+    std::fs::create_dir_all(&edge_dir).unwrap();
+    std::fs::write(
+        hub_dir.join("edge.yaml"),
+        format!(
+            "node_id: hub\nlog_level: warn\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0', max_body_size: 8Mi}}\n",
+            hub_dir.join("hub.db").display()
+        ),
+    )
+    .unwrap();
+    let hub = start("hub", &hub_dir.join("edge.yaml"));
+    std::fs::write(
+        edge_dir.join("edge.yaml"),
+        format!(
+            "node_id: bench-edge\nlog_level: warn\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+             services: {{max_local_services: 1000}}\ncloud: {{server_address: 'http://{}', sync_interval: 1h}}\n",
+            edge_dir.join("edge.db").display(),
+            hub.addr
+        ),
+    )
+    .unwrap();
+    let edge = start("run", &edge_dir.join("edge.yaml"));
+
+    // 1b. End to end: 100 registrations, one sync.
+    let mut c = connect(&edge.addr);
+    for i in 0..100 {
+        let body = format!(
+            r#"{{"name":"svc-{i}","address":"10.0.{}.{}","port":8080,"tags":["pos","v2"]}}"#,
+            i / 256,
+            i % 256
+        );
+        assert_eq!(call(&mut c, "PUT", "/register", body.as_bytes(), "").0, 200);
+    }
+    let before = metric(&edge.addr, "konsul_edge_sync_bytes_sent_total");
+    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", "").0, 202);
+    wait("first sync", || {
+        get_json(&edge.addr, "/v1/edge/sync")["pending_changes"] == 0
+            && metric(&edge.addr, "konsul_edge_sync_requests_total") > 0
+    });
+    let sent = metric(&edge.addr, "konsul_edge_sync_bytes_sent_total") - before;
+    println!(
+        "wire, end to end: 100 registrations synced in {sent} B sent ({:.0} B per service)",
+        sent as f64 / 100.0
+    );
+
+    // 2. Drain 10,000 queued changes.
+    for chunk in 0..10 {
+        let items: serde_json::Map<String, serde_json::Value> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| {
+                (
+                    format!("sensor/{i}"),
+                    serde_json::Value::String(format!("reading {i}")),
+                )
+            })
+            .collect();
+        let body = serde_json::json!({ "items": items }).to_string();
+        assert_eq!(
+            call(&mut c, "POST", "/batch/kv/set", body.as_bytes(), "").0,
+            200
+        );
+    }
+    let requests_before = metric(&edge.addr, "konsul_edge_sync_requests_total");
+    let t = Instant::now();
+    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", "").0, 202);
+    wait("drain", || {
+        get_json(&edge.addr, "/v1/edge/sync")["pending_changes"] == 0
+            && get_json(&edge.addr, "/v1/edge/status")["outbox_pending"] == 0
+    });
+    println!(
+        "drain: 10,000 queued changes in {:.2} s, {} requests",
+        t.elapsed().as_secs_f64(),
+        metric(&edge.addr, "konsul_edge_sync_requests_total") - requests_before
+    );
+
+    // 3. Hub throughput with simulated edges.
+    let clients = 4;
+    let t = Instant::now();
+    let mut lat: Vec<Duration> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients)
+            .map(|cl| {
+                let addr = hub.addr.clone();
+                s.spawn(move || {
+                    let mut conn = connect(&addr);
+                    let mut lat = Vec::new();
+                    for r in (cl..requests).step_by(clients) {
+                        let edge = format!("sim-{:04}", r % edges);
+                        let body = testing::service_batch(&edge, 0, 1, true);
+                        let t = Instant::now();
+                        let (st, resp) = call(
+                            &mut conn,
+                            "POST",
+                            "/v1/edge/sync",
+                            &body,
+                            "Content-Type: application/x-protobuf\r\nContent-Encoding: snappy\r\n",
+                        );
+                        lat.push(t.elapsed());
+                        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&resp));
+                        testing::response_summary(&resp, true).unwrap();
+                    }
+                    lat
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let total = t.elapsed();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+    println!(
+        "hub: {requests} sync requests from {edges} simulated edges, {clients} connections: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+        requests as f64 / total.as_secs_f64(),
+        pct(0.5),
+        pct(0.99)
+    );
+    let listed = get_json(&hub.addr, "/v1/edge/edges");
+    println!(
+        "hub lists {} edges",
+        listed.as_array().map_or(0, |a| a.len())
+    );
+}
