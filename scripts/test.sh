@@ -16,7 +16,8 @@ quick=false
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use; installed only when missing.
-packages=(cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl)
+packages=(cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl
+          u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

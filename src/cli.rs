@@ -57,6 +57,14 @@ pub enum Command {
         verb: String,
         id: String,
     },
+    OtaStatus,
+    OtaInstall {
+        /// Absolute: the daemon opens it.
+        bundle: String,
+    },
+    OtaMarkGood,
+    OtaMarkBad,
+    OtaReboot,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +180,32 @@ pub fn run(cmd: &Command, opts: &Options) -> Result<String, CliError> {
                     format!("rollout {id}: {}\n", cell(&r["state"]))
                 })
             }
+            Command::OtaStatus => {
+                let st: Dict = c.call(IFACE_OTA, "GetStatus", &()).await?;
+                let j = dict_to_json(&st);
+                Ok(if opts.json { pretty(&j) } else { ota_text(&j) })
+            }
+            Command::OtaInstall { bundle } => {
+                let id: String = c.call(IFACE_OTA, "Install", &(bundle.as_str(),)).await?;
+                Ok(if opts.json {
+                    pretty(&json!({"deployment": id}))
+                } else {
+                    format!("install {id} started; `konsul-edge ota status` follows it\n")
+                })
+            }
+            Command::OtaMarkGood | Command::OtaMarkBad | Command::OtaReboot => {
+                let (method, done) = match cmd {
+                    Command::OtaMarkGood => ("MarkGood", "slot committed"),
+                    Command::OtaMarkBad => ("MarkBad", "marked bad; rolling back (or cancelled)"),
+                    _ => ("Reboot", "reboot requested"),
+                };
+                c.call::<()>(IFACE_OTA, method, &()).await?;
+                Ok(if opts.json {
+                    pretty(&json!({"ok": true}))
+                } else {
+                    format!("{done}\n")
+                })
+            }
             Command::SyncNow => {
                 c.call::<()>(IFACE_SYNC, "SyncNow", &()).await?;
                 Ok(if opts.json {
@@ -253,6 +287,42 @@ impl Client<'_> {
             message,
         }
     }
+}
+
+/// `ota status` for people: one line per fact, then the recent log.
+fn ota_text(j: &Json) -> String {
+    let s = |k: &str| j[k].as_str().unwrap_or_default().to_owned();
+    let mut out = String::new();
+    let _ = writeln!(out, "backend:     {}", s("backend"));
+    let _ = writeln!(out, "state:       {}", s("state"));
+    let _ = writeln!(out, "booted slot: {}", s("booted_slot"));
+    if !s("id").is_empty() {
+        let _ = writeln!(
+            out,
+            "deployment:  {} {} ({} -> {})",
+            s("id"),
+            s("version"),
+            s("from_slot"),
+            s("target_slot")
+        );
+    }
+    if !s("phase").is_empty() {
+        let _ = writeln!(out, "progress:    {}% {}", j["progress"], s("phase"));
+    }
+    if !s("last_error").is_empty() {
+        let _ = writeln!(out, "last error:  {}", s("last_error"));
+    }
+    for l in j["log"].as_array().into_iter().flatten() {
+        let at = l["at_ms"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "  {} {:<22} {}",
+            crate::clock::rfc3339(at),
+            l["state"].as_str().unwrap_or_default(),
+            l["message"].as_str().unwrap_or_default()
+        );
+    }
+    out
 }
 
 fn pretty(j: &Json) -> String {

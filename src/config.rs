@@ -498,6 +498,55 @@ pub struct Ota {
     pub min_battery_percent: u8,
     pub commit_deadline: Duration,
     pub health_commands: Vec<String>,
+    /// The health gate also needs the last sync with the hub to succeed.
+    pub health_require_cloud: bool,
+    /// ed25519 public keys (32 raw bytes or 64 hex digits per file) that
+    /// may sign image manifests (uboot and grub backends; RAUC checks its
+    /// own keyring).
+    pub public_keys: Vec<PathBuf>,
+    /// The bus RAUC's service is on: `system` or a D-Bus address.
+    pub rauc_bus: String,
+    /// Run through `sh -c` to reboot; tests replace it.
+    pub reboot_command: String,
+    /// Where the booted slot is read from (`rauc.slot=` / `konsul.slot=`).
+    pub cmdline: PathBuf,
+    /// Changes on every boot; tells a daemon restart from a reboot.
+    pub boot_id_file: PathBuf,
+    /// A sysfs `capacity` file (percent) for `min_battery_percent`.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub battery_path: Option<PathBuf>,
+    /// Boots of a new slot that may fail before the daemon runs
+    /// (bootloader counter), and daemon crashes during the health gate.
+    #[serde(deserialize_with = "de_attempts")]
+    pub boot_attempts: u32,
+    /// Boots of a new slot interrupted during the gate (power cuts,
+    /// resets) before it is given up.
+    #[serde(deserialize_with = "de_attempts")]
+    pub max_unconfirmed_boots: u32,
+    /// Bandwidth cap for staging/downloading a bundle, bytes per second
+    /// (0 = none).
+    pub download_rate: ByteSize,
+    /// How long downloading, verifying or installing may take.
+    pub step_timeout: Duration,
+    /// Where bundles are staged; default: `<storage dir>/ota`.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub work_dir: Option<PathBuf>,
+}
+
+fn de_opt_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let p = Option::<PathBuf>::deserialize(d)?;
+    if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        return Err(serde::de::Error::custom("must not be empty"));
+    }
+    Ok(p)
+}
+
+fn de_attempts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if !(1..=100).contains(&n) {
+        return Err(serde::de::Error::custom(format!("{n}: use 1-100")));
+    }
+    Ok(n)
 }
 
 impl Default for Ota {
@@ -511,6 +560,18 @@ impl Default for Ota {
             min_battery_percent: 0,
             commit_deadline: Duration::secs(600),
             health_commands: Vec::new(),
+            health_require_cloud: false,
+            public_keys: Vec::new(),
+            rauc_bus: "system".into(),
+            reboot_command: "systemctl reboot".into(),
+            cmdline: PathBuf::from("/proc/cmdline"),
+            boot_id_file: PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            battery_path: None,
+            boot_attempts: 3,
+            max_unconfirmed_boots: 10,
+            download_rate: ByteSize(0),
+            step_timeout: Duration::secs(3600),
+            work_dir: None,
         }
     }
 }
@@ -822,10 +883,31 @@ impl Config {
             }
             OtaBackend::Rauc | OtaBackend::None => false,
         };
+        if ota.commit_deadline.is_zero() || ota.step_timeout.is_zero() {
+            return Err(bad(
+                "ota.commit_deadline",
+                "commit_deadline and step_timeout must be greater than 0s".into(),
+            ));
+        }
+        if ota.min_battery_percent > 0
+            && ota.battery_path.is_none()
+            && ota.backend != OtaBackend::None
+        {
+            return Err(bad(
+                "ota.battery_path",
+                "min_battery_percent needs battery_path (a sysfs capacity file)".into(),
+            ));
+        }
         if needs_slots && !(ota.slots.contains_key("A") && ota.slots.contains_key("B")) {
             return Err(bad(
                 "ota.slots",
                 "the uboot and grub backends need slots A and B (device paths)".into(),
+            ));
+        }
+        if needs_slots && ota.public_keys.is_empty() {
+            return Err(bad(
+                "ota.public_keys",
+                "the uboot and grub backends need at least one manifest signing key".into(),
             ));
         }
         Ok(())

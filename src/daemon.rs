@@ -48,6 +48,8 @@ pub enum DaemonError {
     Dbus(Box<crate::dbus::DbusError>),
     #[error("firmware: {0}")]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error("ota: {0}")]
+    Ota(#[from] crate::ota::OtaError),
 }
 
 fn firmware_settings(
@@ -163,7 +165,20 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             return Err(e.into());
         }
     };
+    let ota = match smol::block_on(crate::ota::Ota::open(
+        &config.ota,
+        store.clone(),
+        sync.clone(),
+        &config.storage.path,
+    )) {
+        Ok(o) => o,
+        Err(e) => {
+            store.close();
+            return Err(e.into());
+        }
+    };
     let api = Arc::new(Api {
+        ota: ota.clone(),
         registry,
         devices: devices.clone(),
         sync: sync.clone(),
@@ -206,16 +221,11 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         ex.spawn(crate::systemd::watchdog(store.clone(), every))
     });
 
-    let ota_state = match config.ota.backend {
-        // Until the OTA work lands, a configured backend is simply idle.
-        crate::config::OtaBackend::None => "unavailable",
-        _ => "idle",
-    };
     let result = smol::block_on(ex.run(async {
         // The bus name is part of "ready": clients started after READY=1
         // (systemd ordering, D-Bus activation) must find it.
         let dbus = if config.dbus.enabled {
-            match crate::dbus::serve(&config.dbus.bus, api.clone(), ota_state, &ex).await {
+            match crate::dbus::serve(&config.dbus.bus, api.clone(), &ex).await {
                 Ok(service) => Some(service),
                 Err(e) => {
                     shutdown.trigger();
@@ -245,6 +255,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             store.path().display()
         );
         crate::systemd::ready(&initial);
+        // After READY: the health gate's "daemon healthy" means what
+        // systemd and clients see, and the coordinator's first log line
+        // (booted slot, state) always follows the ready line.
+        ex.spawn(ota.run()).detach();
 
         let signal = match signals.next().await {
             Some(Ok(Signal::Int)) => "SIGINT",

@@ -176,6 +176,8 @@ pub struct Api {
     /// Set in hub mode: serves `POST /v1/edge/sync` and `/v1/edge/edges`.
     pub hub: Option<crate::sync::Hub>,
     pub metrics: Arc<Metrics>,
+    /// The A/B OTA coordinator (`/v1/edge/ota`).
+    pub ota: crate::ota::Ota,
     pub max_body: u64,
     /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
     pub test_hooks: bool,
@@ -800,6 +802,35 @@ impl Api {
         }))
     }
 
+    /// `{"path": "/abs/bundle"}`: a manual install of a local, signed
+    /// bundle (the same checks as D-Bus `Install`).
+    async fn ota_install(&self, req: Request<Incoming>) -> Resp {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            path: String,
+        }
+        let body: Body = match self.body(req).await {
+            Ok(b) => b,
+            Err(r) => return *r,
+        };
+        use crate::ota::OtaError as O;
+        match self.ota.install(&body.path).await {
+            Ok(id) => ok(json!({"message": "install started", "deployment": id})),
+            Err(e @ (O::Disabled | O::Busy(_) | O::NotApplicable(_))) => {
+                error(StatusCode::CONFLICT, e.to_string())
+            }
+            Err(e @ (O::Invalid(_) | O::Bundle(_) | O::Rejected(_))) => {
+                error(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            Err(O::Store(e)) => store_error(e, &self.metrics),
+            Err(e) => {
+                log::error!("ota: {e}");
+                error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+
     async fn metrics_text(&self) -> Resp {
         let counts = match self.devices.counts().await {
             Ok(c) => c,
@@ -810,6 +841,7 @@ impl Api {
                 let mut text = self.metrics.render(&stats, self.registry.store().node_id());
                 self.metrics.render_devices(&counts, &mut text);
                 self.sync.render_metrics(&mut text);
+                crate::metrics::render_ota(&self.ota.status(), self.ota.enabled(), &mut text);
                 let mut r = Response::new(Body::full(text));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
@@ -1008,6 +1040,20 @@ impl Api {
                         Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/ota" => (
+                "/v1/edge/ota",
+                match method {
+                    Method::GET => ok(self.ota.status_json().await),
+                    _ => method_not_allowed("GET"),
+                },
+            ),
+            "edge/ota/install" => (
+                "/v1/edge/ota/install",
+                match method {
+                    Method::POST | Method::PUT => self.ota_install(req).await,
+                    _ => method_not_allowed("POST"),
                 },
             ),
             "edge/sync" => (

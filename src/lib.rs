@@ -16,6 +16,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod ota;
 pub mod registry;
 pub mod store;
 pub mod sync;

@@ -50,6 +50,10 @@ USAGE:
     konsul-edge rollout pause|resume|abort ID
                                             (start/pause/resume/abort need root
                                             or group konsul)
+    konsul-edge ota status                  A/B update state, slots, recent log
+    konsul-edge ota install BUNDLE          needs root or group konsul (as below)
+    konsul-edge ota mark-good | mark-bad    commit the new slot / roll back (or cancel)
+    konsul-edge ota reboot                  reboot into the update now
     BUS is system (default), session or a D-Bus address; exit 69 when the
     daemon is not running, 77 when refused.
 
@@ -97,7 +101,15 @@ fn parse_args() -> Result<Command, lexopt::Error> {
     };
     if matches!(
         sub.as_str(),
-        "status" | "services" | "devices" | "kv" | "sync" | "firmware" | "rollout" | "rollouts"
+        "status"
+            | "services"
+            | "devices"
+            | "kv"
+            | "sync"
+            | "firmware"
+            | "rollout"
+            | "rollouts"
+            | "ota"
     ) {
         return parse_client(&sub, p);
     }
@@ -201,6 +213,21 @@ fn parse_client(sub: &str, mut p: lexopt::Parser) -> Result<Command, lexopt::Err
         }
         ("kv", _) => return Err("usage: kv get KEY | kv put KEY VALUE [--cas N]".into()),
         ("sync", _) => return Err("usage: sync status | sync now".into()),
+        ("ota", ["status"] | []) => cli::Command::OtaStatus,
+        ("ota", ["install", bundle]) => cli::Command::OtaInstall {
+            // The daemon reads the file: hand it an absolute path.
+            bundle: std::path::absolute(bundle)
+                .map_err(|e| format!("{bundle}: {e}"))?
+                .display()
+                .to_string(),
+        },
+        ("ota", ["mark-good"]) => cli::Command::OtaMarkGood,
+        ("ota", ["mark-bad"]) => cli::Command::OtaMarkBad,
+        ("ota", ["reboot"]) => cli::Command::OtaReboot,
+        ("ota", _) => return Err(
+            "usage: ota status | ota install BUNDLE | ota mark-good | ota mark-bad | ota reboot"
+                .into(),
+        ),
         (_, extra) => {
             return Err(format!("{sub}: unexpected argument `{}`", extra.join(" ")).into())
         }
@@ -341,6 +368,10 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Dbus(_) => EX_UNAVAILABLE,
         // The firmware directory cannot be created or read.
         DaemonError::Firmware(_) => EX_CANTCREAT,
+        // Unreadable signing keys or work directory: the config points at
+        // them; a store fault while loading the OTA state is I/O.
+        DaemonError::Ota(konsul_edge::ota::OtaError::Store(_)) => EX_IOERR,
+        DaemonError::Ota(_) => EX_CONFIG,
     };
     ExitCode::from(code)
 }

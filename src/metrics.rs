@@ -312,6 +312,51 @@ impl Metrics {
     }
 }
 
+/// The OTA coordinator: one 0/1 series per state (so alerts can match
+/// `state="rolled-back"`), progress, and the gate's counters.
+pub fn render_ota(s: &crate::ota::Status, enabled: bool, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP konsul_edge_ota_state A/B update state (1 = current).\n# TYPE konsul_edge_ota_state gauge"
+    );
+    for st in crate::ota::State::ALL {
+        let v = u8::from(enabled && s.deployment.state == st);
+        let _ = writeln!(
+            out,
+            "konsul_edge_ota_state{{state=\"{}\"}} {v}",
+            st.as_str()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP konsul_edge_ota_info Backend and slots.\n# TYPE konsul_edge_ota_info gauge\n\
+         konsul_edge_ota_info{{backend=\"{}\",booted_slot=\"{}\",target_slot=\"{}\",version=\"{}\"}} 1",
+        s.backend,
+        escape(&s.booted_slot),
+        escape(&s.deployment.target_slot),
+        escape(&s.deployment.version)
+    );
+    for (name, help, v) in [
+        (
+            "konsul_edge_ota_progress_percent",
+            "Progress of the current OTA step.",
+            u64::from(s.progress),
+        ),
+        (
+            "konsul_edge_ota_gate_crashes",
+            "Daemon crashes during the current health gate.",
+            u64::from(s.deployment.crashes),
+        ),
+        (
+            "konsul_edge_ota_gate_interrupted_boots",
+            "Reboots during the current health gate (power cuts, resets).",
+            u64::from(s.deployment.boots),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")

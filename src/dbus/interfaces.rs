@@ -14,7 +14,7 @@ use zbus::object_server::SignalEmitter;
 
 use super::access::Access;
 use super::convert::{dict_to_json, to_dict, Dict};
-use super::{firmware_error, registry_error, store_error, sync_error, Error};
+use super::{firmware_error, ota_error, registry_error, store_error, sync_error, Error};
 use crate::http::Api;
 use crate::registry::{RecordView, ServiceEntry, ServiceInput};
 use crate::store::Kind;
@@ -23,7 +23,6 @@ use crate::store::Kind;
 pub struct Ctx {
     pub api: Arc<Api>,
     pub access: Access,
-    pub ota_state: &'static str,
 }
 
 /// A service with its health and indices, flattened into one dictionary.
@@ -435,12 +434,96 @@ impl SyncIface {
 
 #[interface(name = "io.konsul.Edge1.Ota")]
 impl OtaIface {
-    /// "unavailable" (ota.backend: none) or "idle". Placeholder: this
-    /// build has no OTA engine yet; the OTA work adds the update states
-    /// (downloading, installing, ...) without changing the signature.
+    /// Installs a local bundle (absolute path, read by the daemon): a RAUC
+    /// bundle with ota.backend rauc, else an image with its signed
+    /// `<path>.manifest`. Returns at once with the deployment id; watch
+    /// State and Progress. Accepted when no update is in flight (a pending
+    /// reboot is superseded). Needs root or group konsul. Errors:
+    /// InvalidArgument (path, manifest, signature), Unavailable (no
+    /// backend, busy), AccessDenied.
+    #[zbus(out_args("deployment_id"))]
+    async fn install(
+        &self,
+        bundle: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<String, Error> {
+        self.0.access.require_admin(&hdr, "Ota.Install").await?;
+        self.0.api.ota.install(&bundle).await.map_err(ota_error)
+    }
+
+    /// Commits the booted new slot now (state booted-pending-commit),
+    /// verified by reading the bootloader state back. Needs root or group
+    /// konsul. Errors: Unavailable (nothing to commit), Failed.
+    async fn mark_good(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
+        self.0.access.require_admin(&hdr, "Ota.MarkGood").await?;
+        self.0.api.ota.mark_good().await.map_err(ota_error)
+    }
+
+    /// On the new slot: marks it bad and reboots into the old one. Before
+    /// the reboot (pending-reboot): cancels the update. Needs root or group
+    /// konsul. Errors: Unavailable, Failed.
+    async fn mark_bad(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
+        self.0.access.require_admin(&hdr, "Ota.MarkBad").await?;
+        self.0.api.ota.mark_bad().await.map_err(ota_error)
+    }
+
+    /// Reboots into the installed update now, outside the maintenance
+    /// window and battery rule. Needs root or group konsul. Errors:
+    /// Unavailable (no update waits for a reboot).
+    async fn reboot(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
+        self.0.access.require_admin(&hdr, "Ota.Reboot").await?;
+        self.0.api.ota.reboot().await.map_err(ota_error)
+    }
+
+    /// Everything at once: backend, state, progress, phase, booted_slot,
+    /// target_slot, from_slot, version, id, source, last_error, since_ms,
+    /// crashes, boots (t), bootloader (a{sv}: the environment variables or
+    /// RAUC's slots) and log (aa{sv}: recent transitions).
+    #[zbus(out_args("status"))]
+    async fn get_status(&self) -> Result<Dict, Error> {
+        Ok(to_dict(&self.0.api.ota.status_json().await))
+    }
+
+    /// "unavailable" (ota.backend: none), idle, downloading, verifying,
+    /// installing, pending-reboot, booted-pending-commit, committed,
+    /// rolled-back or failed.
     #[zbus(property)]
     fn state(&self) -> String {
-        self.0.ota_state.to_owned()
+        if !self.0.api.ota.enabled() {
+            return "unavailable".into();
+        }
+        self.0.api.ota.status().deployment.state.as_str().to_owned()
+    }
+
+    /// Percent done of the current step and what it is doing.
+    #[zbus(property)]
+    fn progress(&self) -> (u32, String) {
+        let s = self.0.api.ota.status();
+        (u32::from(s.progress), s.phase)
+    }
+
+    /// Why the last deployment failed or rolled back; "" otherwise.
+    #[zbus(property)]
+    fn last_error(&self) -> String {
+        self.0.api.ota.status().deployment.last_error
+    }
+
+    /// The slot running now (boot name, e.g. "A").
+    #[zbus(property)]
+    fn booted_slot(&self) -> String {
+        self.0.api.ota.status().booted_slot
+    }
+
+    /// The slot the current deployment went into; "" before install.
+    #[zbus(property)]
+    fn target_slot(&self) -> String {
+        self.0.api.ota.status().deployment.target_slot
+    }
+
+    /// The current deployment's version (from its manifest); may be "".
+    #[zbus(property)]
+    fn version(&self) -> String {
+        self.0.api.ota.status().deployment.version
     }
 }
 

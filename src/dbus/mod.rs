@@ -129,6 +129,20 @@ pub fn firmware_error(e: crate::firmware::FirmwareError) -> Error {
     }
 }
 
+/// OTA errors on the wire, exhaustively.
+pub fn ota_error(e: crate::ota::OtaError) -> Error {
+    use crate::ota::OtaError as O;
+    match e {
+        O::Disabled | O::Busy(_) | O::NotApplicable(_) => Error::Unavailable(e.to_string()),
+        O::Invalid(_) | O::Bundle(_) | O::Rejected(_) => Error::InvalidArgument(e.to_string()),
+        O::Store(s) => store_error(s),
+        O::Io { .. } | O::Backend(_) | O::Unconfirmed(_) | O::Rauc(_) | O::Timeout { .. } => {
+            log::error!("ota: {e}");
+            Error::Failed(e.to_string())
+        }
+    }
+}
+
 pub fn sync_error(e: SyncError) -> Error {
     match e {
         SyncError::Disabled => Error::Unavailable(e.to_string()),
@@ -166,7 +180,6 @@ pub struct Service {
 pub async fn serve(
     bus: &str,
     api: Arc<Api>,
-    ota_state: &'static str,
     ex: &Arc<smol::Executor<'static>>,
 ) -> Result<Service, DbusError> {
     let setup = |source| DbusError::Setup {
@@ -199,7 +212,6 @@ pub async fn serve(
     let ctx = Arc::new(interfaces::Ctx {
         api: api.clone(),
         access,
-        ota_state,
     });
     let server = conn.object_server();
     server
@@ -233,6 +245,7 @@ pub async fn serve(
     ex.spawn(pump_changes(conn.clone(), api.clone(), changes))
         .detach();
     ex.spawn(pump_sync(conn.clone(), api.sync.clone())).detach();
+    ex.spawn(pump_ota(conn.clone(), api.ota.clone())).detach();
 
     conn.request_name_with_flags(NAME, RequestNameFlags::DoNotQueue.into())
         .await
@@ -331,6 +344,53 @@ async fn pump_sync(conn: zbus::Connection, sync: crate::sync::SyncHandle) {
         }
         if now.last_error != last.last_error {
             results.push(i.last_error_changed(emitter).await);
+        }
+        drop(i);
+        for r in results {
+            if let Err(e) = r {
+                log::warn!("D-Bus: PropertiesChanged not sent: {e}");
+            }
+        }
+        last = now;
+        listener.await;
+    }
+}
+
+/// OTA state -> `PropertiesChanged`, as for sync: one signal per property
+/// that changed.
+async fn pump_ota(conn: zbus::Connection, ota: crate::ota::Ota) {
+    let iface = match conn.object_server().interface::<_, OtaIface>(PATH).await {
+        Ok(i) => i,
+        Err(e) => {
+            log::error!("D-Bus: OTA interface missing: {e}");
+            return;
+        }
+    };
+    let mut last = ota.status();
+    loop {
+        let listener = ota.changed();
+        let now = ota.status();
+        let emitter = iface.signal_emitter();
+        let i = iface.get().await;
+        let mut results = Vec::new();
+        let (a, b) = (&last.deployment, &now.deployment);
+        if a.state != b.state {
+            results.push(i.state_changed(emitter).await);
+        }
+        if last.progress != now.progress || last.phase != now.phase {
+            results.push(i.progress_changed(emitter).await);
+        }
+        if a.last_error != b.last_error {
+            results.push(i.last_error_changed(emitter).await);
+        }
+        if last.booted_slot != now.booted_slot {
+            results.push(i.booted_slot_changed(emitter).await);
+        }
+        if a.target_slot != b.target_slot {
+            results.push(i.target_slot_changed(emitter).await);
+        }
+        if a.version != b.version {
+            results.push(i.version_changed(emitter).await);
         }
         drop(i);
         for r in results {

@@ -168,6 +168,22 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (device_type, version)
     ) WITHOUT ROWID;
     "#,
+    // 5: the A/B OTA coordinator (src/ota/). Per-device state, never
+    // replicated: one row holding the current deployment as JSON (written
+    // in the same transaction as the state change it records), and a short
+    // log of transitions for operators and the hub report.
+    r#"
+    CREATE TABLE ota (
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        body TEXT    NOT NULL
+    );
+    CREATE TABLE ota_log (
+        id      INTEGER PRIMARY KEY,
+        at_ms   INTEGER NOT NULL,
+        state   TEXT    NOT NULL,
+        message TEXT    NOT NULL
+    );
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

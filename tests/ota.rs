@@ -1,0 +1,746 @@
+//! A/B OTA against the real bootloader tools: `fw_setenv`/`fw_printenv`
+//! (libubootenv or u-boot-tools) on a file-backed U-Boot environment made
+//! with `mkenvimage`, and `grub-editenv` on a grubenv file. Slots are image
+//! files.
+//!
+//! Reboots are simulated: the test kills the daemon (SIGKILL = power cut),
+//! runs the bootloader's selection logic on the real environment (the
+//! RAUC-convention boot scripts, see `Rig::boot`), writes the kernel
+//! command line (`rauc.slot=X`) and a fresh boot id to the files the daemon
+//! reads, and starts the daemon again. A daemon restart *without* a new
+//! boot id is a crash (systemd restarting it).
+//!
+//! Waits are on the daemon's own log lines (`ota: a -> b: ...`) with the
+//! harness deadline; the only polling is for a file another process writes
+//! (the reboot command's marker, the staged bundle's size).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Flavor {
+    Uboot,
+    Grub,
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    flavor: Flavor,
+    key: Ed25519KeyPair,
+    boots: u32,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn keypair() -> Ed25519KeyPair {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+}
+
+fn sha256(b: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Skips (loudly) when a tool is missing; scripts/test.sh installs them.
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("\n*** SKIPPED: `{tool}` is not installed (apt-get install u-boot-tools libubootenv-tool grub-common) ***\n");
+    }
+    ok
+}
+
+const OLD_A: u8 = b'a';
+const OLD_B: u8 = b'b';
+const SLOT_SIZE: usize = 2 << 20;
+
+impl Rig {
+    fn new(flavor: Flavor, ota_extra: &str) -> Rig {
+        Self::with(flavor, ota_extra, "")
+    }
+
+    /// `top_extra` goes before the `ota:` section (e.g. `dbus:`).
+    fn with(flavor: Flavor, ota_extra: &str, top_extra: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("A.img"), vec![OLD_A; SLOT_SIZE]).unwrap();
+        std::fs::write(p.join("B.img"), vec![OLD_B; SLOT_SIZE]).unwrap();
+        let key = keypair();
+        std::fs::write(p.join("ota.pub"), hex(key.public_key().as_ref())).unwrap();
+        let env_line = match flavor {
+            Flavor::Uboot => {
+                std::fs::write(
+                    p.join("vars.txt"),
+                    "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\nbootcmd=run boot_ab\n",
+                )
+                .unwrap();
+                run(Command::new("mkenvimage")
+                    .args(["-s", "0x4000", "-o"])
+                    .arg(p.join("uboot.env"))
+                    .arg(p.join("vars.txt")));
+                std::fs::write(
+                    p.join("fw_env.config"),
+                    format!("{} 0x0000 0x4000\n", p.join("uboot.env").display()),
+                )
+                .unwrap();
+                format!(
+                    "  backend: uboot\n  fw_env_config: {}\n",
+                    p.join("fw_env.config").display()
+                )
+            }
+            Flavor::Grub => {
+                let env = p.join("grubenv");
+                run(Command::new("grub-editenv").arg(&env).arg("create"));
+                run(Command::new("grub-editenv").arg(&env).args([
+                    "set",
+                    "ORDER=A B",
+                    "A_OK=1",
+                    "B_OK=1",
+                    "A_TRY=0",
+                    "B_TRY=0",
+                ]));
+                format!("  backend: grub\n  grub_env: {}\n", env.display())
+            }
+        };
+        let cfg = format!(
+            "{top_extra}ota:\n{env_line}  slots: {{A: {a}, B: {b}}}\n  public_keys: [{pk}]\n  cmdline: {dir}/cmdline\n  boot_id_file: {dir}/boot_id\n  reboot_command: echo reboot >> {dir}/reboots\n  health_commands: [\"test -e {dir}/healthy\"]\n{ota_extra}",
+            a = p.join("A.img").display(),
+            b = p.join("B.img").display(),
+            pk = p.join("ota.pub").display(),
+            dir = p.display(),
+        );
+        write_config(p, &cfg);
+        let mut rig = Rig {
+            dir,
+            flavor,
+            key,
+            boots: 0,
+        };
+        assert_eq!(rig.boot(), "A");
+        rig
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An image with its manifest, signed with `key` (the rig's by default).
+    fn image(
+        &self,
+        name: &str,
+        data: &[u8],
+        version: &str,
+        key: Option<&Ed25519KeyPair>,
+    ) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, data).unwrap();
+        let sha = sha256(data);
+        let text = format!("konsul-ota-v1\n{version}\n{}\n{sha}\n", data.len());
+        let sig = key.unwrap_or(&self.key).sign(text.as_bytes());
+        let manifest = serde_json::json!({
+            "version": version, "size": data.len(), "sha256": sha,
+            "signature": hex(sig.as_ref()),
+        });
+        std::fs::write(format!("{}.manifest", path.display()), manifest.to_string()).unwrap();
+        path
+    }
+
+    fn env(&self) -> BTreeMap<String, String> {
+        let out = match self.flavor {
+            Flavor::Uboot => run(Command::new("fw_printenv")
+                .arg("-c")
+                .arg(self.path("fw_env.config"))),
+            Flavor::Grub => run(Command::new("grub-editenv")
+                .arg(self.path("grubenv"))
+                .arg("list")),
+        };
+        out.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn set_env(&self, k: &str, v: &str) {
+        match self.flavor {
+            Flavor::Uboot => run(Command::new("fw_setenv")
+                .arg("-c")
+                .arg(self.path("fw_env.config"))
+                .args([k, v])),
+            Flavor::Grub => run(Command::new("grub-editenv")
+                .arg(self.path("grubenv"))
+                .arg("set")
+                .arg(format!("{k}={v}"))),
+        };
+    }
+
+    /// A power-on: the boot script's slot selection on the real
+    /// environment (RAUC's U-Boot and GRUB conventions, as in
+    /// board-configs/), then the command line and a new boot id.
+    fn boot(&mut self) -> String {
+        let env = self.env();
+        let slot = match self.flavor {
+            Flavor::Uboot => {
+                let order = env.get("BOOT_ORDER").cloned().unwrap_or("A B".into());
+                let pick = order.split_whitespace().find(|s| {
+                    env.get(&format!("BOOT_{s}_LEFT"))
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .unwrap_or(0)
+                        > 0
+                });
+                match pick {
+                    Some(s) => {
+                        let k = format!("BOOT_{s}_LEFT");
+                        let left: u32 = env[&k].parse().unwrap();
+                        self.set_env(&k, &(left - 1).to_string());
+                        s.to_string()
+                    }
+                    None => {
+                        // The script resets the counters and boots the first.
+                        self.set_env("BOOT_A_LEFT", "3");
+                        self.set_env("BOOT_B_LEFT", "3");
+                        order.split_whitespace().next().unwrap().to_string()
+                    }
+                }
+            }
+            Flavor::Grub => {
+                let order = env.get("ORDER").cloned().unwrap_or("A B".into());
+                let pick = order.split_whitespace().find(|s| {
+                    env.get(&format!("{s}_OK")).map(String::as_str) == Some("1")
+                        && env.get(&format!("{s}_TRY")).map(String::as_str) == Some("0")
+                });
+                match pick {
+                    Some(s) => {
+                        self.set_env(&format!("{s}_TRY"), "1");
+                        s.to_string()
+                    }
+                    None => "A".to_string(),
+                }
+            }
+        };
+        self.boots += 1;
+        std::fs::write(
+            self.path("cmdline"),
+            format!("console=ttyS0 root=/dev/mmcblk0p2 rauc.slot={slot} quiet\n"),
+        )
+        .unwrap();
+        std::fs::write(self.path("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
+        slot
+    }
+
+    /// Starts the daemon and waits until the coordinator has looked at
+    /// the bootloader (it does so just after READY).
+    fn start(&self) -> Daemon {
+        let d = Daemon::start(self.dir.path());
+        wait(&d, "ota: backend ");
+        d
+    }
+
+    fn reboots(&self) -> usize {
+        std::fs::read_to_string(self.path("reboots"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn slot(&self, s: &str) -> Vec<u8> {
+        std::fs::read(self.path(&format!("{s}.img"))).unwrap()
+    }
+
+    fn healthy(&self, yes: bool) {
+        if yes {
+            std::fs::write(self.path("healthy"), "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(self.path("healthy"));
+        }
+    }
+}
+
+fn ota(d: &Daemon) -> serde_json::Value {
+    let r = d.get("/v1/edge/ota");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn install(d: &Daemon, path: &Path) -> Resp {
+    d.req(
+        "POST",
+        "/v1/edge/ota/install",
+        Some(&serde_json::json!({"path": path}).to_string()),
+    )
+}
+
+fn wait(d: &Daemon, what: &str) -> String {
+    d.wait_log(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no log line containing `{what}` in time"))
+}
+
+fn new_image(fill: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| fill ^ (i % 7) as u8).collect()
+}
+
+/// Install -> reboot -> gate passes -> committed, verified in the real
+/// U-Boot environment; hub report and metrics follow.
+#[test]
+fn uboot_install_reboot_and_commit() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let mut rig = Rig::new(Flavor::Uboot, "  commit_deadline: 20s\n");
+    rig.healthy(true);
+    let data = new_image(0x5a, 300_000);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let mut d = rig.start();
+    assert_eq!(ota(&d)["state"], "idle");
+    assert_eq!(ota(&d)["booted_slot"], "A");
+    let r = install(&d, &img);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait(&d, "-> pending-reboot");
+    wait(&d, "running the reboot command");
+    eventually("the reboot command ran", || rig.reboots() == 1);
+    // The image is in B, B boots next (once per try), A is untouched.
+    assert_eq!(&rig.slot("B")[..data.len()], &data[..]);
+    assert_eq!(rig.slot("B").len(), data.len());
+    assert_eq!(rig.slot("A"), vec![OLD_A; SLOT_SIZE]);
+    let env = rig.env();
+    assert_eq!(env["BOOT_ORDER"], "B A");
+    assert_eq!(env["BOOT_B_LEFT"], "3");
+    assert_eq!(env["upgrade_available"], "1");
+    let st = ota(&d);
+    assert_eq!(st["state"], "pending-reboot");
+    assert_eq!(st["target_slot"], "B");
+    assert_eq!(st["version"], "2.0.0");
+    d.kill9();
+
+    assert_eq!(rig.boot(), "B");
+    assert_eq!(rig.env()["BOOT_B_LEFT"], "2");
+    let d = rig.start();
+    wait(&d, "-> committed");
+    let env = rig.env();
+    assert_eq!(env["BOOT_ORDER"], "B A");
+    assert_eq!(env["BOOT_B_LEFT"], "3", "counter refilled on commit");
+    assert_eq!(env["upgrade_available"], "0");
+    let st = ota(&d);
+    assert_eq!(st["state"], "committed");
+    assert_eq!(st["booted_slot"], "B");
+    assert_eq!(st["bootloader"]["upgrade_available"], "0");
+    let log: Vec<String> = st["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["state"].as_str().unwrap().to_string())
+        .collect();
+    for s in [
+        "downloading",
+        "verifying",
+        "installing",
+        "pending-reboot",
+        "booted-pending-commit",
+        "committed",
+    ] {
+        assert!(log.iter().any(|l| l == s), "{s} missing from {log:?}");
+    }
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("konsul_edge_ota_state{state=\"committed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("konsul_edge_ota_state{state=\"idle\"} 0"));
+    // The outcome is a replicated record for the hub.
+    let outbox = d.get("/v1/edge/status").json();
+    assert!(outbox["outbox_pending"].as_u64().unwrap() >= 1);
+    assert_eq!(rig.reboots(), 1, "no reboot after a commit");
+}
+
+/// A failing gate marks the new slot bad and reboots into the old one at
+/// once; the rolled-back deployment does not block the next update.
+#[test]
+fn uboot_failing_gate_rolls_back_and_later_updates_still_install() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let mut rig = Rig::new(Flavor::Uboot, "  commit_deadline: 1s\n");
+    rig.healthy(false);
+    let data = new_image(0x33, 100_000);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let mut d = rig.start();
+    assert_eq!(install(&d, &img).status, 200);
+    wait(&d, "running the reboot command");
+    d.kill9();
+    assert_eq!(rig.boot(), "B");
+    let mut d = rig.start();
+    let line = wait(&d, "-> rolled-back");
+    assert!(line.contains("health gate failed"), "{line}");
+    eventually("the rollback reboot", || rig.reboots() == 2);
+    let env = rig.env();
+    assert_eq!(env["BOOT_ORDER"], "A B");
+    assert_eq!(env["BOOT_B_LEFT"], "0");
+    assert_eq!(env["upgrade_available"], "0");
+    assert!(ota(&d)["last_error"].as_str().unwrap().contains("test -e"));
+    d.kill9();
+
+    assert_eq!(rig.boot(), "A");
+    let d = rig.start();
+    let st = ota(&d);
+    assert_eq!(st["state"], "rolled-back");
+    assert_eq!(st["booted_slot"], "A");
+    // Not stuck: a new update is accepted and goes through.
+    rig.healthy(true);
+    let data3 = new_image(0x44, 50_000);
+    let img3 = rig.image("v3.img", &data3, "3.0.0", None);
+    assert_eq!(install(&d, &img3).status, 200);
+    wait(&d, "-> pending-reboot");
+    assert_eq!(&rig.slot("B")[..], &data3[..]);
+    assert_eq!(rig.env()["BOOT_ORDER"], "B A");
+}
+
+/// Power cuts during the gate are not failures (the bootloader counter is
+/// refilled once the daemon runs, and reboots count only against the
+/// larger limit); daemon crashes within one boot are, and
+/// `boot_attempts` of them roll back.
+#[test]
+fn uboot_power_cycles_do_not_roll_back_but_a_crash_loop_does() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let mut rig = Rig::new(
+        Flavor::Uboot,
+        "  commit_deadline: 60s\n  boot_attempts: 2\n",
+    );
+    rig.healthy(false);
+    let data = new_image(0x21, 64_000);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let mut d = rig.start();
+    assert_eq!(install(&d, &img).status, 200);
+    wait(&d, "running the reboot command");
+    d.kill9();
+    assert_eq!(rig.env()["BOOT_B_LEFT"], "2");
+
+    // First boot of B: the gate starts; power cut.
+    assert_eq!(rig.boot(), "B");
+    let mut d = rig.start();
+    wait(&d, "health gate started");
+    d.kill9();
+    // The daemon crashed (same boot): crash 1 of 2.
+    let mut d = rig.start();
+    wait(&d, "crash 1 of 2");
+    wait(&d, "health gate started");
+    d.kill9();
+    // Three quick power cycles: more than the bootloader's 2 tries, yet
+    // B keeps booting and nothing rolls back.
+    for n in 1..=3 {
+        assert_eq!(rig.boot(), "B", "power cycle {n}");
+        let mut d = rig.start();
+        wait(&d, "not counted as a failure");
+        wait(&d, "health gate started");
+        assert_eq!(ota(&d)["state"], "booted-pending-commit");
+        assert_eq!(
+            rig.env()["BOOT_B_LEFT"],
+            "2",
+            "refilled by the running daemon"
+        );
+        d.kill9();
+    }
+    assert_eq!(rig.reboots(), 1);
+    // A second crash in one boot: the crash loop rolls back.
+    let mut d = rig.start();
+    let line = wait(&d, "-> rolled-back");
+    assert!(line.contains("crashed 2 times"), "{line}");
+    eventually("the rollback reboot", || rig.reboots() == 2);
+    assert_eq!(rig.env()["BOOT_ORDER"], "A B");
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("konsul_edge_ota_gate_interrupted_boots 3"),
+        "{metrics}"
+    );
+    d.kill9();
+    assert_eq!(rig.boot(), "A");
+}
+
+/// kill -9 while the bundle is being copied (bandwidth-capped) and again
+/// right as the install starts: the copy resumes, the install restarts,
+/// and at no moment does the bootloader point at a partly written slot.
+#[test]
+fn uboot_power_loss_during_download_and_install() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let mut rig = Rig::new(Flavor::Uboot, "  download_rate: 256Ki\n");
+    rig.healthy(true);
+    let data = new_image(0x77, 1 << 20);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let mut d = rig.start();
+    assert_eq!(install(&d, &img).status, 200);
+    wait(&d, "-> downloading");
+    let staged = || -> u64 {
+        std::fs::read_dir(rig.path("ota"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "bundle"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    };
+    eventually("part of the bundle staged", || staged() > 64 * 1024);
+    d.kill9();
+    let part = staged();
+    assert!(
+        part < data.len() as u64,
+        "copy finished before the cut: {part}"
+    );
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE], "nothing written yet");
+    assert_eq!(rig.env()["BOOT_ORDER"], "A B");
+
+    let mut d = rig.start();
+    let line = wait(&d, "resuming the copy");
+    let at: u64 = line
+        .rsplit("at byte ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(at > 0, "{line}");
+    wait(&d, "install attempt 1");
+    d.kill9();
+    // Whatever the cut interrupted, B is only bootable when complete.
+    let env = rig.env();
+    if env["BOOT_ORDER"].starts_with('B') && env["BOOT_B_LEFT"] != "0" {
+        assert_eq!(&rig.slot("B")[..], &data[..]);
+    }
+
+    let mut d = rig.start();
+    wait(&d, "running the reboot command");
+    assert_eq!(&rig.slot("B")[..], &data[..]);
+    assert_eq!(rig.env()["BOOT_ORDER"], "B A");
+    assert_eq!(rig.env()["upgrade_available"], "1");
+    d.kill9();
+    assert_eq!(rig.boot(), "B");
+    let d = rig.start();
+    wait(&d, "-> committed");
+}
+
+/// A manifest signed by another key is refused by the request itself; an
+/// image that does not match its (validly signed) digest fails in
+/// verifying. Neither touches a slot or the environment.
+#[test]
+fn bad_signature_and_bad_digest_are_refused_before_anything_is_written() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let rig = Rig::new(Flavor::Uboot, "");
+    let d = rig.start();
+
+    let other = keypair();
+    let data = new_image(0x11, 10_000);
+    let img = rig.image("evil.img", &data, "6.6.6", Some(&other));
+    let r = install(&d, &img);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("signature"), "{}", r.text());
+    assert_eq!(
+        ota(&d)["state"],
+        "idle",
+        "a refused request changes nothing"
+    );
+
+    let img = rig.image("tampered.img", &data, "2.0.0", None);
+    let mut evil = data.clone();
+    evil[100] ^= 0xff;
+    std::fs::write(&img, &evil).unwrap();
+    assert_eq!(install(&d, &img).status, 200);
+    let line = wait(&d, "-> failed");
+    assert!(line.contains("digest mismatch"), "{line}");
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE]);
+    assert_eq!(rig.slot("A"), vec![OLD_A; SLOT_SIZE]);
+    // (BOOT_A_LEFT is refilled for the booted, committed slot at start.)
+    let env = rig.env();
+    assert_eq!(env["BOOT_ORDER"], "A B");
+    assert_eq!(env["BOOT_B_LEFT"], "3");
+    assert!(!env.contains_key("upgrade_available"), "{env:?}");
+    assert_eq!(rig.reboots(), 0);
+    // Relative paths and missing files are refused too.
+    assert_eq!(
+        d.req("POST", "/v1/edge/ota/install", Some(r#"{"path":"x.img"}"#))
+            .status,
+        400
+    );
+}
+
+/// GRUB: the same flow on a grubenv file: commit, then a second update
+/// whose gate fails rolls back to the committed slot.
+#[test]
+fn grub_commit_then_rollback() {
+    if !have("grub-editenv") {
+        return;
+    }
+    let mut rig = Rig::new(Flavor::Grub, "  commit_deadline: 1s\n");
+    rig.healthy(true);
+    let data = new_image(0x42, 80_000);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let mut d = rig.start();
+    assert_eq!(install(&d, &img).status, 200);
+    wait(&d, "running the reboot command");
+    let env = rig.env();
+    assert_eq!(env["ORDER"], "B A");
+    assert_eq!((env["B_OK"].as_str(), env["B_TRY"].as_str()), ("1", "0"));
+    d.kill9();
+    assert_eq!(rig.boot(), "B");
+    assert_eq!(rig.env()["B_TRY"], "1");
+    let mut d = rig.start();
+    wait(&d, "-> committed");
+    let env = rig.env();
+    assert_eq!(
+        (
+            env["ORDER"].as_str(),
+            env["B_OK"].as_str(),
+            env["B_TRY"].as_str()
+        ),
+        ("B A", "1", "0")
+    );
+    d.kill9();
+    // An ordinary reboot of the committed slot: GRUB sets B_TRY=1, the
+    // daemon clears it again (otherwise the next boot would fall back).
+    assert_eq!(rig.boot(), "B");
+    let mut d = rig.start();
+    eventually("B_TRY cleared", || rig.env()["B_TRY"] == "0");
+
+    rig.healthy(false);
+    let data3 = new_image(0x43, 70_000);
+    let img3 = rig.image("v3.img", &data3, "3.0.0", None);
+    assert_eq!(install(&d, &img3).status, 200);
+    wait(&d, "running the reboot command");
+    assert_eq!(&rig.slot("A")[..], &data3[..]);
+    assert_eq!(rig.env()["ORDER"], "A B");
+    d.kill9();
+    assert_eq!(rig.boot(), "A");
+    let mut d = rig.start();
+    wait(&d, "-> rolled-back");
+    let env = rig.env();
+    assert_eq!((env["ORDER"].as_str(), env["A_OK"].as_str()), ("B A", "0"));
+    d.kill9();
+    assert_eq!(rig.boot(), "B");
+    let d = rig.start();
+    assert_eq!(ota(&d)["state"], "rolled-back");
+    assert_eq!(ota(&d)["booted_slot"], "B");
+}
+
+/// Outside the maintenance window the installed update waits (no reboot);
+/// the operator's `konsul-edge ota reboot` over D-Bus reboots anyway.
+/// `mark-good` with nothing to commit is refused.
+#[test]
+fn reboot_waits_for_the_window_unless_the_operator_asks() {
+    if !have("fw_setenv") || !have("mkenvimage") || !have("dbus-daemon") {
+        return;
+    }
+    let bus_dir = tempfile::tempdir().unwrap();
+    let (mut bus, address) = private_bus(bus_dir.path());
+    // A window that opens two hours from now (UTC) and lasts one hour.
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60)
+        % 1440;
+    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    let window = format!("{}-{}", hm(now_min + 120), hm(now_min + 180));
+    let rig = Rig::with(
+        Flavor::Uboot,
+        &format!("  maintenance_window: \"{window}\"\n"),
+        &format!("dbus:\n  enabled: true\n  bus: \"{address}\"\n"),
+    );
+    let data = new_image(0x66, 40_000);
+    let img = rig.image("v2.img", &data, "2.0.0", None);
+    let d = rig.start();
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--bus", &address])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["ota", "mark-good"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to commit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["ota", "install", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(&d, "-> pending-reboot");
+    wait(&d, "reboot deferred: outside the maintenance window");
+    assert_eq!(rig.reboots(), 0);
+    let st = ota(&d);
+    assert_eq!(st["state"], "pending-reboot");
+    assert!(st["phase"].as_str().unwrap().contains(&window), "{st}");
+    let text = String::from_utf8_lossy(&cli(&["ota", "status"]).stdout).into_owned();
+    assert!(text.contains("pending-reboot"), "{text}");
+    let out = cli(&["ota", "reboot"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(&d, "reboot requested by the operator");
+    wait(&d, "running the reboot command");
+    eventually("the reboot command ran", || rig.reboots() == 1);
+    drop(d);
+    let _ = bus.kill();
+    let _ = bus.wait();
+}
+
+/// A command line that names no slot: the coordinator keeps retrying and
+/// refuses installs meanwhile (nothing would drive them), instead of
+/// accepting a deployment that could never end.
+#[test]
+fn unknown_booted_slot_refuses_installs() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    let rig = Rig::new(Flavor::Uboot, "");
+    std::fs::write(rig.path("cmdline"), "console=ttyS0 root=/dev/sda2\n").unwrap();
+    let d = Daemon::start(rig.dir.path());
+    wait(&d, "cannot tell the booted slot");
+    let img = rig.image("v2.img", &new_image(1, 1000), "2.0.0", None);
+    let r = install(&d, &img);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("booted slot is not known"),
+        "{}",
+        r.text()
+    );
+    let st = ota(&d);
+    assert_eq!(st["state"], "idle");
+    assert!(
+        st["phase"]
+            .as_str()
+            .unwrap()
+            .contains("booted slot unknown"),
+        "{st}"
+    );
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE]);
+}
