@@ -13,10 +13,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 
 use common::*;
 
@@ -62,22 +60,6 @@ fn nix_is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn lines_of(
-    pipe: impl std::io::Read + Send + 'static,
-    tag: &'static str,
-) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            eprintln!("[{tag}] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -100,39 +82,7 @@ impl Rig {
     fn new() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
-        let sock = p.join("bus");
-        std::fs::create_dir_all(&sock).unwrap();
-        std::fs::write(
-            p.join("bus.conf"),
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <listen>unix:dir={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
-</busconfig>
-"#,
-                sock.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", p.join("bus.conf").display()))
-            .args(["--print-address", "--nofork"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dbus-daemon");
-        let address = lines_of(child.stdout.take().unwrap(), "dbus-daemon")
-            .recv_timeout(DEADLINE)
-            .expect("dbus-daemon printed no address");
+        let (child, address) = private_bus(p);
         let bus = Killed(child);
 
         // Two CAs: the keyring's, and one RAUC must refuse.
