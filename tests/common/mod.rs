@@ -288,9 +288,25 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
     }
 }
 
-/// A private dbus-daemon that allows everything (access control is then
-/// the daemon's own); returns it with its address. Kill it when done.
+/// The policy of a bus where everything is allowed: access control is then
+/// the daemon's own.
+pub const OPEN_BUS_POLICY: &str = r#"
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>"#;
+
+/// A private dbus-daemon that allows everything; returns it with its
+/// address. Kill it when done.
 pub fn private_bus(dir: &Path) -> (Child, String) {
+    private_bus_with(dir, OPEN_BUS_POLICY)
+}
+
+/// A private dbus-daemon listening in `dir/bus` with the given `<policy>`
+/// (and `<include>`) elements.
+pub fn private_bus_with(dir: &Path, rules: &str) -> (Child, String) {
     let sock = dir.join("bus");
     std::fs::create_dir_all(&sock).unwrap();
     let conf = dir.join("bus.conf");
@@ -301,13 +317,7 @@ pub fn private_bus(dir: &Path) -> (Child, String) {
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <listen>unix:dir={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
+  <auth>EXTERNAL</auth>{rules}
 </busconfig>
 "#,
             sock.display()
