@@ -123,11 +123,7 @@ impl MqttMetrics {
                 &self.batches,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            sample(out, "counter", name, help, v.load(Ordering::Relaxed));
         }
         let _ = writeln!(
             out,
@@ -275,7 +271,7 @@ impl Metrics {
                 rss_bytes(),
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            sample(&mut out, "gauge", name, help, v);
         }
         for (name, help, v) in [
             (
@@ -289,11 +285,7 @@ impl Metrics {
                 &self.rejected_bodies,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            sample(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
         }
         let _ = writeln!(
             out,
@@ -353,8 +345,16 @@ pub fn render_ota(s: &crate::ota::Status, enabled: bool, out: &mut String) {
             u64::from(s.deployment.boots),
         ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        sample(out, "gauge", name, help, v);
     }
+}
+
+/// One unlabelled sample with its HELP and TYPE lines.
+pub fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 fn escape(s: &str) -> String {

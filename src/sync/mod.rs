@@ -8,7 +8,6 @@
 //! handle still tracks the outbox depth, so operators see what would be
 //! sent once a hub is configured.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -183,7 +182,7 @@ impl SyncHandle {
             ),
         ];
         for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            crate::metrics::sample(out, "gauge", name, help, v);
         }
         let counters = [
             (
@@ -223,11 +222,7 @@ impl SyncHandle {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            crate::metrics::sample(out, "counter", name, help, v.load(Ordering::Relaxed));
         }
     }
 
