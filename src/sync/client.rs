@@ -182,22 +182,31 @@ impl SyncClient {
     }
 
     async fn refresh_pending(&self) {
-        if let Ok(Ok(stats)) = self.registry.store().call(|db| db.stats()).await {
-            let over = stats.outbox > self.queue_limit;
-            let before = self.handle.status().queue_over_limit;
-            if over && !before {
-                log::warn!(
-                    "{} changes wait for the hub, over cloud.offline_queue_size ({}); \
-                     they are kept (one entry per key), but the link needs attention",
-                    stats.outbox,
-                    self.queue_limit
-                );
-            }
-            self.handle.update(|s| {
-                s.pending_changes = stats.outbox;
-                s.queue_over_limit = over;
-            });
-        }
+        // Read and publish on the store thread: `track_outbox` publishes the
+        // same figure, and doing both there orders the updates the way the
+        // reads happened, so a stale count cannot land after a fresh one.
+        let handle = self.handle.clone();
+        let limit = self.queue_limit;
+        let _ = self
+            .registry
+            .store()
+            .call(move |db| {
+                let stats = db.stats()?;
+                let over = stats.outbox > limit;
+                if over && !handle.status().queue_over_limit {
+                    log::warn!(
+                        "{} changes wait for the hub, over cloud.offline_queue_size ({limit}); \
+                         they are kept (one entry per key), but the link needs attention",
+                        stats.outbox
+                    );
+                }
+                handle.update(|s| {
+                    s.pending_changes = stats.outbox;
+                    s.queue_over_limit = over;
+                });
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
     }
 
     /// One sync: rounds until the outbox is drained and the hub has no more.

@@ -278,9 +278,17 @@ impl SyncHandle {
 pub async fn track_outbox(registry: Registry, handle: SyncHandle) {
     let mut changes = registry.subscribe();
     loop {
-        if let Ok(Ok(stats)) = registry.store().call(|db| db.stats()).await {
-            handle.update(|s| s.pending_changes = stats.outbox);
-        }
+        // Published from the store thread, like the sync client's refresh:
+        // updates then land in the order of the reads they report.
+        let h = handle.clone();
+        let _ = registry
+            .store()
+            .call(move |db| {
+                let stats = db.stats()?;
+                h.update(|s| s.pending_changes = stats.outbox);
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .await;
         if changes.recv().await.is_err() {
             return;
         }
