@@ -156,6 +156,15 @@ if [ -x "$host_bin" ]; then
         verify_unit "konsul-edge.service + $dropin" "$udir"
     done
     rm -rf "$udir"
+    # The A/B OTA reboot hand-off runs host tools (rm, systemctl) only.
+    for unit in konsul-edge-reboot.path konsul-edge-reboot.service; do
+        if msg=$(cd systemd && systemd-analyze verify "$unit" 2>&1) && [ -z "$msg" ]; then
+            record PASS "systemd-analyze verify: $unit"
+        else
+            echo "$msg"
+            record FAIL "systemd-analyze verify: $unit"
+        fi
+    done
 else
     record FAIL "systemd-analyze verify: no host binary at $host_bin to point ExecStart at"
 fi

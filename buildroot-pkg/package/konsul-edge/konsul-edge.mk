@@ -66,10 +66,15 @@ define KONSUL_EDGE_PERMISSIONS
 endef
 
 # The unit is the only supported way to run the daemon (Type=notify,
-# watchdog, sandbox); Buildroot's systemd preset enables it.
+# watchdog, sandbox); Buildroot's systemd preset enables it and the
+# reboot path unit (the A/B OTA reboot hand-off, see the unit's comment).
 define KONSUL_EDGE_INSTALL_INIT_SYSTEMD
 	$(INSTALL) -D -m 0644 $(@D)/systemd/konsul-edge.service \
 		$(TARGET_DIR)/usr/lib/systemd/system/konsul-edge.service
+	$(INSTALL) -D -m 0644 $(@D)/systemd/konsul-edge-reboot.path \
+		$(TARGET_DIR)/usr/lib/systemd/system/konsul-edge-reboot.path
+	$(INSTALL) -D -m 0644 $(@D)/systemd/konsul-edge-reboot.service \
+		$(TARGET_DIR)/usr/lib/systemd/system/konsul-edge-reboot.service
 	$(INSTALL) -D -m 0644 $(@D)/systemd/sysusers.d/konsul-edge.conf \
 		$(TARGET_DIR)/usr/lib/sysusers.d/konsul-edge.conf
 	$(INSTALL) -D -m 0644 $(@D)/systemd/tmpfiles.d/konsul-edge.conf \
@@ -78,6 +83,11 @@ define KONSUL_EDGE_INSTALL_INIT_SYSTEMD
 		$(TARGET_DIR)/usr/share/dbus-1/system.d/io.konsul.Edge1.conf
 	$(INSTALL) -D -m 0644 $(@D)/systemd/io.konsul.Edge1.service \
 		$(TARGET_DIR)/usr/share/dbus-1/system-services/io.konsul.Edge1.service
+	if grep -qE '^[[:space:]]*backend:[[:space:]]*rauc' \
+		$(@D)/board-configs/$(KONSUL_EDGE_BOARD)/edge.yaml; then \
+		$(INSTALL) -D -m 0644 $(@D)/systemd/konsul-edge-rauc.conf \
+			$(TARGET_DIR)/usr/share/dbus-1/system.d/konsul-edge-rauc.conf; \
+	fi
 	if [ -f $(@D)/board-configs/$(KONSUL_EDGE_BOARD)/50-ota-bootenv.conf ]; then \
 		$(INSTALL) -D -m 0644 $(@D)/board-configs/$(KONSUL_EDGE_BOARD)/50-ota-bootenv.conf \
 			$(TARGET_DIR)/usr/lib/systemd/system/konsul-edge.service.d/50-ota-bootenv.conf; \

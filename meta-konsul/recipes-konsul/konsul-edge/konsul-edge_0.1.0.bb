@@ -87,7 +87,7 @@ USERADD_PARAM:${PN} = "--system --user-group --no-create-home \
                        --home-dir ${localstatedir}/lib/konsul-edge \
                        --shell ${base_sbindir}/nologin konsul"
 
-SYSTEMD_SERVICE:${PN} = "konsul-edge.service"
+SYSTEMD_SERVICE:${PN} = "konsul-edge.service konsul-edge-reboot.path"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
 # nooelint: oelint.task.noanonpython - SkipRecipe must happen at parse time to give a clear reason
@@ -110,6 +110,15 @@ do_install:append() {
             ${D}${systemd_system_unitdir}/konsul-edge.service.d/50-ota-bootenv.conf
     fi
 
+    # The reboot hand-off for A/B OTA: the unprivileged daemon touches
+    # /run/konsul-edge/reboot-requested (ota.reboot_command in the board
+    # configs) and this root-owned path/service pair reboots.
+    for unit in konsul-edge-reboot.path konsul-edge-reboot.service; do
+        sed -e 's,/usr/bin/,${bindir}/,g' -e 's,/bin/,${base_bindir}/,g' \
+            ${S}/systemd/$unit > ${D}${systemd_system_unitdir}/$unit
+        chmod 0644 ${D}${systemd_system_unitdir}/$unit
+    done
+
     install -D -m 0644 ${S}/systemd/sysusers.d/konsul-edge.conf \
         ${D}${nonarch_libdir}/sysusers.d/konsul-edge.conf
 
@@ -122,6 +131,12 @@ do_install:append() {
         ${S}/systemd/io.konsul.Edge1.service \
         > ${D}${datadir}/dbus-1/system-services/io.konsul.Edge1.service
     chmod 0644 ${D}${datadir}/dbus-1/system-services/io.konsul.Edge1.service
+    # RAUC boards: RAUC's own policy admits root only; this lets user
+    # konsul drive the installer.
+    if grep -qE '^[[:space:]]*backend:[[:space:]]*rauc' ${S}/board-configs/${KONSUL_EDGE_BOARD}/edge.yaml; then
+        install -D -m 0644 ${S}/systemd/konsul-edge-rauc.conf \
+            ${D}${datadir}/dbus-1/system.d/konsul-edge-rauc.conf
+    fi
     install -D -m 0644 ${S}/systemd/tmpfiles.d/konsul-edge.conf \
         ${D}${nonarch_libdir}/tmpfiles.d/konsul-edge.conf
 
@@ -135,7 +150,9 @@ do_install:append() {
 }
 
 FILES:${PN} += "${systemd_system_unitdir}/konsul-edge.service.d \
+                ${systemd_system_unitdir}/konsul-edge-reboot.service \
                 ${datadir}/dbus-1/system.d/io.konsul.Edge1.conf \
+                ${datadir}/dbus-1/system.d/konsul-edge-rauc.conf \
                 ${datadir}/dbus-1/system-services/io.konsul.Edge1.service \
                 ${nonarch_libdir}/sysusers.d/konsul-edge.conf \
                 ${nonarch_libdir}/tmpfiles.d/konsul-edge.conf \
