@@ -129,8 +129,8 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     // An edge with a hub fetches the artifacts of rollouts defined there.
     let fetcher = if config.mode == Mode::Edge && !config.cloud.server_address.is_empty() {
         match crate::sync::client::hub_client(&config) {
-            Ok(client) => Some(crate::firmware::rollout::Fetcher {
-                client,
+            Ok(hub) => Some(crate::sync::transport::Fetcher {
+                hub,
                 bytes_per_sec: config.firmware.bandwidth_limit.0,
             }),
             Err(e) => {

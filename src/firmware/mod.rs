@@ -534,8 +534,7 @@ impl Artifacts {
     /// an upload. Content that fails verification is deleted.
     pub async fn fetch(
         &self,
-        client: &crate::sync::transport::Client,
-        bytes_per_sec: u64,
+        fetcher: &crate::sync::transport::Fetcher,
         meta: NewArtifact,
         size: u64,
     ) -> Result<Artifact, FirmwareError> {
@@ -547,15 +546,9 @@ impl Artifacts {
         }
         let sha = meta.sha256.to_ascii_lowercase();
         let part = self.settings.dir.join(format!(".fetch-{sha}.part"));
-        let len = client
-            .get_to_file(&format!("/v1/edge/firmware/{sha}"), &part, bytes_per_sec)
+        fetcher
+            .fetch(&format!("/v1/edge/firmware/{sha}"), &part, size)
             .await?;
-        if len < size {
-            return Err(FirmwareError::Invalid {
-                field: "body",
-                message: format!("{len} of {size} bytes received; resuming later"),
-            });
-        }
         // Hash what is on disk (the file may have been resumed).
         let path = part.clone();
         let (ctx, file_len) = smol::unblock(move || {

@@ -46,6 +46,7 @@ use crate::http::Shutdown;
 use crate::mqtt::payload::UpdateReport;
 use crate::registry::{self, Registry};
 use crate::store::{Kind, StoreError, Tx};
+use crate::sync::transport::{Fetcher, FETCH_RETRY};
 
 /// Offers waiting for the MQTT bridge; past this the offer is dropped and
 /// the device's deadline brings it back.
@@ -193,19 +194,11 @@ pub struct Rollouts {
     inner: Arc<Inner>,
 }
 
-/// Fetches artifacts that rollouts from the hub name.
-pub struct Fetcher {
-    pub client: crate::sync::transport::Client,
-    /// `firmware.bandwidth_limit` (0: none).
-    pub bytes_per_sec: u64,
-}
-
-/// How long a failed fetch waits before the next attempt (which resumes).
-const FETCH_RETRY: Duration = Duration::from_secs(30);
-
 struct Inner {
     registry: Registry,
     artifacts: Artifacts,
+    /// Fetches the artifacts of rollouts from the hub (capped at
+    /// `firmware.bandwidth_limit`).
     fetcher: Option<Fetcher>,
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
@@ -844,19 +837,12 @@ impl Rollouts {
                 r.id,
                 r.sha256
             );
-            let done = async {
-                Some(
-                    self.inner
-                        .artifacts
-                        .fetch(&f.client, f.bytes_per_sec, meta, r.size)
-                        .await,
-                )
-            }
-            .or(async {
-                shutdown.wait().await;
-                None
-            })
-            .await;
+            let done = async { Some(self.inner.artifacts.fetch(f, meta, r.size).await) }
+                .or(async {
+                    shutdown.wait().await;
+                    None
+                })
+                .await;
             match done {
                 None => return,
                 Some(Ok(a)) => log::info!(
