@@ -205,12 +205,21 @@ struct Inner {
     offers_tx: async_channel::Sender<Offer>,
 }
 
-/// Artifacts that live rollouts name: never evicted.
+/// Artifacts that live rollouts name, and the bundles host rollouts serve
+/// from here (`ota::rollout`, until deleted): never evicted.
 pub fn pinned_artifacts(tx: &Tx<'_>) -> Result<HashSet<String>, StoreError> {
+    let hosts =
+        crate::ota::rollout::load(tx.conn()).map_err(|e| tx.sql_error("list host rollouts", e))?;
     Ok(load_rollouts(tx)?
         .into_iter()
         .filter(|r| r.state.is_live())
         .map(|r| r.sha256)
+        .chain(
+            hosts
+                .into_iter()
+                .filter(|r| r.url.is_empty())
+                .map(|r| r.sha256),
+        )
         .collect())
 }
 
