@@ -572,12 +572,16 @@ impl Download<'_> {
             hyper::client::conn::http1::handshake(smol_hyper::rt::FuturesIo::new(stream))
                 .await
                 .map_err(http)?;
+        // The connection ending cleanly is no error of its own: a server
+        // that closes after the body (`Connection: close`) may do so while
+        // the exchange sleeps off the cap with the rest of the body still
+        // buffered. A connection that dies early fails the request or the
+        // body stream, which the exchange sees.
         let driver = async {
-            let _ = conn.await;
-            Err(TransportError::Http {
-                url: url.into(),
-                detail: "connection closed before the response".into(),
-            })
+            match conn.await {
+                Ok(()) => std::future::pending().await,
+                Err(e) => Err(http(e)),
+            }
         };
         let idle = self.idle;
         let timeout = || TransportError::Timeout {
