@@ -211,8 +211,9 @@ fn reports(c: &rusqlite::Connection) -> rusqlite::Result<Vec<Value>> {
 }
 
 /// A rollout with the edges' outcomes: the latest report of every edge
-/// naming it, and each listed target that has not reported on it yet as
-/// `pending`. An edge that moved on to a newer rollout shows there.
+/// naming it; each listed target that has not reported on it is `pending`,
+/// or `moved-on` (with its latest report) when that names another
+/// deployment, since an edge reports only its current one.
 fn with_outcomes(r: &HostRollout, reports: &[Value]) -> Value {
     let mut edges: Vec<Value> = reports
         .iter()
@@ -229,9 +230,18 @@ fn with_outcomes(r: &HostRollout, reports: &[Value]) -> Value {
         })
         .collect();
     for e in &r.edges {
-        if !edges.iter().any(|x| x["node_id"] == e.as_str()) {
-            edges.push(json!({"node_id": e, "state": "pending"}));
+        if edges.iter().any(|x| x["node_id"] == e.as_str()) {
+            continue;
         }
+        edges.push(
+            match reports.iter().find(|rep| rep["node_id"] == e.as_str()) {
+                Some(rep) => json!({"node_id": e, "state": "moved-on", "latest": {
+                    "rollout": rep["rollout"], "deployment": rep["deployment"],
+                    "state": rep["state"], "version": rep["version"],
+                }}),
+                None => json!({"node_id": e, "state": "pending"}),
+            },
+        );
     }
     let mut v = json!(r);
     v["edge_states"] = Value::Array(edges);
