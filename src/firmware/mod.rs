@@ -14,8 +14,11 @@
 //!
 //! Quota: `firmware.max_size` bounds the total. To make room the oldest
 //! artifacts go first, except those a rollout still needs (one that is not
-//! complete or aborted): if the room cannot be made without them, the
-//! upload is refused instead.
+//! complete or aborted) and the bundles that host rollouts (`ota::rollout`)
+//! without a URL are served from: if the room cannot be made without them,
+//! the upload is refused instead. A hub is where such bundles are
+//! uploaded; they are stored like firmware (signed for
+//! `firmware.public_keys`), and edges check their own OTA signature.
 //!
 //! "Verified before use": the signature is checked at upload, and again,
 //! with the file re-hashed, when a rollout starts, so a key removed from

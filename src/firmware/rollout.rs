@@ -14,6 +14,10 @@
 //! records arriving from the hub), an API command, or the earliest
 //! per-device deadline (the only timer; none while nothing is in flight).
 //! Wakes that arrive while a tick runs coalesce into one more tick.
+//! Rollouts from the hub may arrive before their artifact: the engine
+//! fetches it with the shared `sync::transport::Fetcher` (Range resume,
+//! `firmware.bandwidth_limit`). Host rollouts (`ota::rollout`) share the
+//! record kind under keys `host/{id}`, which this engine never reads.
 //!
 //! A tick, per rollout that is running, paused or halted:
 //! 1. on first sight, resolve the targets (devices of the type, or the

@@ -13,7 +13,9 @@
 //! the verified copy is what gets written: a USB stick pulled out (or a file
 //! replaced) after verification cannot change what is installed. The copy
 //! resumes where a power cut left it (the partial file's length is the
-//! offset) and honours the bandwidth cap.
+//! offset) and honours the bandwidth cap. A hub rollout's bundle is
+//! downloaded into the same staged file the same way (HTTP Range from its
+//! length, `sync::transport::Fetcher`), then verified by the same code.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

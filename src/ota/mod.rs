@@ -14,10 +14,10 @@
 //!
 //! | state | after a power cut / restart | exit (never stuck) |
 //! |---|---|---|
-//! | downloading | the copy resumes at the staged file's length | done, error, `ota.step_timeout` -> failed |
+//! | downloading | the copy (or a hub rollout's download, with Range) resumes at the staged file's length | done, error, `ota.step_timeout` -> failed |
 //! | verifying | verifies again (idempotent) | ok -> installing, bad -> failed |
 //! | installing | installs again (the slot was unbootable while written); at most 3 tries | done -> pending-reboot, error/timeout -> failed |
-//! | pending-reboot | booted the target -> booted-pending-commit; rebooted into the old slot -> rolled-back | reboot in the window, operator reboot, a newer install supersedes it, mark-bad cancels, 7 days -> failed |
+//! | pending-reboot | booted the target -> booted-pending-commit; rebooted into the old slot -> rolled-back | reboot in the window, operator reboot, a newer install or hub rollout supersedes it, mark-bad cancels, 7 days -> failed |
 //! | booted-pending-commit | counted (below), gate restarts | gate passes -> committed; fails -> rolled-back |
 //! | committed, rolled-back, failed | - | terminal: a new install is always accepted |
 //!
@@ -41,9 +41,21 @@
 //! `backend`); a commit that does not read back is treated as a failed
 //! gate, never reported as committed.
 //!
+//! **Two inputs.** A local bundle (`install`: CLI, D-Bus, HTTP) is copied
+//! from its path. A host rollout defined on the hub (`rollout`) arrives as
+//! a replicated record; the coordinator acts on it once (it may adopt it
+//! when that version is already committed or awaiting its reboot, refuses
+//! it on a bad signature before anything is fetched, or starts a
+//! deployment whose id is the rollout's) and downloads the bundle from its
+//! URL or the hub's artifact store with the shared `sync::transport::Fetcher`
+//! (Range resume, `ota.download_rate`). From `verifying` on both are the
+//! same. A rollout superseding a pending reboot cancels that update first
+//! (the booted slot is primary again); a local install does not. Every
+//! report names the rollout (empty for local installs) and the source.
+//!
 //! No polling: the coordinator sleeps until the next deadline (the step
 //! timeout, the maintenance window, the gate's next check) or until an
-//! operator command wakes it.
+//! operator command or a change to a host rollout record wakes it.
 
 pub mod backend;
 pub mod bundle;

@@ -3,6 +3,10 @@
 //! cross-compiling) through futures-rustls. The same rustls stack serves the
 //! hub's HTTPS listener. One connection per request: syncs are minutes
 //! apart, and a fresh connection never carries state across a link drop.
+//!
+//! Also the edge's downloads ([`Fetcher`]): firmware artifacts and host
+//! bundles that rollouts from the hub name, resumed with Range from the
+//! partial file's length and held under a bytes-per-second cap.
 
 use std::net::ToSocketAddrs;
 use std::path::Path;
