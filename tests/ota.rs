@@ -10,6 +10,10 @@
 //! reads, and starts the daemon again. A daemon restart *without* a new
 //! boot id is a crash (systemd restarting it).
 //!
+//! Host rollouts run against a real hub process (`konsul-edge hub`) and,
+//! for rollouts that name a URL, a small test-side HTTP server that serves
+//! Range and records what was asked for.
+//!
 //! Waits are on the daemon's own log lines (`ota: a -> b: ...`) with the
 //! harness deadline; the only polling is for a file another process writes
 //! (the reboot command's marker, the staged bundle's size).

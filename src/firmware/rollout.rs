@@ -643,6 +643,11 @@ impl Rollouts {
                 format!("`{}`: 1-64 of A-Z a-z 0-9 - _ . :", id.escape_debug()),
             ));
         }
+        if id == "host" || id == "status" {
+            // `{id}/...` would take in the host rollouts (`host/{id}`) or
+            // the OTA reports (`status/{node}`) as this rollout's devices.
+            return Err(invalid("id", format!("`{id}` is reserved")));
+        }
         if spec
             .devices
             .iter()
