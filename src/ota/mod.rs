@@ -686,8 +686,14 @@ impl Ota {
     ) -> Result<rollout::HostRollout, OtaError> {
         let r = rollout::from_spec(spec, now_ms())?;
         if r.url.is_empty() {
+            use crate::firmware::FirmwareError as F;
             let stored = match artifacts {
-                Some(a) => a.resolve(r.sha256.clone(), None).await.ok(),
+                Some(a) => match a.resolve(r.sha256.clone(), None).await {
+                    Ok(a) => Some(a),
+                    Err(F::NotFound { .. }) => None,
+                    Err(F::Store(e)) => return Err(e.into()),
+                    Err(e) => return Err(OtaError::Invalid(e.to_string())),
+                },
                 None => None,
             };
             match stored {
