@@ -306,6 +306,12 @@ fn ota_text(j: &Json) -> String {
             s("target_slot")
         );
     }
+    if !s("rollout").is_empty() {
+        let _ = writeln!(out, "rollout:     {} (from the hub)", s("rollout"));
+    }
+    if !s("source").is_empty() {
+        let _ = writeln!(out, "source:      {}", s("source"));
+    }
     if !s("phase").is_empty() {
         let _ = writeln!(out, "progress:    {}% {}", j["progress"], s("phase"));
     }

@@ -523,8 +523,8 @@ pub struct Ota {
     /// resets) before it is given up.
     #[serde(deserialize_with = "de_attempts")]
     pub max_unconfirmed_boots: u32,
-    /// Bandwidth cap for staging/downloading a bundle, bytes per second
-    /// (0 = none).
+    /// Bandwidth cap for staging a local bundle or downloading a hub
+    /// rollout's, bytes per second (0 = none).
     pub download_rate: ByteSize,
     /// How long downloading, verifying or installing may take.
     pub step_timeout: Duration,

@@ -126,11 +126,12 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         Ok(f) => smol::block_on(crate::firmware::Artifacts::open(store.clone(), f)),
         Err(e) => Err(e),
     };
-    // An edge with a hub fetches the artifacts of rollouts defined there.
+    // An edge with a hub fetches the artifacts of rollouts defined there,
+    // and the bundles of host rollouts (each under its own cap).
     let fetcher = if config.mode == Mode::Edge && !config.cloud.server_address.is_empty() {
         match crate::sync::client::hub_client(&config) {
-            Ok(client) => Some(crate::firmware::rollout::Fetcher {
-                client,
+            Ok(hub) => Some(crate::sync::transport::Fetcher {
+                hub,
                 bytes_per_sec: config.firmware.bandwidth_limit.0,
             }),
             Err(e) => {
@@ -142,7 +143,7 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         None
     };
     let (rollouts, offers) = match firmware {
-        Ok(a) => crate::firmware::rollout::Rollouts::new(registry.clone(), a, fetcher),
+        Ok(a) => crate::firmware::rollout::Rollouts::new(registry.clone(), a, fetcher.clone()),
         Err(e) => {
             store.close();
             return Err(e.into());
@@ -167,9 +168,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     };
     let ota = match smol::block_on(crate::ota::Ota::open(
         &config.ota,
-        store.clone(),
+        registry.clone(),
         sync.clone(),
         &config.storage.path,
+        fetcher,
     )) {
         Ok(o) => o,
         Err(e) => {

@@ -814,20 +814,57 @@ impl Api {
             Ok(b) => b,
             Err(r) => return *r,
         };
-        use crate::ota::OtaError as O;
         match self.ota.install(&body.path).await {
             Ok(id) => ok(json!({"message": "install started", "deployment": id})),
-            Err(e @ (O::Disabled | O::Busy(_) | O::NotApplicable(_))) => {
-                error(StatusCode::CONFLICT, e.to_string())
-            }
-            Err(e @ (O::Invalid(_) | O::Bundle(_) | O::Rejected(_))) => {
-                error(StatusCode::BAD_REQUEST, e.to_string())
-            }
-            Err(O::Store(e)) => store_error(e, &self.metrics),
-            Err(e) => {
-                log::error!("ota: {e}");
-                error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-            }
+            Err(e) => ota_error(e, &self.metrics),
+        }
+    }
+
+    /// `/v1/edge/ota/rollouts[/{id}]`: host rollouts, created on a hub.
+    async fn ota_rollouts(
+        &self,
+        req: Request<Incoming>,
+        method: Method,
+        id: Option<String>,
+    ) -> (&'static str, Resp) {
+        let m = &self.metrics;
+        match id {
+            None => (
+                "/v1/edge/ota/rollouts",
+                match method {
+                    Method::GET => match self.ota.rollouts().await {
+                        Ok(l) => ok(json!(l)),
+                        Err(e) => ota_error(e, m),
+                    },
+                    Method::POST | Method::PUT => {
+                        match self.body::<crate::ota::rollout::Spec>(req).await {
+                            Err(r) => *r,
+                            Ok(spec) => {
+                                let artifacts = self.rollouts.as_ref().map(|r| r.artifacts());
+                                match self.ota.create_rollout(spec, artifacts).await {
+                                    Ok(r) => json_resp(StatusCode::CREATED, &json!(r)),
+                                    Err(e) => ota_error(e, m),
+                                }
+                            }
+                        }
+                    }
+                    _ => method_not_allowed("GET, POST"),
+                },
+            ),
+            Some(id) => (
+                "/v1/edge/ota/rollouts/:id",
+                match method {
+                    Method::GET => match self.ota.rollout(id).await {
+                        Ok(v) => ok(v),
+                        Err(e) => ota_error(e, m),
+                    },
+                    Method::DELETE => match self.ota.delete_rollout(id).await {
+                        Ok(()) => ok(json!({"message": "rollout deleted"})),
+                        Err(e) => ota_error(e, m),
+                    },
+                    _ => method_not_allowed("GET, DELETE"),
+                },
+            ),
         }
     }
 
@@ -1056,6 +1093,11 @@ impl Api {
                     _ => method_not_allowed("POST"),
                 },
             ),
+            "edge/ota/rollouts" => self.ota_rollouts(req, method, None).await,
+            r if r.starts_with("edge/ota/rollouts/") => {
+                let id = percent_decode(&r["edge/ota/rollouts/".len()..]);
+                self.ota_rollouts(req, method, Some(id)).await
+            }
             "edge/sync" => (
                 "/v1/edge/sync",
                 match (method, &self.hub) {
@@ -1284,6 +1326,30 @@ impl Api {
                 "history": history,
             })),
             Err(e) => device_error(e, &self.metrics),
+        }
+    }
+}
+
+/// Maps every OTA error to a status, exhaustively.
+fn ota_error(e: crate::ota::OtaError, metrics: &Metrics) -> Resp {
+    use crate::ota::OtaError as O;
+    match e {
+        O::Disabled | O::Busy(_) | O::NotApplicable(_) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        O::Invalid(_) | O::Bundle(_) | O::Rejected(_) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        O::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        O::Store(e) => store_error(e, metrics),
+        O::Io { .. }
+        | O::Backend(_)
+        | O::Unconfirmed(_)
+        | O::Rauc(_)
+        | O::Timeout { .. }
+        | O::Fetch(_) => {
+            log::error!("ota: {e}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
     }
 }

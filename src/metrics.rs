@@ -321,12 +321,13 @@ pub fn render_ota(s: &crate::ota::Status, enabled: bool, out: &mut String) {
     }
     let _ = writeln!(
         out,
-        "# HELP konsul_edge_ota_info Backend and slots.\n# TYPE konsul_edge_ota_info gauge\n\
-         konsul_edge_ota_info{{backend=\"{}\",booted_slot=\"{}\",target_slot=\"{}\",version=\"{}\"}} 1",
+        "# HELP konsul_edge_ota_info Backend, slots and the deployment (rollout: the hub rollout it carries out, empty for a local install).\n# TYPE konsul_edge_ota_info gauge\n\
+         konsul_edge_ota_info{{backend=\"{}\",booted_slot=\"{}\",target_slot=\"{}\",version=\"{}\",rollout=\"{}\"}} 1",
         s.backend,
         escape(&s.booted_slot),
         escape(&s.deployment.target_slot),
-        escape(&s.deployment.version)
+        escape(&s.deployment.version),
+        escape(&s.deployment.rollout)
     );
     for (name, help, v) in [
         (

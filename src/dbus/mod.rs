@@ -135,8 +135,14 @@ pub fn ota_error(e: crate::ota::OtaError) -> Error {
     match e {
         O::Disabled | O::Busy(_) | O::NotApplicable(_) => Error::Unavailable(e.to_string()),
         O::Invalid(_) | O::Bundle(_) | O::Rejected(_) => Error::InvalidArgument(e.to_string()),
+        O::NotFound(_) => Error::NotFound(e.to_string()),
         O::Store(s) => store_error(s),
-        O::Io { .. } | O::Backend(_) | O::Unconfirmed(_) | O::Rauc(_) | O::Timeout { .. } => {
+        O::Io { .. }
+        | O::Backend(_)
+        | O::Unconfirmed(_)
+        | O::Rauc(_)
+        | O::Timeout { .. }
+        | O::Fetch(_) => {
             log::error!("ota: {e}");
             Error::Failed(e.to_string())
         }

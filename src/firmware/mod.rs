@@ -14,8 +14,11 @@
 //!
 //! Quota: `firmware.max_size` bounds the total. To make room the oldest
 //! artifacts go first, except those a rollout still needs (one that is not
-//! complete or aborted): if the room cannot be made without them, the
-//! upload is refused instead.
+//! complete or aborted) and the bundles that host rollouts (`ota::rollout`)
+//! without a URL are served from: if the room cannot be made without them,
+//! the upload is refused instead. A hub is where such bundles are
+//! uploaded; they are stored like firmware (signed for
+//! `firmware.public_keys`), and edges check their own OTA signature.
 //!
 //! "Verified before use": the signature is checked at upload, and again,
 //! with the file re-hashed, when a rollout starts, so a key removed from
@@ -534,8 +537,7 @@ impl Artifacts {
     /// an upload. Content that fails verification is deleted.
     pub async fn fetch(
         &self,
-        client: &crate::sync::transport::Client,
-        bytes_per_sec: u64,
+        fetcher: &crate::sync::transport::Fetcher,
         meta: NewArtifact,
         size: u64,
     ) -> Result<Artifact, FirmwareError> {
@@ -547,15 +549,9 @@ impl Artifacts {
         }
         let sha = meta.sha256.to_ascii_lowercase();
         let part = self.settings.dir.join(format!(".fetch-{sha}.part"));
-        let len = client
-            .get_to_file(&format!("/v1/edge/firmware/{sha}"), &part, bytes_per_sec)
+        fetcher
+            .fetch(&format!("/v1/edge/firmware/{sha}"), &part, size)
             .await?;
-        if len < size {
-            return Err(FirmwareError::Invalid {
-                field: "body",
-                message: format!("{len} of {size} bytes received; resuming later"),
-            });
-        }
         // Hash what is on disk (the file may have been resumed).
         let path = part.clone();
         let (ctx, file_len) = smol::unblock(move || {

@@ -14,6 +14,10 @@
 //! records arriving from the hub), an API command, or the earliest
 //! per-device deadline (the only timer; none while nothing is in flight).
 //! Wakes that arrive while a tick runs coalesce into one more tick.
+//! Rollouts from the hub may arrive before their artifact: the engine
+//! fetches it with the shared `sync::transport::Fetcher` (Range resume,
+//! `firmware.bandwidth_limit`). Host rollouts (`ota::rollout`) share the
+//! record kind under keys `host/{id}`, which this engine never reads.
 //!
 //! A tick, per rollout that is running, paused or halted:
 //! 1. on first sight, resolve the targets (devices of the type, or the
@@ -46,6 +50,7 @@ use crate::http::Shutdown;
 use crate::mqtt::payload::UpdateReport;
 use crate::registry::{self, Registry};
 use crate::store::{Kind, StoreError, Tx};
+use crate::sync::transport::{Fetcher, FETCH_RETRY};
 
 /// Offers waiting for the MQTT bridge; past this the offer is dropped and
 /// the device's deadline brings it back.
@@ -193,31 +198,32 @@ pub struct Rollouts {
     inner: Arc<Inner>,
 }
 
-/// Fetches artifacts that rollouts from the hub name.
-pub struct Fetcher {
-    pub client: crate::sync::transport::Client,
-    /// `firmware.bandwidth_limit` (0: none).
-    pub bytes_per_sec: u64,
-}
-
-/// How long a failed fetch waits before the next attempt (which resumes).
-const FETCH_RETRY: Duration = Duration::from_secs(30);
-
 struct Inner {
     registry: Registry,
     artifacts: Artifacts,
+    /// Fetches the artifacts of rollouts from the hub (capped at
+    /// `firmware.bandwidth_limit`).
     fetcher: Option<Fetcher>,
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
     offers_tx: async_channel::Sender<Offer>,
 }
 
-/// Artifacts that live rollouts name: never evicted.
+/// Artifacts that live rollouts name, and the bundles host rollouts serve
+/// from here (`ota::rollout`, until deleted): never evicted.
 pub fn pinned_artifacts(tx: &Tx<'_>) -> Result<HashSet<String>, StoreError> {
+    let hosts =
+        crate::ota::rollout::load(tx.conn()).map_err(|e| tx.sql_error("list host rollouts", e))?;
     Ok(load_rollouts(tx)?
         .into_iter()
         .filter(|r| r.state.is_live())
         .map(|r| r.sha256)
+        .chain(
+            hosts
+                .into_iter()
+                .filter(|r| r.url.is_empty())
+                .map(|r| r.sha256),
+        )
         .collect())
 }
 
@@ -637,6 +643,11 @@ impl Rollouts {
                 format!("`{}`: 1-64 of A-Z a-z 0-9 - _ . :", id.escape_debug()),
             ));
         }
+        if id == "host" || id == "status" {
+            // `{id}/...` would take in the host rollouts (`host/{id}`) or
+            // the OTA reports (`status/{node}`) as this rollout's devices.
+            return Err(invalid("id", format!("`{id}` is reserved")));
+        }
         if spec
             .devices
             .iter()
@@ -844,19 +855,12 @@ impl Rollouts {
                 r.id,
                 r.sha256
             );
-            let done = async {
-                Some(
-                    self.inner
-                        .artifacts
-                        .fetch(&f.client, f.bytes_per_sec, meta, r.size)
-                        .await,
-                )
-            }
-            .or(async {
-                shutdown.wait().await;
-                None
-            })
-            .await;
+            let done = async { Some(self.inner.artifacts.fetch(f, meta, r.size).await) }
+                .or(async {
+                    shutdown.wait().await;
+                    None
+                })
+                .await;
             match done {
                 None => return,
                 Some(Ok(a)) => log::info!(

@@ -148,7 +148,14 @@ impl Backend {
                 Ok(())
             }
             (Backend::Env(_), None) => Err(OtaError::Backend("no manifest for the image".into())),
-            (Backend::Rauc(r), _) => {
+            (Backend::Rauc(r), m) => {
+                // A hub rollout names the bundle's size and digest: checked
+                // here too, since `Info` would accept any validly signed
+                // bundle in its place.
+                if let Some(m) = m {
+                    let (p, m) = (staged.to_path_buf(), m.clone());
+                    smol::unblock(move || bundle::check_image(&p, &m)).await?;
+                }
                 // RAUC checks the signature against its keyring (and the
                 // compatible) without installing.
                 let (compatible, version): (String, String) = r

@@ -5,14 +5,17 @@
 //! The signature (ed25519, hex) covers the canonical text
 //! `konsul-ota-v1\n{version}\n{size}\n{sha256}\n`, not the image: the image
 //! may be hundreds of MB and is checked by streaming its SHA-256 against
-//! the signed digest. A hub rollout carries the same four fields (plus a
-//! URL), so both inputs are verified by one function.
+//! the signed digest. A hub rollout (`rollout`) carries the same four
+//! fields (plus a URL), so both inputs are shape-checked and verified by
+//! the same functions.
 //!
 //! The bundle is copied into the work directory before it is verified, and
 //! the verified copy is what gets written: a USB stick pulled out (or a file
 //! replaced) after verification cannot change what is installed. The copy
 //! resumes where a power cut left it (the partial file's length is the
-//! offset) and honours the bandwidth cap.
+//! offset) and honours the bandwidth cap. A hub rollout's bundle is
+//! downloaded into the same staged file the same way (HTTP Range from its
+//! length, `sync::transport::Fetcher`), then verified by the same code.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -76,18 +79,24 @@ impl Manifest {
             message,
         };
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if m.version.is_empty() || m.version.len() > 128 || m.version.contains('\n') {
-            return Err(bad("version: 1-128 characters, one line".into()));
+        m.checked().map_err(bad)
+    }
+
+    /// Shape checks (not the signature), with the digest in lower case:
+    /// the same rules for a manifest file and a hub rollout.
+    pub fn checked(self) -> Result<Manifest, String> {
+        if self.version.is_empty() || self.version.len() > 128 || self.version.contains('\n') {
+            return Err("version: 1-128 characters, one line".into());
         }
-        if m.sha256.len() != 64 || from_hex(&m.sha256).is_none() {
-            return Err(bad("sha256: 64 hex digits".into()));
+        if self.sha256.len() != 64 || from_hex(&self.sha256).is_none() {
+            return Err("sha256: 64 hex digits".into());
         }
-        if from_hex(&m.signature).is_none_or(|s| s.len() != 64) {
-            return Err(bad("signature: 128 hex digits (ed25519)".into()));
+        if from_hex(&self.signature).is_none_or(|s| s.len() != 64) {
+            return Err("signature: 128 hex digits (ed25519)".into());
         }
         Ok(Manifest {
-            sha256: m.sha256.to_ascii_lowercase(),
-            ..m
+            sha256: self.sha256.to_ascii_lowercase(),
+            ..self
         })
     }
 

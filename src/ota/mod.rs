@@ -14,10 +14,10 @@
 //!
 //! | state | after a power cut / restart | exit (never stuck) |
 //! |---|---|---|
-//! | downloading | the copy resumes at the staged file's length | done, error, `ota.step_timeout` -> failed |
+//! | downloading | the copy (or a hub rollout's download, with Range) resumes at the staged file's length | done, error, `ota.step_timeout` -> failed |
 //! | verifying | verifies again (idempotent) | ok -> installing, bad -> failed |
 //! | installing | installs again (the slot was unbootable while written); at most 3 tries | done -> pending-reboot, error/timeout -> failed |
-//! | pending-reboot | booted the target -> booted-pending-commit; rebooted into the old slot -> rolled-back | reboot in the window, operator reboot, a newer install supersedes it, mark-bad cancels, 7 days -> failed |
+//! | pending-reboot | booted the target -> booted-pending-commit; rebooted into the old slot -> rolled-back | reboot in the window, operator reboot, a newer install or hub rollout supersedes it, mark-bad cancels, 7 days -> failed |
 //! | booted-pending-commit | counted (below), gate restarts | gate passes -> committed; fails -> rolled-back |
 //! | committed, rolled-back, failed | - | terminal: a new install is always accepted |
 //!
@@ -41,12 +41,25 @@
 //! `backend`); a commit that does not read back is treated as a failed
 //! gate, never reported as committed.
 //!
+//! **Two inputs.** A local bundle (`install`: CLI, D-Bus, HTTP) is copied
+//! from its path. A host rollout defined on the hub (`rollout`) arrives as
+//! a replicated record; the coordinator acts on it once (it may adopt it
+//! when that version is already committed or awaiting its reboot, refuses
+//! it on a bad signature before anything is fetched, or starts a
+//! deployment whose id is the rollout's) and downloads the bundle from its
+//! URL or the hub's artifact store with the shared `sync::transport::Fetcher`
+//! (Range resume, `ota.download_rate`). From `verifying` on both are the
+//! same. A rollout superseding a pending reboot cancels that update first
+//! (the booted slot is primary again); a local install does not. Every
+//! report names the rollout (empty for local installs) and the source.
+//!
 //! No polling: the coordinator sleeps until the next deadline (the step
 //! timeout, the maintenance window, the gate's next check) or until an
-//! operator command wakes it.
+//! operator command or a change to a host rollout record wakes it.
 
 pub mod backend;
 pub mod bundle;
+pub mod rollout;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -58,7 +71,9 @@ use serde_json::json;
 use self::backend::{Backend, Progress};
 use self::bundle::{BundleError, Manifest};
 use crate::config::Ota as OtaConfig;
+use crate::registry::Registry;
 use crate::store::{Kind, Store, StoreError};
+use crate::sync::transport::{Fetcher, TransportError, FETCH_RETRY};
 use crate::sync::SyncHandle;
 
 /// How often an install may be restarted by power cuts before giving up.
@@ -85,6 +100,10 @@ pub enum OtaError {
     NotApplicable(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("download: {0}")]
+    Fetch(#[from] TransportError),
     #[error(transparent)]
     Bundle(#[from] BundleError),
     #[error("{what}: {source}")]
@@ -170,8 +189,17 @@ impl State {
 pub struct Deployment {
     pub id: String,
     pub version: String,
-    /// Where the bundle came from (a local path).
+    /// Where the bundle came from (a local path, or the URL of a hub
+    /// rollout's bundle).
     pub source: String,
+    /// The hub rollout this deployment carries out; empty for a local
+    /// install.
+    pub rollout: String,
+    /// The rollout's override of `ota.maintenance_window`.
+    pub maintenance_window: Option<String>,
+    /// (`created_ms`, id) of the newest hub rollout this node has acted on;
+    /// kept across deployments so none is acted on twice (`rollout`).
+    pub rollout_seen: (u64, String),
     pub manifest: Option<Manifest>,
     pub state: State,
     /// Wall-clock ms when `state` was entered.
@@ -211,6 +239,11 @@ struct Inner {
     cfg: OtaConfig,
     backend: Option<Backend>,
     store: Store,
+    /// Its change feed brings hub rollouts (records arriving by sync).
+    registry: Registry,
+    /// Downloads hub rollouts' bundles (capped at `ota.download_rate`);
+    /// None without a hub.
+    fetcher: Option<Fetcher>,
     sync: SyncHandle,
     work_dir: PathBuf,
     boot_id: String,
@@ -245,10 +278,13 @@ impl Ota {
     /// work directory next to the database.
     pub async fn open(
         cfg: &OtaConfig,
-        store: Store,
+        registry: Registry,
         sync: SyncHandle,
         storage_path: &Path,
+        fetcher: Option<Fetcher>,
     ) -> Result<Ota, OtaError> {
+        let store = registry.store().clone();
+        let fetcher = fetcher.map(|f| f.with_cap(cfg.download_rate.0));
         let backend = Backend::from_config(cfg)?;
         let work_dir = cfg.work_dir.clone().unwrap_or_else(|| {
             storage_path
@@ -295,6 +331,8 @@ impl Ota {
                 cfg: cfg.clone(),
                 backend,
                 store,
+                registry,
+                fetcher,
                 sync,
                 work_dir,
                 boot_id,
@@ -367,7 +405,7 @@ impl Ota {
         }
         let body = serde_json::to_string(&d).unwrap_or_default();
         let state = d.state;
-        let report = prev.state != d.state || prev.id != d.id;
+        let report = prev.state != d.state || prev.id != d.id || prev.rollout != d.rollout;
         let node = self.inner.store.node_id().to_owned();
         let d2 = d.clone();
         let msg = message.clone();
@@ -398,6 +436,8 @@ impl Ota {
                         let report = json!({
                             "node_id": node,
                             "deployment": d2.id,
+                            "rollout": d2.rollout,
+                            "source": d2.source,
                             "version": d2.version,
                             "state": d2.state.as_str(),
                             "from_slot": d2.from_slot,
@@ -540,6 +580,7 @@ impl Ota {
             source: path.display().to_string(),
             manifest,
             state: State::Downloading,
+            rollout_seen: cur.rollout_seen.clone(),
             ..Default::default()
         };
         self.save(
@@ -633,6 +674,192 @@ impl Ota {
         Ok(())
     }
 
+    // ---- hub rollouts (`rollout`) -----------------------------------------
+
+    /// Creates a host rollout (on a hub). Without a URL the bundle must be
+    /// in this node's artifact store (`artifacts`), which then serves it
+    /// and keeps it while the rollout exists.
+    pub async fn create_rollout(
+        &self,
+        spec: rollout::Spec,
+        artifacts: Option<&crate::firmware::Artifacts>,
+    ) -> Result<rollout::HostRollout, OtaError> {
+        let r = rollout::from_spec(spec, now_ms())?;
+        if r.url.is_empty() {
+            use crate::firmware::FirmwareError as F;
+            let stored = match artifacts {
+                Some(a) => match a.resolve(r.sha256.clone(), None).await {
+                    Ok(a) => Some(a),
+                    Err(F::NotFound { .. }) => None,
+                    Err(F::Store(e)) => return Err(e.into()),
+                    Err(e) => return Err(OtaError::Invalid(e.to_string())),
+                },
+                None => None,
+            };
+            match stored {
+                Some(a) if a.size == r.size => {}
+                Some(a) => {
+                    return Err(OtaError::Invalid(format!(
+                        "size {} does not match the stored artifact {} ({} bytes)",
+                        r.size, a.sha256, a.size
+                    )))
+                }
+                None => {
+                    return Err(OtaError::Invalid(format!(
+                        "no url, and no artifact {} is stored here: upload the bundle \
+                         (PUT /v1/edge/firmware) or give a url",
+                        r.sha256
+                    )))
+                }
+            }
+        }
+        let rec = r.clone();
+        self.inner
+            .store
+            .call(move |db| db.tx(|tx| rollout::insert(tx, &rec)))
+            .await??;
+        log::info!(
+            "ota: host rollout {} created: version {} for {}",
+            r.id,
+            r.version,
+            if r.edges.is_empty() {
+                "every edge".to_owned()
+            } else {
+                r.edges.join(", ")
+            }
+        );
+        self.inner.wake.notify(usize::MAX);
+        Ok(r)
+    }
+
+    /// Host rollouts with the edges' reported outcomes.
+    pub async fn rollouts(&self) -> Result<Vec<serde_json::Value>, OtaError> {
+        Ok(self
+            .inner
+            .store
+            .call(|db| rollout::list(db.conn()).map_err(|e| db.sql_error("list rollouts", e)))
+            .await??)
+    }
+
+    pub async fn rollout(&self, id: String) -> Result<serde_json::Value, OtaError> {
+        let what = format!("rollout {id}");
+        self.inner
+            .store
+            .call(move |db| {
+                rollout::get(db.conn(), &id).map_err(|e| db.sql_error("read rollout", e))
+            })
+            .await??
+            .ok_or(OtaError::NotFound(what))
+    }
+
+    pub async fn delete_rollout(&self, id: String) -> Result<(), OtaError> {
+        self.inner
+            .store
+            .call(move |db| db.tx(|tx| rollout::remove(tx, &id)))
+            .await?
+    }
+
+    /// Acts on the newest hub rollout for this node if it has not acted on
+    /// it yet (module note in `rollout`); true when the deployment changed.
+    async fn start_rollout(&self, backend: &Backend) -> Result<bool, OtaError> {
+        let seen = self.deployment().rollout_seen;
+        let node = self.inner.store.node_id().to_owned();
+        let found = self
+            .inner
+            .store
+            .call(move |db| {
+                rollout::pending(db.conn(), &node, &seen)
+                    .map_err(|e| db.sql_error("read rollouts", e))
+            })
+            .await??;
+        let Some(r) = found else { return Ok(false) };
+        let _g = self.inner.lock.lock().await;
+        let cur = self.deployment();
+        if !cur.state.accepts_install() || r.mark() <= cur.rollout_seen {
+            // An operator command came first; look again when it ends.
+            return Ok(false);
+        }
+        let seen = r.mark();
+        // That version is committed, or installed and waiting for its
+        // reboot: installing it again would gain nothing. The deployment
+        // adopts the rollout, so the hub sees its outcome.
+        if cur.version == r.version && matches!(cur.state, State::Committed | State::PendingReboot)
+        {
+            let msg = format!(
+                "rollout {}: version {} is already {}; nothing to install",
+                r.id,
+                r.version,
+                cur.state.as_str()
+            );
+            self.save(
+                Deployment {
+                    rollout: r.id.clone(),
+                    maintenance_window: r.maintenance_window.clone(),
+                    rollout_seen: seen,
+                    ..cur
+                },
+                msg,
+            )
+            .await?;
+            return Ok(true);
+        }
+        let source = match (&self.inner.fetcher, r.url.is_empty()) {
+            (Some(f), true) => format!("{}{}", f.hub.endpoint.url, r.source()),
+            _ => r.source(),
+        };
+        let m = r.manifest();
+        // Before anything is downloaded or written (RAUC bundles carry
+        // their own signature; their size and digest are still checked).
+        let refused = backend.check_signature(&m).err();
+        let mut superseded = String::new();
+        if cur.state == State::PendingReboot {
+            // The installed update is cancelled first (the booted slot is
+            // primary again), so no outcome of this rollout leaves the
+            // bootloader set to boot an update nothing tracks any more.
+            backend.rollback(&cur.target_slot, &cur.from_slot).await?;
+            superseded = format!(" (cancels {} {} awaiting its reboot)", cur.id, cur.version);
+        }
+        self.clean_work_dir().await;
+        let base = Deployment {
+            id: r.id.clone(),
+            version: r.version.clone(),
+            source: source.clone(),
+            rollout: r.id.clone(),
+            maintenance_window: r.maintenance_window.clone(),
+            rollout_seen: seen,
+            ..Default::default()
+        };
+        match refused {
+            Some(e) => {
+                let msg = format!("rollout {} refused: {e}{superseded}", r.id);
+                self.save(
+                    Deployment {
+                        state: State::Failed,
+                        last_error: e.to_string(),
+                        ..base
+                    },
+                    msg,
+                )
+                .await?;
+            }
+            None => {
+                self.save(
+                    Deployment {
+                        state: State::Downloading,
+                        manifest: Some(m),
+                        ..base
+                    },
+                    format!(
+                        "rollout {}: version {} from {source}{superseded}",
+                        r.id, r.version
+                    ),
+                )
+                .await?;
+            }
+        }
+        Ok(true)
+    }
+
     async fn clean_work_dir(&self) {
         let wd = self.inner.work_dir.clone();
         smol::unblock(move || {
@@ -654,6 +881,30 @@ impl Ota {
         let Some(backend) = self.inner.backend.as_ref() else {
             return;
         };
+        if self.inner.fetcher.is_none() {
+            return self.coordinate(backend).await;
+        }
+        // Hub rollouts arrive as records (by sync); a change to one wakes
+        // the coordinator, which decides in `step`.
+        let mut changes = self.inner.registry.subscribe();
+        let watch = async {
+            loop {
+                match changes.recv().await {
+                    Ok(c) if c.kind == Kind::Rollout && c.key.starts_with(rollout::PREFIX) => {
+                        self.inner.wake.notify(usize::MAX);
+                    }
+                    Ok(_) => {}
+                    Err(async_broadcast::RecvError::Overflowed(_)) => {
+                        self.inner.wake.notify(usize::MAX);
+                    }
+                    Err(async_broadcast::RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        };
+        smol::future::or(self.coordinate(backend), watch).await
+    }
+
+    async fn coordinate(&self, backend: &Backend) {
         // Nothing can be decided without knowing the booted slot (RAUC may
         // start after us): retry with backoff; installs are refused until
         // then (`install` checks `booted_slot`).
@@ -801,6 +1052,16 @@ impl Ota {
     }
 
     async fn step(&self, backend: &Backend, booted: &str, gate_begun: &mut bool) -> Wait {
+        if self.inner.fetcher.is_some() && self.deployment().state.accepts_install() {
+            match self.start_rollout(backend).await {
+                Ok(true) => return Wait::Now,
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!("ota: acting on a hub rollout: {e}");
+                    return Wait::For(Duration::from_secs(30));
+                }
+            }
+        }
         let d = self.deployment();
         let timeout = self.inner.cfg.step_timeout.0;
         let left =
@@ -858,16 +1119,20 @@ impl Ota {
     }
 
     async fn download(&self, d: &Deployment) -> Result<(), OtaError> {
-        let src = PathBuf::from(&d.source);
-        let dst = self.staged_path(&d.id);
-        let rate = self.inner.cfg.download_rate.0;
-        let p = self.progress();
-        let n = smol::unblock(move || {
-            bundle::stage(&src, &dst, rate, |done, total| {
-                p((done * 100 / total.max(1)) as u8, "copying");
+        let n = if d.rollout.is_empty() {
+            let src = PathBuf::from(&d.source);
+            let dst = self.staged_path(&d.id);
+            let rate = self.inner.cfg.download_rate.0;
+            let p = self.progress();
+            smol::unblock(move || {
+                bundle::stage(&src, &dst, rate, |done, total| {
+                    p((done * 100 / total.max(1)) as u8, "copying");
+                })
             })
-        })
-        .await?;
+            .await?
+        } else {
+            self.fetch(d).await?
+        };
         self.advance(
             d,
             Deployment {
@@ -877,6 +1142,33 @@ impl Ota {
             format!("bundle staged ({n} bytes)"),
         )
         .await
+    }
+
+    /// Downloads a hub rollout's bundle into the staged file, resuming
+    /// from its length (Range) after a failure or a restart. Transient
+    /// failures retry; the step timeout bounds them. A refusal by the
+    /// server (4xx) or a bad URL fails at once.
+    async fn fetch(&self, d: &Deployment) -> Result<u64, OtaError> {
+        let f = self.inner.fetcher.as_ref().ok_or_else(|| {
+            OtaError::NotApplicable("no hub (cloud.server_address) to download from".into())
+        })?;
+        let size = d.manifest.as_ref().map_or(0, |m| m.size);
+        let dst = self.staged_path(&d.id);
+        loop {
+            let have = smol::fs::metadata(&dst).await.map_or(0, |m| m.len());
+            self.progress()(
+                (have * 100 / size.max(1)).min(100) as u8,
+                &format!("downloading {}", d.source),
+            );
+            match f.fetch(&d.source, &dst, size).await {
+                Ok(n) => return Ok(n),
+                Err(e) if permanent(&e) => return Err(e.into()),
+                Err(e) => {
+                    log::warn!("ota: {e}; retrying in {FETCH_RETRY:?}");
+                    async_io::Timer::after(FETCH_RETRY).await;
+                }
+            }
+        }
     }
 
     async fn verify(&self, backend: &Backend, d: &Deployment) -> Result<(), OtaError> {
@@ -974,7 +1266,11 @@ impl Ota {
         let why_not = if d.reboot_now {
             None
         } else {
-            reboot_blocked(cfg, now_ms()).await
+            let window = d
+                .maintenance_window
+                .as_deref()
+                .or(cfg.maintenance_window.as_deref());
+            reboot_blocked(cfg, window, now_ms()).await
         };
         match why_not {
             Some((reason, wait)) => {
@@ -1231,6 +1527,19 @@ async fn with_timeout(
     .await
 }
 
+/// Download failures that waiting will not cure.
+fn permanent(e: &TransportError) -> bool {
+    match e {
+        TransportError::BadUrl { .. } | TransportError::Tls { .. } | TransportError::NoRoots => {
+            true
+        }
+        TransportError::Status { status, .. } => {
+            (400..500).contains(status) && *status != 408 && *status != 429
+        }
+        _ => false,
+    }
+}
+
 fn recent_log(c: &rusqlite::Connection, n: usize) -> rusqlite::Result<Vec<serde_json::Value>> {
     let mut st =
         c.prepare_cached("SELECT at_ms, state, message FROM ota_log ORDER BY id DESC LIMIT ?1")?;
@@ -1321,8 +1630,13 @@ pub fn window_wait(start: u16, end: u16, m: u16) -> Option<u16> {
 }
 
 /// Why a reboot may not happen now (and when to look again), or None.
-async fn reboot_blocked(cfg: &OtaConfig, now: u64) -> Option<(String, Duration)> {
-    if let Some(w) = &cfg.maintenance_window {
+/// `window` is the deployment's (a rollout's override) or the config's.
+async fn reboot_blocked(
+    cfg: &OtaConfig,
+    window: Option<&str>,
+    now: u64,
+) -> Option<(String, Duration)> {
+    if let Some(w) = window {
         if let Ok((start, end)) = crate::config::parse_window(w) {
             if let Some(mins) = window_wait(start, end, minute_of_day(now)) {
                 let secs_into_minute = (now / 1000) % 60;
@@ -1379,13 +1693,13 @@ mod tests {
             ..Default::default()
         };
         std::fs::write(&cap, "25\n").unwrap();
-        let r = smol::block_on(reboot_blocked(&cfg, 0));
+        let r = smol::block_on(reboot_blocked(&cfg, None, 0));
         assert!(r.is_some_and(|(why, wait)| why.contains("25%") && wait == BATTERY_RECHECK));
         std::fs::write(&cap, "40\n").unwrap();
-        assert!(smol::block_on(reboot_blocked(&cfg, 0)).is_none());
+        assert!(smol::block_on(reboot_blocked(&cfg, None, 0)).is_none());
         std::fs::remove_file(&cap).unwrap();
         assert!(
-            smol::block_on(reboot_blocked(&cfg, 0)).is_some(),
+            smol::block_on(reboot_blocked(&cfg, None, 0)).is_some(),
             "unreadable blocks"
         );
     }

@@ -3,6 +3,10 @@
 //! cross-compiling) through futures-rustls. The same rustls stack serves the
 //! hub's HTTPS listener. One connection per request: syncs are minutes
 //! apart, and a fresh connection never carries state across a link drop.
+//!
+//! Also the edge's downloads ([`Fetcher`]): firmware artifacts and host
+//! bundles that rollouts from the hub name, resumed with Range from the
+//! partial file's length and held under a bytes-per-second cap.
 
 use std::net::ToSocketAddrs;
 use std::path::Path;
@@ -54,6 +58,8 @@ pub enum TransportError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{url}: {have} of {want} bytes received; the next attempt resumes")]
+    Incomplete { url: String, have: u64, want: u64 },
 }
 
 /// A parsed `http(s)://host[:port][/base]`.
@@ -206,6 +212,7 @@ pub fn server_tls(
     Ok(Arc::new(config))
 }
 
+#[derive(Clone)]
 pub struct Client {
     pub endpoint: Endpoint,
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -292,7 +299,7 @@ impl Client {
             path: dest.display().to_string(),
             source,
         };
-        let offset = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        let offset = smol::fs::metadata(dest).await.map(|m| m.len()).unwrap_or(0);
         let stream = self.connect().await?;
         let _ = stream.get_ref().set_nodelay(true);
         let mut b = hyper::Request::get(format!("{}{path}", ep.base))
@@ -401,6 +408,80 @@ impl Client {
     }
 }
 
+/// How long a failed fetch waits before the next attempt (which resumes).
+pub const FETCH_RETRY: Duration = Duration::from_secs(30);
+
+/// Resumable, rate-capped downloads on an edge: the firmware artifacts and
+/// the host bundles that rollouts from the hub name. One implementation for
+/// both, so Range resume, the cap and the length check behave the same.
+#[derive(Clone)]
+pub struct Fetcher {
+    /// The hub's client (`cloud.*`: TLS, client certificate, token).
+    pub hub: Client,
+    /// Bytes per second (0: no cap).
+    pub bytes_per_sec: u64,
+}
+
+impl Fetcher {
+    /// The same client under another cap (each download kind has its own
+    /// config key).
+    pub fn with_cap(&self, bytes_per_sec: u64) -> Fetcher {
+        Fetcher {
+            hub: self.hub.clone(),
+            bytes_per_sec,
+        }
+    }
+
+    /// Fetches `source` into `dest` until it holds `size` bytes, resuming
+    /// from `dest`'s length (see [`Client::get_to_file`]). `source` is a
+    /// path on the hub (`/v1/...`) or an `http(s)://` URL: on the hub's
+    /// origin it gets the hub's credentials, anywhere else none (the
+    /// system's CAs, no client certificate, no token: a download server
+    /// must not learn what authenticates us to the hub). Err when fewer
+    /// than `size` bytes arrived; more is for the caller's digest check.
+    pub async fn fetch(&self, source: &str, dest: &Path, size: u64) -> Result<u64, TransportError> {
+        let (client, path) = if source.starts_with('/') {
+            (self.hub.clone(), source)
+        } else {
+            let ep = Endpoint::parse(source)?;
+            let path = if ep.base.is_empty() { "/" } else { "" };
+            let hub = &self.hub.endpoint;
+            let client = if (ep.https, ep.host.as_str(), ep.port)
+                == (hub.https, hub.host.as_str(), hub.port)
+            {
+                Client {
+                    endpoint: ep,
+                    ..self.hub.clone()
+                }
+            } else {
+                let tls = if ep.https {
+                    // Read only when a rollout names such a URL: most
+                    // edges never need the system bundle in memory.
+                    Some(smol::unblock(|| client_tls(None, None)).await?)
+                } else {
+                    None
+                };
+                Client {
+                    endpoint: ep,
+                    tls,
+                    token: None,
+                    timeout: self.hub.timeout,
+                }
+            };
+            (client, path)
+        };
+        let have = client.get_to_file(path, dest, self.bytes_per_sec).await?;
+        if have < size {
+            return Err(TransportError::Incomplete {
+                url: format!("{}{path}", client.endpoint.url),
+                have,
+                want: size,
+            });
+        }
+        Ok(have)
+    }
+}
+
 async fn exchange<S>(
     stream: S,
     req: hyper::Request<Full<Bytes>>,
@@ -495,12 +576,16 @@ impl Download<'_> {
             hyper::client::conn::http1::handshake(smol_hyper::rt::FuturesIo::new(stream))
                 .await
                 .map_err(http)?;
+        // The connection ending cleanly is no error of its own: a server
+        // that closes after the body (`Connection: close`) may do so while
+        // the exchange sleeps off the cap with the rest of the body still
+        // buffered. A connection that dies early fails the request or the
+        // body stream, which the exchange sees.
         let driver = async {
-            let _ = conn.await;
-            Err(TransportError::Http {
-                url: url.into(),
-                detail: "connection closed before the response".into(),
-            })
+            match conn.await {
+                Ok(()) => std::future::pending().await,
+                Err(e) => Err(http(e)),
+            }
         };
         let idle = self.idle;
         let timeout = || TransportError::Timeout {
