@@ -13,7 +13,9 @@
 //!    from the first publish until a sentinel registration sent after the
 //!    last one is acked (messages are applied in order, so everything
 //!    before it is committed);
-//! 3. reports the daemon's RSS (current and peak) under that load;
+//! 3. reports the daemon's RSS (current and peak) under that load, its
+//!    CPU time per message and the messages per store transaction (from
+//!    /metrics);
 //! 4. replays the same telemetry load against `mosquitto_sub -q 1`
 //!    consuming it instead of the daemon: the broker's ceiling on this
 //!    machine, so the ingest figure reads as a ratio.
@@ -115,6 +117,39 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU seconds the process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall, in clock ticks (100 per second here).
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f.get(11)
+        .zip(f.get(12))
+        .map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
+}
+
+/// One counter from the daemon's /metrics (summed over labels).
+fn metric(http_port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", http_port)) else {
+        return f64::NAN;
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -170,13 +205,14 @@ fn main() {
     let publishers = env_usize("BENCH_PUBLISHERS", 4).max(1);
     let dir = tempfile::tempdir().unwrap();
     let (_broker, port) = broker(dir.path());
+    let http_port = free_port();
 
     let config = dir.path().join("edge.yaml");
     std::fs::write(
         &config,
         format!(
             "node_id: bench\nstorage: {{path: {db}, max_size: 512Mi}}\n\
-             http: {{listen: \"127.0.0.1:0\"}}\n\
+             http: {{listen: \"127.0.0.1:{http_port}\"}}\n\
              services: {{max_local_services: {cap}}}\n\
              devices: {{max_devices: {cap}, telemetry_max_size: 64Mi}}\n\
              mqtt: {{enabled: true, broker: \"tcp://127.0.0.1:{port}\", client_id: bench-edge, qos: 1}}\n",
@@ -285,6 +321,8 @@ fn main() {
             }
         })
     };
+    let cpu0 = cpu_secs(pid);
+    let batches0 = metric(http_port, "konsul_edge_mqtt_batches_total");
     let t0 = Instant::now();
     publish_telemetry(port, devices, n, publishers, "edge");
     let published = t0.elapsed();
@@ -298,6 +336,8 @@ fn main() {
         assert!(t0.elapsed() < DEADLINE, "sentinel never acked");
     }
     let ingest = t0.elapsed();
+    let cpu = cpu_secs(pid) - cpu0;
+    let batches = metric(http_port, "konsul_edge_mqtt_batches_total") - batches0;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let rss_load = *rss_peak.lock().unwrap();
@@ -366,6 +406,12 @@ fn main() {
          (published in {:.2}s): {rate:.0} msg/s",
         ingest.as_secs_f64(),
         published.as_secs_f64()
+    );
+    println!(
+        "  daemon work                 {:.1} us CPU per message ({:.2} s CPU), {:.0} messages per store transaction",
+        cpu * 1e6 / n as f64,
+        cpu,
+        n as f64 / batches
     );
     println!(
         "  broker ceiling              mosquitto_sub -q 1 consumed {n} in {:.2}s: {ceiling_rate:.0} msg/s{}",

@@ -769,20 +769,16 @@ fn apply_one(
             Ok(Outcome::Stored)
         }
         Prepared::Other(Inbound::Telemetry { device, telemetry }) => {
-            let Some(interval) = interval_of(tx, &device)? else {
-                return Ok(rejected(
-                    &device.clone(),
-                    DeviceError::Unregistered { id: device },
-                ));
-            };
             let body = telemetry.raw;
-            let seq: i64 = tx
+            // One statement finds the device and updates it: the hottest
+            // path of the bridge (no row = not registered).
+            let updated: Option<(i64, i64)> = tx
                 .conn()
                 .prepare_cached(
                     "UPDATE device_state SET telemetry_seq = telemetry_seq + 1, last_seen_ms = ?2,
                        last_telemetry = ?3, last_telemetry_ms = ?2,
                        battery = coalesce(?4, battery), signal = coalesce(?5, signal)
-                     WHERE id = ?1 RETURNING telemetry_seq",
+                     WHERE id = ?1 RETURNING telemetry_seq, interval_ms",
                 )
                 .and_then(|mut s| {
                     s.query_row(
@@ -793,10 +789,18 @@ fn apply_one(
                             telemetry.battery,
                             telemetry.signal
                         ],
-                        |r| r.get(0),
+                        |r| Ok((r.get(0)?, r.get(1)?)),
                     )
+                    .optional()
                 })
                 .map_err(|e| tx.sql_error("write device state", e))?;
+            let Some((seq, interval)) = updated else {
+                return Ok(rejected(
+                    &device.clone(),
+                    DeviceError::Unregistered { id: device },
+                ));
+            };
+            let interval = interval as u64;
             tx.conn()
                 .prepare_cached(
                     "INSERT INTO telemetry (device, seq, ts_ms, body) VALUES (?1, ?2, ?3, ?4)",

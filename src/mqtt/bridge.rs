@@ -19,9 +19,9 @@ use crate::http::Shutdown;
 use crate::metrics::{Metrics, Published};
 
 /// Messages applied per store transaction at most.
-pub const MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = 1024;
 /// Messages paho may hand us before its thread waits for ingest.
-const QUEUE: usize = 1024;
+const QUEUE: usize = 2048;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -439,15 +439,23 @@ impl Ingest {
             return;
         }
         self.metrics.mqtt.batches.fetch_add(1, Ordering::Relaxed);
-        let outcomes = match self.devices.apply(parsed.clone()).await {
+        let count = parsed.len();
+        let first_device = parsed[0].device().unwrap_or_default().to_owned();
+        let outcomes = match self.devices.apply(parsed).await {
             Ok(o) => o,
-            Err(e) if parsed.len() > 1 => {
-                log::warn!(
-                    "a batch of {} messages failed ({e}); applying them one by one",
-                    parsed.len()
-                );
-                let mut out = Vec::with_capacity(parsed.len());
-                for m in parsed {
+            Err(e) if count > 1 => {
+                log::warn!("a batch of {count} messages failed ({e}); applying them one by one");
+                // Parsed again rather than cloned up front: this path is
+                // rare, the clone was paid on every batch. Rejections were
+                // already reported on the first pass.
+                let again = batch.iter().filter_map(|m| {
+                    match payload::parse(m.topic(), m.payload(), self.max_payload) {
+                        Ok(Inbound::Ignored | Inbound::UpdateStatus { .. }) | Err(_) => None,
+                        Ok(inbound) => Some(inbound),
+                    }
+                });
+                let mut out = Vec::with_capacity(count);
+                for m in again.collect::<Vec<_>>() {
                     let device = m.device().unwrap_or_default().to_owned();
                     out.push(match self.devices.apply(vec![m]).await {
                         Ok(mut o) => o.pop().unwrap_or(Outcome::Ignored),
@@ -456,10 +464,7 @@ impl Ingest {
                 }
                 out
             }
-            Err(e) => {
-                let device = parsed[0].device().unwrap_or_default().to_owned();
-                vec![store_rejection(device, &e)]
-            }
+            Err(e) => vec![store_rejection(first_device, &e)],
         };
         for o in outcomes {
             match o {
