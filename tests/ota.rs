@@ -717,6 +717,52 @@ fn reboot_waits_for_the_window_unless_the_operator_asks() {
     let _ = bus.wait();
 }
 
+/// A local install that supersedes an update awaiting its reboot cancels
+/// that update first: when the new one then fails, the bootloader is back
+/// on the booted slot instead of set to boot an update nothing tracks.
+#[test]
+fn a_superseding_install_that_fails_leaves_the_booted_slot_primary() {
+    if !have("fw_setenv") || !have("mkenvimage") {
+        return;
+    }
+    // A window two hours away: the first update waits for its reboot.
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60)
+        % 1440;
+    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    let window = format!("{}-{}", hm(now_min + 120), hm(now_min + 180));
+    let rig = Rig::new(
+        Flavor::Uboot,
+        &format!("  maintenance_window: \"{window}\"\n"),
+    );
+    let d = rig.start();
+    let v2 = new_image(0x21, 30_000);
+    let img = rig.image("v2.img", &v2, "2.0.0", None);
+    assert_eq!(install(&d, &img).status, 200);
+    wait(&d, "reboot deferred: outside the maintenance window");
+    assert_eq!(rig.env()["BOOT_ORDER"], "B A", "v2 is set to boot next");
+
+    let v3 = new_image(0x31, 30_000);
+    let img = rig.image("v3.img", &v3, "3.0.0", None);
+    let mut tampered = v3.clone();
+    tampered[7] ^= 0xff;
+    std::fs::write(&img, &tampered).unwrap();
+    let r = install(&d, &img);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let line = wait(&d, "(cancels ");
+    assert!(line.contains("2.0.0"), "names the cancelled update: {line}");
+    let line = wait(&d, "-> failed");
+    assert!(line.contains("digest mismatch"), "{line}");
+    let env = rig.env();
+    assert_eq!(env["BOOT_ORDER"], "A B", "{env:?}");
+    assert_eq!(env["BOOT_B_LEFT"], "0", "{env:?}");
+    assert_eq!(rig.reboots(), 0);
+    assert_eq!(ota(&d)["state"], "failed");
+}
+
 /// A command line that names no slot: the coordinator keeps retrying and
 /// refuses installs meanwhile (nothing would drive them), instead of
 /// accepting a deployment that could never end.

@@ -49,8 +49,8 @@
 //! deployment whose id is the rollout's) and downloads the bundle from its
 //! URL or the hub's artifact store with the shared `sync::transport::Fetcher`
 //! (Range resume, `ota.download_rate`). From `verifying` on both are the
-//! same. A rollout superseding a pending reboot cancels that update first
-//! (the booted slot is primary again); a local install does not. Every
+//! same. A rollout or a local install superseding a pending reboot cancels
+//! that update first (the booted slot is primary again). Every
 //! report names the rollout (empty for local installs) and the source.
 //!
 //! No polling: the coordinator sleeps until the next deadline (the step
@@ -566,7 +566,12 @@ impl Ota {
         }
         let id = format!("local-{}", now_ms());
         let superseded = if cur.state == State::PendingReboot {
-            format!(" (supersedes {} awaiting its reboot)", cur.id)
+            // As for a hub rollout: cancel the installed update first (the
+            // booted slot is primary again), so a failure of this install
+            // cannot leave the bootloader set to boot an update that
+            // nothing tracks any more.
+            backend.rollback(&cur.target_slot, &cur.from_slot).await?;
+            format!(" (cancels {} {} awaiting its reboot)", cur.id, cur.version)
         } else {
             String::new()
         };
