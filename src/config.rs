@@ -390,9 +390,10 @@ pub struct Sync {
     pub tombstone_retention: Duration,
     /// Upper bound of one upload batch (thin links).
     pub max_batch_bytes: ByteSize,
-    /// Hub side: bearer tokens accepted from edges, one per line. Without
-    /// it the hub accepts any edge that reaches it (use mTLS or a network
-    /// boundary then).
+    /// Hub side: bearer tokens accepted from edges, one per line; with it
+    /// every request from another host needs one (loopback is exempt).
+    /// Without it the hub accepts any edge that reaches it (use mTLS or a
+    /// network boundary then).
     pub auth_token_file: Option<PathBuf>,
 }
 

@@ -13,7 +13,7 @@
 //! write) and closes.
 
 use std::convert::Infallible;
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -240,8 +240,8 @@ impl Server {
             let Some((accepted, permit)) = accept.or(stop).await else {
                 break;
             };
-            let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+            let (stream, peer) = match accepted {
+                Ok((stream, peer)) => (stream, peer.ip()),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     log::warn!("http accept failed: {e}");
@@ -256,7 +256,7 @@ impl Server {
             let tls = self.tls.clone();
             ex.spawn(async move {
                 match tls {
-                    None => serve_connection(stream, api, shutdown).await,
+                    None => serve_connection(stream, peer, api, shutdown).await,
                     Some(acceptor) => {
                         let handshake = async { Some(acceptor.accept(stream).await) };
                         let timeout = async {
@@ -264,7 +264,7 @@ impl Server {
                             None
                         };
                         match handshake.or(timeout).await {
-                            Some(Ok(s)) => serve_connection(s, api, shutdown).await,
+                            Some(Ok(s)) => serve_connection(s, peer, api, shutdown).await,
                             Some(Err(e)) => log::debug!("TLS handshake failed: {e}"),
                             None => log::debug!("TLS handshake timed out"),
                         }
@@ -300,14 +300,14 @@ impl Server {
     }
 }
 
-async fn serve_connection<S>(stream: S, api: Arc<Api>, shutdown: Shutdown)
+async fn serve_connection<S>(stream: S, peer: IpAddr, api: Arc<Api>, shutdown: Shutdown)
 where
     S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = smol_hyper::rt::FuturesIo::new(stream);
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
-        async move { Ok::<_, Infallible>(api.handle(req).await) }
+        async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(smol_hyper::rt::SmolTimer::new())
@@ -520,10 +520,38 @@ fn service_entry_json(e: &ServiceEntry) -> Value {
 }
 
 impl Api {
-    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Resp {
+        if let Some(resp) = self.refuse_without_token(&req, peer) {
+            self.metrics.request("unauthorized", resp.status().as_u16());
+            return resp;
+        }
         let (route, resp) = self.route(req).await;
         self.metrics.request(route, resp.status().as_u16());
         resp
+    }
+
+    /// A hub that requires a token for sync (`sync.auth_token_file`)
+    /// requires it for its whole API from other hosts too: otherwise anyone
+    /// who reaches the port could change global KV, withdraw rollouts or
+    /// delete firmware for the fleet. Loopback stays open, like a Consul
+    /// agent's local API (the operator on the hub itself, local tooling).
+    /// Without tokens (mTLS with `http.client_ca`, or nothing) this adds no
+    /// check. Edges are not affected: they serve their own devices.
+    fn refuse_without_token(&self, req: &Request<Incoming>, peer: IpAddr) -> Option<Resp> {
+        let hub = self.hub.as_ref()?;
+        if peer.to_canonical().is_loopback() {
+            return None;
+        }
+        let header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        hub.authorize(header).err().map(|_| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "this hub requires its sync token (Authorization: Bearer ...) from other hosts",
+            )
+        })
     }
 
     async fn body<T: for<'de> Deserialize<'de>>(

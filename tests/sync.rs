@@ -431,6 +431,72 @@ fn invalid_update_request() -> Vec<u8> {
     req
 }
 
+/// This host's address on a non-loopback interface, if it has one (a UDP
+/// "connect" only picks the route; nothing is sent).
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn a_hub_with_a_token_requires_it_from_other_hosts_but_not_from_loopback() {
+    let Some(ip) = non_loopback_ip() else {
+        eprintln!("\n*** SKIPPED: no non-loopback IPv4 address on this host ***\n");
+        return;
+    };
+    let hub_dir = tempfile::tempdir().unwrap();
+    std::fs::write(hub_dir.path().join("tokens"), "s3cret-a\n").unwrap();
+    hub_config(
+        hub_dir.path(),
+        "0.0.0.0:0",
+        &format!(
+            "sync: {{auth_token_file: {}}}\n",
+            hub_dir.path().join("tokens").display()
+        ),
+    );
+    let hub = Daemon::start_hub(hub_dir.path());
+    let port = hub.addr.rsplit_once(':').unwrap().1;
+    let remote = format!("{ip}:{port}");
+    let local = format!("127.0.0.1:{port}");
+    let put = |addr: &str, headers: &[(&str, &str)]| {
+        request(
+            addr,
+            "PUT",
+            "/kv/global/mode",
+            Some(br#"{"value":"x"}"#),
+            headers,
+        )
+        .status
+    };
+
+    assert_eq!(put(&remote, &[]), 401, "no token from another host");
+    assert_eq!(
+        put(&remote, &[("Authorization", "Bearer wrong")]),
+        401,
+        "a wrong token"
+    );
+    assert_eq!(
+        request(&remote, "GET", "/v1/edge/edges", None, &[]).status,
+        401,
+        "reads too"
+    );
+    assert_eq!(
+        kv(&hub, "global/mode"),
+        None,
+        "a refused write changes nothing"
+    );
+    assert_eq!(put(&remote, &[("Authorization", "Bearer s3cret-a")]), 200);
+    assert_eq!(kv(&hub, "global/mode").as_deref(), Some("x"));
+    assert_eq!(put(&local, &[]), 200, "loopback is the operator on the hub");
+    let metrics = request(&local, "GET", "/metrics", None, &[]).text();
+    assert!(
+        metrics.contains(r#"route="unauthorized""#),
+        "refusals are counted: {metrics}"
+    );
+}
+
 #[test]
 fn the_hub_refuses_edges_without_its_token() {
     let hub_dir = tempfile::tempdir().unwrap();
