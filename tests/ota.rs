@@ -1056,6 +1056,14 @@ fn hub_rollout_download_resumes_with_range_after_kill_9() {
     eventually("part of the bundle downloaded", || {
         staged_len(&rig, "slow") >= 48 << 10
     });
+    // The operator sees the download advance, not 0 % until it is done.
+    let st = ota(&d);
+    let pct = st["progress"].as_u64().unwrap();
+    assert!((15..100).contains(&pct), "{st}");
+    assert!(
+        st["phase"].as_str().unwrap().starts_with("downloading"),
+        "{st}"
+    );
     d.kill9();
     let part = staged_len(&rig, "slow");
     assert!(part < data.len() as u64, "finished before the cut: {part}");

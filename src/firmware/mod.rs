@@ -550,7 +550,7 @@ impl Artifacts {
         let sha = meta.sha256.to_ascii_lowercase();
         let part = self.settings.dir.join(format!(".fetch-{sha}.part"));
         fetcher
-            .fetch(&format!("/v1/edge/firmware/{sha}"), &part, size)
+            .fetch(&format!("/v1/edge/firmware/{sha}"), &part, size, &|_| {})
             .await?;
         // Hash what is on disk (the file may have been resumed).
         let path = part.clone();

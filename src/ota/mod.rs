@@ -1159,13 +1159,14 @@ impl Ota {
         })?;
         let size = d.manifest.as_ref().map_or(0, |m| m.size);
         let dst = self.staged_path(&d.id);
+        let phase = format!("downloading {}", d.source);
+        let progress = self.progress();
+        // Called per received chunk; `progress` notifies only when the
+        // percentage changes, so D-Bus and HTTP watchers see ~100 steps.
+        let report = |have: u64| progress((have * 100 / size.max(1)).min(100) as u8, &phase);
         loop {
-            let have = smol::fs::metadata(&dst).await.map_or(0, |m| m.len());
-            self.progress()(
-                (have * 100 / size.max(1)).min(100) as u8,
-                &format!("downloading {}", d.source),
-            );
-            match f.fetch(&d.source, &dst, size).await {
+            report(smol::fs::metadata(&dst).await.map_or(0, |m| m.len()));
+            match f.fetch(&d.source, &dst, size, &report).await {
                 Ok(n) => return Ok(n),
                 Err(e) if permanent(&e) => return Err(e.into()),
                 Err(e) => {

@@ -292,6 +292,7 @@ impl Client {
         path: &str,
         dest: &Path,
         bytes_per_sec: u64,
+        progress: &(dyn Fn(u64) + Sync),
     ) -> Result<u64, TransportError> {
         let url = format!("{}{path}", self.endpoint.url);
         let ep = &self.endpoint;
@@ -329,6 +330,7 @@ impl Client {
             bytes_per_sec,
             idle: self.timeout,
             dest,
+            progress,
         };
         if ep.https {
             let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
@@ -439,7 +441,13 @@ impl Fetcher {
     /// system's CAs, no client certificate, no token: a download server
     /// must not learn what authenticates us to the hub). Err when fewer
     /// than `size` bytes arrived; more is for the caller's digest check.
-    pub async fn fetch(&self, source: &str, dest: &Path, size: u64) -> Result<u64, TransportError> {
+    pub async fn fetch(
+        &self,
+        source: &str,
+        dest: &Path,
+        size: u64,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, TransportError> {
         let (client, path) = if source.starts_with('/') {
             (self.hub.clone(), source)
         } else {
@@ -470,7 +478,9 @@ impl Fetcher {
             };
             (client, path)
         };
-        let have = client.get_to_file(path, dest, self.bytes_per_sec).await?;
+        let have = client
+            .get_to_file(path, dest, self.bytes_per_sec, progress)
+            .await?;
         if have < size {
             return Err(TransportError::Incomplete {
                 url: format!("{}{path}", client.endpoint.url),
@@ -551,6 +561,8 @@ struct Download<'a> {
     bytes_per_sec: u64,
     idle: Duration,
     dest: &'a Path,
+    /// Told the file's length after each write (for status displays).
+    progress: &'a (dyn Fn(u64) + Sync),
 }
 
 impl Download<'_> {
@@ -648,6 +660,7 @@ impl Download<'_> {
                 self.file.write_all(&data).await.map_err(file_err)?;
                 len += data.len() as u64;
                 received += data.len() as u64;
+                (self.progress)(len);
                 if self.bytes_per_sec > 0 {
                     // Sleep off whatever ran ahead of the cap.
                     let due = Duration::from_secs_f64(received as f64 / self.bytes_per_sec as f64);
