@@ -431,6 +431,48 @@ fn invalid_update_request() -> Vec<u8> {
     req
 }
 
+fn metric(d: &Daemon, name: &str) -> u64 {
+    d.get("/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[test]
+fn an_edge_collects_its_synced_tombstones_after_the_retention() {
+    let hub_dir = tempfile::tempdir().unwrap();
+    hub_config(hub_dir.path(), "127.0.0.1:0", "");
+    let hub = Daemon::start_hub(hub_dir.path());
+    let dir = tempfile::tempdir().unwrap();
+    edge_config(
+        dir.path(),
+        "edge-gc",
+        &hub.addr,
+        "sync: {tombstone_retention: 1s}\n",
+    );
+    let edge = Daemon::start(dir.path());
+    assert_eq!(
+        edge.put("/register", r#"{"name":"gone","address":"h","port":1}"#)
+            .status,
+        200
+    );
+    assert_eq!(edge.req("PUT", "/deregister/gone", None).status, 200);
+    sync(&edge);
+    assert_eq!(hub.get("/services/gone").status, 404);
+    assert_eq!(metric(&edge, "konsul_edge_tombstones"), 1, "kept for now");
+
+    // Once the retention has passed, the next sync collects it.
+    eventually("the tombstone collected", || {
+        sync(&edge);
+        metric(&edge, "konsul_edge_tombstones") == 0
+    });
+    sync(&edge);
+    assert_eq!(edge.get("/services/gone").status, 404, "not resurrected");
+    assert_eq!(hub.get("/services/gone").status, 404);
+}
+
 /// This host's address on a non-loopback interface, if it has one (a UDP
 /// "connect" only picks the route; nothing is sent).
 fn non_loopback_ip() -> Option<std::net::IpAddr> {

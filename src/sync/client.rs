@@ -64,6 +64,7 @@ pub struct SyncClient {
     strategy: MergeStrategy,
     max_batch_bytes: usize,
     queue_limit: u64,
+    tombstone_retention_ms: u64,
 }
 
 pub fn strategy(config: &Config) -> MergeStrategy {
@@ -123,6 +124,7 @@ impl SyncClient {
             strategy: strategy(config),
             max_batch_bytes: config.sync.max_batch_bytes.0 as usize,
             queue_limit: c.offline_queue_size,
+            tombstone_retention_ms: config.sync.tombstone_retention.0.as_millis() as u64,
         })
     }
 
@@ -313,6 +315,14 @@ impl SyncClient {
                 s.last_error = None;
             });
             if !more && sent == 0 && points == 0 {
+                // Without this an edge keeps every delete it ever made.
+                let retention = self.tombstone_retention_ms;
+                self.registry
+                    .store()
+                    .call(move |db| {
+                        db.tx(|tx| super::server::collect_garbage(tx, wall_millis(), retention))
+                    })
+                    .await??;
                 self.handle.update(|s| s.last_sync_ms = Some(wall_millis()));
                 return Ok(());
             }

@@ -224,8 +224,11 @@ fn fill_page(
     }
 }
 
-/// Drops tombstones older than the retention, at most once an hour.
-fn collect_garbage(
+/// Drops tombstones older than the retention that are not waiting in the
+/// outbox, at most once an hour (or once a retention, if shorter). Hubs
+/// run it as edges sync; edges after each successful sync, since by then
+/// the hub has every delete they made (the outbox holds the rest).
+pub(crate) fn collect_garbage(
     tx: &mut crate::store::Tx<'_>,
     now: u64,
     retention_ms: u64,
@@ -234,7 +237,7 @@ fn collect_garbage(
         .meta_get("gc_at")?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    if now.saturating_sub(last) < 3_600_000 {
+    if now.saturating_sub(last) < retention_ms.min(3_600_000) {
         return Ok(());
     }
     tx.meta_set("gc_at", &now.to_string())?;
