@@ -19,7 +19,32 @@
 //! `firmware.bandwidth_limit`). Host rollouts (`ota::rollout`) share the
 //! record kind under keys `host/{id}`, which this engine never reads.
 //!
-//! A tick, per rollout that is running, paused or halted:
+//! Who writes what. The node that created a rollout (`created_by`) owns
+//! its `{id}` record: on a standalone edge the engine keeps its state
+//! there (resolved, targets, halted, complete). A rollout defined at the
+//! hub is global and several edges run it, so there `{id}` is only the
+//! definition and the operator's intent (running, paused, aborted, set by
+//! commands at the hub), and an edge never writes it: LWW would let one
+//! edge's view (its targets, its completion, its threshold halt) overwrite
+//! the others'. Each edge keeps its own execution in `edge/{id}/{edge}`
+//! ([`EdgeRun`]: state, reason, targets, threshold, `resumes` seen), an
+//! edge-owned record that flows up to the hub and back to that edge only,
+//! like its `{id}/{device}` progress; no schema change, so an older binary
+//! after an A/B rollback reads the same file (it skips `edge/...` keys:
+//! they contain a `/` and no rollout is called `edge`). The edge lays its
+//! record over the definition (`overlay`): an operator abort ends it; its
+//! own complete stands; its threshold halt stands until a resume at the
+//! hub, which every resume signals by bumping `resumes` (so a resume of a
+//! rollout the hub still shows as running reaches a halted edge);
+//! otherwise it runs or pauses as the operator says. Commands on a hub
+//! rollout at an edge are refused (409): the operator is at the hub. The
+//! hub shows the operator's state, every edge's record (`edges`) and
+//! `edges_complete` (every edge that has reported is complete; an edge
+//! that has not synced since it saw the rollout is not counted). Device
+//! ids are assumed unique under a hub (device records already are).
+//!
+//! A tick, per rollout that is running, paused or halted (here: for a
+//! hub rollout, in this edge's execution):
 //! 1. on first sight, resolve the targets (devices of the type, or the
 //!    listed ones, not yet at the version; sorted by id) and number their
 //!    waves (`wave_size`, or `wave_percent` of the targets);
