@@ -316,27 +316,29 @@ fn parse_rollout(key: &str, body: &str, origin: &str) -> Result<Rollout, StoreEr
     Ok(r)
 }
 
-fn load_rollouts(tx: &Tx<'_>) -> Result<Vec<Rollout>, StoreError> {
-    let rows: Vec<(String, String, String)> = tx
+/// Every rollout, with its record's owner (the downstream edge it came
+/// from at a hub, '' for this node's own or a global one).
+fn load_rollouts(tx: &Tx<'_>) -> Result<Vec<(Rollout, String)>, StoreError> {
+    let rows: Vec<(String, String, String, String)> = tx
         .conn()
         .prepare_cached(
-            "SELECT key, body, origin FROM records WHERE kind = 'rollout' AND tombstone = 0
-             AND instr(key, '/') = 0 ORDER BY key",
+            "SELECT key, body, origin, owner FROM records WHERE kind = 'rollout'
+             AND tombstone = 0 AND instr(key, '/') = 0 ORDER BY key",
         )
         .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect()
         })
         .map_err(|e| tx.sql_error("list rollouts", e))?;
     rows.into_iter()
-        .map(|(k, b, o)| parse_rollout(&k, &b, &o))
+        .map(|(k, b, o, owner)| Ok((parse_rollout(&k, &b, &o)?, owner)))
         .collect()
 }
 
-fn get_rollout(tx: &Tx<'_>, id: &str) -> Result<Option<Rollout>, StoreError> {
+fn get_rollout(tx: &Tx<'_>, id: &str) -> Result<Option<(Rollout, String)>, StoreError> {
     tx.get(Kind::Rollout, id)?
         .filter(|r| !r.tombstone)
-        .map(|rec| parse_rollout(id, &rec.body, &rec.origin))
+        .map(|rec| Ok((parse_rollout(id, &rec.body, &rec.origin)?, rec.owner)))
         .transpose()
 }
 
@@ -394,6 +396,9 @@ fn overlay(r: &mut Rollout, run: &EdgeRun) {
         (State::Aborted, _) => false,
         (_, State::Complete | State::Aborted) => true,
         (_, State::Halted) => r.resumes == run.resumes,
+        // Only engines write these, never the operator: an older edge's
+        // view (during an upgrade), not this edge's business.
+        (State::Complete | State::Halted, _) => true,
         _ => false,
     };
     if own {
@@ -409,22 +414,18 @@ struct Local {
     run: Option<Option<EdgeRun>>,
 }
 
-fn localize(tx: &Tx<'_>, mut r: Rollout) -> Result<Local, StoreError> {
-    if r.created_by == tx.node_id() {
+/// `owner`: at a hub, an edge's own rollout is shown as that edge keeps
+/// it; only a global rollout this node did not create has a local run.
+fn localize(tx: &Tx<'_>, mut r: Rollout, owner: &str) -> Result<Local, StoreError> {
+    if r.created_by == tx.node_id() || !owner.is_empty() {
         return Ok(Local {
             rollout: r,
             run: None,
         });
     }
     let run = load_run(tx, &r.id, tx.node_id())?;
-    match &run {
-        Some(run) => overlay(&mut r, run),
-        None => {
-            // Whatever an older edge wrote into the shared record is not
-            // this edge's execution.
-            r.resolved = false;
-            r.targets = 0;
-        }
+    if let Some(run) = &run {
+        overlay(&mut r, run);
     }
     Ok(Local {
         rollout: r,
@@ -435,7 +436,7 @@ fn localize(tx: &Tx<'_>, mut r: Rollout) -> Result<Local, StoreError> {
 fn load_local(tx: &Tx<'_>) -> Result<Vec<Local>, StoreError> {
     load_rollouts(tx)?
         .into_iter()
-        .map(|r| localize(tx, r))
+        .map(|(r, owner)| localize(tx, r, &owner))
         .collect()
 }
 
@@ -582,6 +583,12 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
         let before = r.clone();
         let mut devs = load_progress(tx, &r.id)?;
         let mut dirty: Vec<bool> = vec![false; devs.len()];
+        if let Some(None) = &run {
+            // Not resolved here yet: whatever an older edge wrote into the
+            // shared record is not this edge's execution.
+            r.resolved = false;
+            r.targets = 0;
+        }
         if let Some(Some(prev)) = &run {
             if prev.state == State::Halted && r.state != State::Halted {
                 // A resume at the hub since this edge halted: the
@@ -610,7 +617,14 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
                 Some(p) => (n * p.clamp(1, 100)).div_ceil(100).max(1),
                 None => r.wave_size.max(1),
             };
+            // Progress this edge already holds is kept: a rollout an older
+            // binary resolved (it said so in the shared record) has no
+            // execution record here yet, and must not start over.
+            let known: HashSet<String> = devs.iter().map(|d| d.device.clone()).collect();
             for (i, id) in ids.into_iter().enumerate() {
+                if known.contains(id) {
+                    continue;
+                }
                 devs.push(DeviceRollout {
                     rollout: r.id.clone(),
                     device: id.clone(),
@@ -1011,10 +1025,10 @@ impl Rollouts {
             .store()
             .call(move |db| {
                 db.tx(|tx| {
-                    let Some(r) = get_rollout(tx, &id)? else {
+                    let Some((r, owner)) = get_rollout(tx, &id)? else {
                         return Ok(None);
                     };
-                    let l = localize(tx, r)?;
+                    let l = localize(tx, r, &owner)?;
                     let devices = load_progress(tx, &id)?;
                     Ok::<_, StoreError>(Some((summary(tx, l.rollout, None)?, devices)))
                 })
@@ -1033,7 +1047,7 @@ impl Rollouts {
             .store()
             .call(move |db| {
                 db.tx(|tx| {
-                    let Some(mut r) = get_rollout(tx, &id)? else {
+                    let Some((mut r, _)) = get_rollout(tx, &id)? else {
                         return Err(FirmwareError::NotFound {
                             what: format!("rollout {id}"),
                         });
@@ -1263,5 +1277,74 @@ impl Rollouts {
             while changes.try_recv().is_ok() {}
             while self.inner.wake_rx.try_recv().is_ok() {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(state: State, resumes: u32) -> Rollout {
+        Rollout {
+            id: "r".into(),
+            device_type: "sensor".into(),
+            version: "2".into(),
+            sha256: String::new(),
+            size: 0,
+            signature: String::new(),
+            devices: Vec::new(),
+            wave_size: 1,
+            wave_percent: None,
+            failure_threshold: 1,
+            device_deadline_ms: 1000,
+            max_retries: 0,
+            state,
+            reason: "operator".into(),
+            resolved: false,
+            targets: 0,
+            created_ms: 1,
+            created_by: "hub".into(),
+            resumes,
+        }
+    }
+
+    fn run(state: State, resumes: u32) -> EdgeRun {
+        EdgeRun {
+            rollout: "r".into(),
+            edge: "e".into(),
+            state,
+            reason: "edge".into(),
+            targets: 3,
+            failure_threshold: 2,
+            resumes,
+        }
+    }
+
+    fn laid(d: Rollout, e: EdgeRun) -> (State, String) {
+        let mut r = d;
+        overlay(&mut r, &e);
+        assert!(r.resolved);
+        assert_eq!((r.targets, r.failure_threshold), (3, 2));
+        (r.state, r.reason)
+    }
+
+    #[test]
+    fn an_edge_lays_its_execution_over_the_operators_intent() {
+        use State::*;
+        let edge = |s| (s, "edge".to_string());
+        let op = |s| (s, "operator".to_string());
+        // Running or paused as the operator says.
+        assert_eq!(laid(def(Paused, 0), run(Running, 0)), op(Paused));
+        assert_eq!(laid(def(Running, 0), run(Paused, 0)), op(Running));
+        // Its own completion stands; the operator's abort ends it.
+        assert_eq!(laid(def(Running, 0), run(Complete, 0)), edge(Complete));
+        assert_eq!(laid(def(Aborted, 0), run(Running, 0)), op(Aborted));
+        // Its halt stands until a resume it has not seen.
+        assert_eq!(laid(def(Running, 0), run(Halted, 0)), edge(Halted));
+        assert_eq!(laid(def(Paused, 0), run(Halted, 0)), edge(Halted));
+        assert_eq!(laid(def(Running, 1), run(Halted, 0)), op(Running));
+        // Complete or halted in the shared record is an older edge's.
+        assert_eq!(laid(def(Complete, 0), run(Running, 0)), edge(Running));
+        assert_eq!(laid(def(Halted, 0), run(Running, 0)), edge(Running));
     }
 }
