@@ -562,6 +562,20 @@ async fn rollout(c: &Client<'_>, id: &str, as_json: bool) -> Result<String, CliE
         cell(&r["state"]),
         cell(&r["reason"])
     );
+    // A hub rollout at the hub: each edge's own execution.
+    if let Some(edges) = r["edges"].as_array().filter(|e| !e.is_empty()) {
+        let rows = edges
+            .iter()
+            .map(|e| {
+                ["edge", "state", "targets", "reason"]
+                    .iter()
+                    .map(|k| cell(&e[*k]))
+                    .collect()
+            })
+            .collect::<Vec<_>>();
+        out.push_str(&table(&["EDGE", "STATE", "TARGETS", "REASON"], &rows, ""));
+        out.push('\n');
+    }
     let rows = devices
         .iter()
         .map(|d| {

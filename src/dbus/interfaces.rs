@@ -572,6 +572,9 @@ impl FirmwareIface {
 
     /// Rollouts with their settings, state (running, paused, halted,
     /// aborted, complete), reason and counts (device state -> number).
+    /// A rollout defined at the hub shows, on an edge, that edge's own
+    /// execution; on the hub, the operator's state, and per edge in
+    /// edges (edge, state, reason, targets), with edges_complete.
     #[zbus(out_args("rollouts"))]
     async fn list_rollouts(&self) -> Result<Vec<Dict>, Error> {
         let list = self.rollouts()?.list().await.map_err(firmware_error)?;
@@ -614,7 +617,8 @@ impl FirmwareIface {
     }
 
     /// Stops offering (devices in flight are still tracked). Needs root or
-    /// group konsul. Errors: NotFound, CasConflict (not running).
+    /// group konsul. Errors: NotFound, CasConflict (not running, or
+    /// defined at the hub: command it there).
     #[zbus(out_args("rollout"))]
     async fn pause_rollout(
         &self,

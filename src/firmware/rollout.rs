@@ -19,7 +19,32 @@
 //! `firmware.bandwidth_limit`). Host rollouts (`ota::rollout`) share the
 //! record kind under keys `host/{id}`, which this engine never reads.
 //!
-//! A tick, per rollout that is running, paused or halted:
+//! Who writes what. The node that created a rollout (`created_by`) owns
+//! its `{id}` record: on a standalone edge the engine keeps its state
+//! there (resolved, targets, halted, complete). A rollout defined at the
+//! hub is global and several edges run it, so there `{id}` is only the
+//! definition and the operator's intent (running, paused, aborted, set by
+//! commands at the hub), and an edge never writes it: LWW would let one
+//! edge's view (its targets, its completion, its threshold halt) overwrite
+//! the others'. Each edge keeps its own execution in `edge/{id}/{edge}`
+//! ([`EdgeRun`]: state, reason, targets, threshold, `resumes` seen), an
+//! edge-owned record that flows up to the hub and back to that edge only,
+//! like its `{id}/{device}` progress; no schema change, so an older binary
+//! after an A/B rollback reads the same file (it skips `edge/...` keys:
+//! they contain a `/` and no rollout is called `edge`). The edge lays its
+//! record over the definition (`overlay`): an operator abort ends it; its
+//! own complete stands; its threshold halt stands until a resume at the
+//! hub, which every resume signals by bumping `resumes` (so a resume of a
+//! rollout the hub still shows as running reaches a halted edge);
+//! otherwise it runs or pauses as the operator says. Commands on a hub
+//! rollout at an edge are refused (409): the operator is at the hub. The
+//! hub shows the operator's state, every edge's record (`edges`) and
+//! `edges_complete` (every edge that has reported is complete; an edge
+//! that has not synced since it saw the rollout is not counted). Device
+//! ids are assumed unique under a hub (device records already are).
+//!
+//! A tick, per rollout that is running, paused or halted (here: for a
+//! hub rollout, in this edge's execution):
 //! 1. on first sight, resolve the targets (devices of the type, or the
 //!    listed ones, not yet at the version; sorted by id) and number their
 //!    waves (`wave_size`, or `wave_percent` of the targets);
@@ -127,6 +152,39 @@ pub struct Rollout {
     #[serde(default)]
     pub targets: u32,
     pub created_ms: u64,
+    /// The node that created the rollout: the only one that writes this
+    /// record besides operator commands. Records from before this field
+    /// take the record's origin.
+    #[serde(default)]
+    pub created_by: String,
+    /// Operator resumes so far. An edge running a rollout from the hub
+    /// clears its own threshold halt when this passes the count it last
+    /// acted on (`EdgeRun::resumes`).
+    #[serde(default)]
+    pub resumes: u32,
+}
+
+/// One edge's execution of a rollout it did not create (one defined at
+/// the hub), key `edge/{rollout}/{edge}`. Written only by that edge, so
+/// it flows up to the hub and back to that edge alone; edges never write
+/// the shared `{rollout}` record, which several of them would otherwise
+/// overwrite by LWW. Its absence means "targets not resolved yet".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeRun {
+    pub rollout: String,
+    pub edge: String,
+    /// This edge's state: running or paused as the operator says, or its
+    /// own halted (threshold) or complete; aborted once the operator was.
+    pub state: State,
+    #[serde(default)]
+    pub reason: String,
+    /// Devices of this edge in the rollout.
+    pub targets: u32,
+    /// The threshold in force here: a resume after a halt raises it by
+    /// the failures so far, as on a standalone edge.
+    pub failure_threshold: u32,
+    /// The rollout's `resumes` this edge has acted on.
+    pub resumes: u32,
 }
 
 /// One device's progress in a rollout (key `{rollout}/{device}`).
@@ -177,12 +235,25 @@ pub enum Command {
     Abort,
 }
 
-/// A rollout with its per-state device counts.
+/// A rollout as this node sees it, with its per-state device counts (in
+/// the list). For a rollout from the hub, an edge shows its own execution
+/// in `state`, `reason`, `targets`; the hub shows the operator's state
+/// (running, paused, aborted) and each edge's execution in `edges`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     #[serde(flatten)]
     pub rollout: Rollout,
-    pub counts: BTreeMap<String, u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BTreeMap<String, u32>>,
+    /// The per-edge executions this node holds: every edge's at the hub,
+    /// its own at an edge.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub edges: Vec<EdgeRun>,
+    /// Every edge in `edges` is complete. Only edges that have synced
+    /// since they saw the rollout are there: an edge that has not yet is
+    /// not waited for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edges_complete: Option<bool>,
 }
 
 /// An offer for the bridge to publish.
@@ -214,10 +285,10 @@ struct Inner {
 pub fn pinned_artifacts(tx: &Tx<'_>) -> Result<HashSet<String>, StoreError> {
     let hosts =
         crate::ota::rollout::load(tx.conn()).map_err(|e| tx.sql_error("list host rollouts", e))?;
-    Ok(load_rollouts(tx)?
+    Ok(load_local(tx)?
         .into_iter()
-        .filter(|r| r.state.is_live())
-        .map(|r| r.sha256)
+        .filter(|l| l.rollout.state.is_live())
+        .map(|l| l.rollout.sha256)
         .chain(
             hosts
                 .into_iter()
@@ -235,17 +306,137 @@ fn bad_record(key: &str, e: serde_json::Error) -> StoreError {
     }
 }
 
-fn load_rollouts(tx: &Tx<'_>) -> Result<Vec<Rollout>, StoreError> {
+/// A rollout record's body; `origin` stands in for `created_by` in
+/// records from before that field.
+fn parse_rollout(key: &str, body: &str, origin: &str) -> Result<Rollout, StoreError> {
+    let mut r: Rollout = serde_json::from_str(body).map_err(|e| bad_record(key, e))?;
+    if r.created_by.is_empty() {
+        r.created_by = origin.to_owned();
+    }
+    Ok(r)
+}
+
+/// Every rollout, with its record's owner (the downstream edge it came
+/// from at a hub, '' for this node's own or a global one).
+fn load_rollouts(tx: &Tx<'_>) -> Result<Vec<(Rollout, String)>, StoreError> {
+    let rows: Vec<(String, String, String, String)> = tx
+        .conn()
+        .prepare_cached(
+            "SELECT key, body, origin, owner FROM records WHERE kind = 'rollout'
+             AND tombstone = 0 AND instr(key, '/') = 0 ORDER BY key",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect()
+        })
+        .map_err(|e| tx.sql_error("list rollouts", e))?;
+    rows.into_iter()
+        .map(|(k, b, o, owner)| Ok((parse_rollout(&k, &b, &o)?, owner)))
+        .collect()
+}
+
+fn get_rollout(tx: &Tx<'_>, id: &str) -> Result<Option<(Rollout, String)>, StoreError> {
+    tx.get(Kind::Rollout, id)?
+        .filter(|r| !r.tombstone)
+        .map(|rec| Ok((parse_rollout(id, &rec.body, &rec.origin)?, rec.owner)))
+        .transpose()
+}
+
+/// Key prefix of the per-edge executions (`edge/{rollout}/{edge}`); the
+/// rollout id `edge` is reserved so `{id}/` never takes them in.
+const RUN_PREFIX: &str = "edge";
+
+fn run_key(rollout: &str, edge: &str) -> String {
+    format!("{RUN_PREFIX}/{rollout}/{edge}")
+}
+
+/// Every edge's execution of `id` held here.
+fn load_runs(tx: &Tx<'_>, id: &str) -> Result<Vec<EdgeRun>, StoreError> {
     let rows: Vec<(String, String)> = tx
         .conn()
         .prepare_cached(
             "SELECT key, body FROM records WHERE kind = 'rollout' AND tombstone = 0
-             AND instr(key, '/') = 0 ORDER BY key",
+             AND key > ?1 AND key < ?2 ORDER BY key",
         )
-        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-        .map_err(|e| tx.sql_error("list rollouts", e))?;
+        .and_then(|mut s| {
+            s.query_map(
+                params![format!("{RUN_PREFIX}/{id}/"), format!("{RUN_PREFIX}/{id}0")],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .collect()
+        })
+        .map_err(|e| tx.sql_error("list rollout edges", e))?;
     rows.into_iter()
         .map(|(k, b)| serde_json::from_str(&b).map_err(|e| bad_record(&k, e)))
+        .collect()
+}
+
+fn load_run(tx: &Tx<'_>, id: &str, edge: &str) -> Result<Option<EdgeRun>, StoreError> {
+    let key = run_key(id, edge);
+    tx.get(Kind::Rollout, &key)?
+        .filter(|r| !r.tombstone)
+        .map(|rec| serde_json::from_str(&rec.body).map_err(|e| bad_record(&key, e)))
+        .transpose()
+}
+
+fn write_run(tx: &mut Tx<'_>, run: &EdgeRun) -> Result<(), StoreError> {
+    let key = run_key(&run.rollout, &run.edge);
+    registry::commit(tx, Kind::Rollout, &key, None, Some(to_body(run)?)).map(drop)
+}
+
+/// Lays this edge's execution over a rollout it did not create: the
+/// operator's abort ends it, this edge's own complete (or abort) stands,
+/// its threshold halt stands until the operator resumes again (`resumes`
+/// grew), and otherwise it runs or pauses as the operator says.
+fn overlay(r: &mut Rollout, run: &EdgeRun) {
+    r.resolved = true;
+    r.targets = run.targets;
+    r.failure_threshold = run.failure_threshold;
+    let own = match (r.state, run.state) {
+        (State::Aborted, _) => false,
+        (_, State::Complete | State::Aborted) => true,
+        (_, State::Halted) => r.resumes == run.resumes,
+        // Only engines write these, never the operator: an older edge's
+        // view (during an upgrade), not this edge's business.
+        (State::Complete | State::Halted, _) => true,
+        _ => false,
+    };
+    if own {
+        r.state = run.state;
+        r.reason = run.reason.clone();
+    }
+}
+
+/// A rollout as this node runs it: `run` is `Some` for one it did not
+/// create (the execution so far, `None` inside when not resolved yet).
+struct Local {
+    rollout: Rollout,
+    run: Option<Option<EdgeRun>>,
+}
+
+/// `owner`: at a hub, an edge's own rollout is shown as that edge keeps
+/// it; only a global rollout this node did not create has a local run.
+fn localize(tx: &Tx<'_>, mut r: Rollout, owner: &str) -> Result<Local, StoreError> {
+    if r.created_by == tx.node_id() || !owner.is_empty() {
+        return Ok(Local {
+            rollout: r,
+            run: None,
+        });
+    }
+    let run = load_run(tx, &r.id, tx.node_id())?;
+    if let Some(run) = &run {
+        overlay(&mut r, run);
+    }
+    Ok(Local {
+        rollout: r,
+        run: Some(run),
+    })
+}
+
+fn load_local(tx: &Tx<'_>) -> Result<Vec<Local>, StoreError> {
+    load_rollouts(tx)?
+        .into_iter()
+        .map(|(r, owner)| localize(tx, r, &owner))
         .collect()
 }
 
@@ -363,18 +554,50 @@ struct Step {
 /// have died between the commit and the publish).
 fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step, StoreError> {
     let mut step = Step::default();
-    let rollouts: Vec<Rollout> = load_rollouts(tx)?
-        .into_iter()
-        .filter(|r| r.state.is_live())
-        .collect();
+    let mut rollouts = Vec::new();
+    for l in load_local(tx)? {
+        if l.rollout.state.is_live() {
+            rollouts.push(l);
+        } else if let Some(Some(run)) = &l.run {
+            if run.state.is_live() {
+                // Aborted at the hub: this edge's execution says so too.
+                let r = &l.rollout;
+                let done = EdgeRun {
+                    state: r.state,
+                    reason: r.reason.clone(),
+                    ..run.clone()
+                };
+                write_run(tx, &done)?;
+            }
+        }
+    }
     if rollouts.is_empty() {
         return Ok(step);
     }
     let infos = device_infos(tx)?;
-    for mut r in rollouts {
+    for Local {
+        rollout: mut r,
+        run,
+    } in rollouts
+    {
         let before = r.clone();
         let mut devs = load_progress(tx, &r.id)?;
         let mut dirty: Vec<bool> = vec![false; devs.len()];
+        if let Some(None) = &run {
+            // Not resolved here yet: whatever an older edge wrote into the
+            // shared record is not this edge's execution.
+            r.resolved = false;
+            r.targets = 0;
+        }
+        if let Some(Some(prev)) = &run {
+            if prev.state == State::Halted && r.state != State::Halted {
+                // A resume at the hub since this edge halted: the
+                // operator's override, so the threshold counts from the
+                // failures so far, as a resume on a standalone edge does.
+                let failed = devs.iter().filter(|d| d.state == DevState::Failed).count();
+                r.failure_threshold = r.failure_threshold.saturating_add(failed as u32);
+            }
+        }
         if !r.resolved {
             let mut ids: Vec<&String> = if r.devices.is_empty() {
                 infos
@@ -394,7 +617,14 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
                 Some(p) => (n * p.clamp(1, 100)).div_ceil(100).max(1),
                 None => r.wave_size.max(1),
             };
+            // Progress this edge already holds is kept: a rollout an older
+            // binary resolved (it said so in the shared record) has no
+            // execution record here yet, and must not start over.
+            let known: HashSet<String> = devs.iter().map(|d| d.device.clone()).collect();
             for (i, id) in ids.into_iter().enumerate() {
+                if known.contains(id) {
+                    continue;
+                }
                 devs.push(DeviceRollout {
                     rollout: r.id.clone(),
                     device: id.clone(),
@@ -464,7 +694,7 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
             .prepare_cached("SELECT 1 FROM firmware WHERE sha256 = ?1")
             .and_then(|mut s| s.exists([&r.sha256]))
             .map_err(|e| tx.sql_error("read firmware", e))?;
-        if !have {
+        if !have && r.state.is_live() {
             step.missing.push(r.clone());
         }
         if r.state == State::Running && have {
@@ -504,17 +734,51 @@ fn tick(tx: &mut Tx<'_>, now: u64, base_url: &str, resend: bool) -> Result<Step,
                 write_device(tx, d)?;
             }
         }
-        if r != before {
-            write_rollout(tx, &r)?;
+        match run {
+            None if r != before => write_rollout(tx, &r)?,
+            None => {}
+            // Not this node's rollout: its execution goes to its own
+            // record, never into the shared one.
+            Some(prev) => {
+                let next = EdgeRun {
+                    rollout: r.id.clone(),
+                    edge: tx.node_id().to_owned(),
+                    state: r.state,
+                    reason: r.reason.clone(),
+                    targets: r.targets,
+                    failure_threshold: r.failure_threshold,
+                    resumes: r.resumes,
+                };
+                if prev.as_ref() != Some(&next) {
+                    write_run(tx, &next)?;
+                }
+            }
         }
     }
     Ok(step)
 }
 
+fn summary(
+    tx: &Tx<'_>,
+    rollout: Rollout,
+    counts: Option<BTreeMap<String, u32>>,
+) -> Result<Summary, StoreError> {
+    let edges = load_runs(tx, &rollout.id)?;
+    let edges_complete =
+        (!edges.is_empty()).then(|| edges.iter().all(|e| e.state == State::Complete));
+    Ok(Summary {
+        rollout,
+        counts,
+        edges,
+        edges_complete,
+    })
+}
+
 /// Applies status reports; returns whether anything changed.
 fn apply_reports(tx: &mut Tx<'_>, reports: &[(String, UpdateReport)]) -> Result<bool, StoreError> {
-    let rollouts: Vec<Rollout> = load_rollouts(tx)?
+    let rollouts: Vec<Rollout> = load_local(tx)?
         .into_iter()
+        .map(|l| l.rollout)
         .filter(|r| r.state.is_live())
         .collect();
     let mut changed = false;
@@ -643,9 +907,10 @@ impl Rollouts {
                 format!("`{}`: 1-64 of A-Z a-z 0-9 - _ . :", id.escape_debug()),
             ));
         }
-        if id == "host" || id == "status" {
-            // `{id}/...` would take in the host rollouts (`host/{id}`) or
-            // the OTA reports (`status/{node}`) as this rollout's devices.
+        if id == "host" || id == "status" || id == RUN_PREFIX {
+            // `{id}/...` would take in the host rollouts (`host/{id}`),
+            // the OTA reports (`status/{node}`) or the per-edge executions
+            // (`edge/{rollout}/{edge}`) as this rollout's devices.
             return Err(invalid("id", format!("`{id}` is reserved")));
         }
         if spec
@@ -698,20 +963,26 @@ impl Rollouts {
             resolved: false,
             targets: 0,
             created_ms: wall_millis(),
+            created_by: String::new(),
+            resumes: 0,
         };
-        let rec = r.clone();
-        self.inner
+        let r = self
+            .inner
             .registry
             .store()
             .call(move |db| {
                 db.tx(|tx| {
-                    if tx.get(Kind::Rollout, &rec.id)?.is_some() {
+                    if tx.get(Kind::Rollout, &r.id)?.is_some() {
                         return Err(FirmwareError::Conflict {
-                            what: format!("rollout {} already exists", rec.id),
+                            what: format!("rollout {} already exists", r.id),
                         });
                     }
-                    write_rollout(tx, &rec)?;
-                    Ok(())
+                    let r = Rollout {
+                        created_by: tx.node_id().to_owned(),
+                        ..r
+                    };
+                    write_rollout(tx, &r)?;
+                    Ok(r)
                 })
             })
             .await??;
@@ -728,16 +999,16 @@ impl Rollouts {
             .call(|db| {
                 db.tx(|tx| {
                     let mut out = Vec::new();
-                    for r in load_rollouts(tx)? {
+                    for l in load_local(tx)? {
                         let mut counts = BTreeMap::new();
-                        for d in load_progress(tx, &r.id)? {
+                        for d in load_progress(tx, &l.rollout.id)? {
                             let k = serde_json::to_value(d.state)
                                 .ok()
                                 .and_then(|v| v.as_str().map(str::to_owned))
                                 .unwrap_or_default();
                             *counts.entry(k).or_insert(0) += 1;
                         }
-                        out.push(Summary { rollout: r, counts });
+                        out.push(summary(tx, l.rollout, Some(counts))?);
                     }
                     Ok::<_, StoreError>(out)
                 })
@@ -745,7 +1016,8 @@ impl Rollouts {
             .await??)
     }
 
-    pub async fn get(&self, id: String) -> Result<(Rollout, Vec<DeviceRollout>), FirmwareError> {
+    /// One rollout (without counts) and its devices' progress.
+    pub async fn get(&self, id: String) -> Result<(Summary, Vec<DeviceRollout>), FirmwareError> {
         let what = format!("rollout {id}");
         let found = self
             .inner
@@ -753,32 +1025,44 @@ impl Rollouts {
             .store()
             .call(move |db| {
                 db.tx(|tx| {
-                    let Some(rec) = tx.get(Kind::Rollout, &id)?.filter(|r| !r.tombstone) else {
+                    let Some((r, owner)) = get_rollout(tx, &id)? else {
                         return Ok(None);
                     };
-                    let r: Rollout =
-                        serde_json::from_str(&rec.body).map_err(|e| bad_record(&id, e))?;
-                    Ok::<_, StoreError>(Some((r, load_progress(tx, &id)?)))
+                    let l = localize(tx, r, &owner)?;
+                    let devices = load_progress(tx, &id)?;
+                    Ok::<_, StoreError>(Some((summary(tx, l.rollout, None)?, devices)))
                 })
             })
             .await??;
         found.ok_or(FirmwareError::NotFound { what })
     }
 
+    /// Pause, resume or abort. On an edge under a hub, only rollouts this
+    /// edge created: the hub's are commanded at the hub.
     pub async fn command(&self, id: String, cmd: Command) -> Result<Rollout, FirmwareError> {
+        let upstream = self.inner.fetcher.is_some();
         let r = self
             .inner
             .registry
             .store()
             .call(move |db| {
                 db.tx(|tx| {
-                    let Some(rec) = tx.get(Kind::Rollout, &id)?.filter(|r| !r.tombstone) else {
+                    let Some((mut r, _)) = get_rollout(tx, &id)? else {
                         return Err(FirmwareError::NotFound {
                             what: format!("rollout {id}"),
                         });
                     };
-                    let mut r: Rollout =
-                        serde_json::from_str(&rec.body).map_err(|e| bad_record(&id, e))?;
+                    if upstream && r.created_by != tx.node_id() {
+                        // Its operator is at the hub, for every edge; a
+                        // local write would be merged away (LWW) or stop
+                        // the other edges.
+                        return Err(FirmwareError::Conflict {
+                            what: format!(
+                                "rollout {id} was defined at the hub (node {}); pause, resume or abort it there",
+                                r.created_by
+                            ),
+                        });
+                    }
                     let next = match (cmd, r.state) {
                         (Command::Pause, State::Running | State::Paused) => State::Paused,
                         // Resuming a halted rollout is the operator's
@@ -794,7 +1078,13 @@ impl Rollouts {
                             })
                         }
                     };
-                    if next != r.state {
+                    // Every resume is written, even of a running rollout:
+                    // it is how the edges running a hub rollout learn to
+                    // clear their own threshold halts (`resumes`).
+                    if next != r.state || cmd == Command::Resume {
+                        if cmd == Command::Resume {
+                            r.resumes = r.resumes.saturating_add(1);
+                        }
                         if cmd == Command::Resume && r.state == State::Halted {
                             // The threshold counts from here again.
                             r.failure_threshold = r.failure_threshold.saturating_add(
@@ -987,5 +1277,74 @@ impl Rollouts {
             while changes.try_recv().is_ok() {}
             while self.inner.wake_rx.try_recv().is_ok() {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(state: State, resumes: u32) -> Rollout {
+        Rollout {
+            id: "r".into(),
+            device_type: "sensor".into(),
+            version: "2".into(),
+            sha256: String::new(),
+            size: 0,
+            signature: String::new(),
+            devices: Vec::new(),
+            wave_size: 1,
+            wave_percent: None,
+            failure_threshold: 1,
+            device_deadline_ms: 1000,
+            max_retries: 0,
+            state,
+            reason: "operator".into(),
+            resolved: false,
+            targets: 0,
+            created_ms: 1,
+            created_by: "hub".into(),
+            resumes,
+        }
+    }
+
+    fn run(state: State, resumes: u32) -> EdgeRun {
+        EdgeRun {
+            rollout: "r".into(),
+            edge: "e".into(),
+            state,
+            reason: "edge".into(),
+            targets: 3,
+            failure_threshold: 2,
+            resumes,
+        }
+    }
+
+    fn laid(d: Rollout, e: EdgeRun) -> (State, String) {
+        let mut r = d;
+        overlay(&mut r, &e);
+        assert!(r.resolved);
+        assert_eq!((r.targets, r.failure_threshold), (3, 2));
+        (r.state, r.reason)
+    }
+
+    #[test]
+    fn an_edge_lays_its_execution_over_the_operators_intent() {
+        use State::*;
+        let edge = |s| (s, "edge".to_string());
+        let op = |s| (s, "operator".to_string());
+        // Running or paused as the operator says.
+        assert_eq!(laid(def(Paused, 0), run(Running, 0)), op(Paused));
+        assert_eq!(laid(def(Running, 0), run(Paused, 0)), op(Running));
+        // Its own completion stands; the operator's abort ends it.
+        assert_eq!(laid(def(Running, 0), run(Complete, 0)), edge(Complete));
+        assert_eq!(laid(def(Aborted, 0), run(Running, 0)), op(Aborted));
+        // Its halt stands until a resume it has not seen.
+        assert_eq!(laid(def(Running, 0), run(Halted, 0)), edge(Halted));
+        assert_eq!(laid(def(Paused, 0), run(Halted, 0)), edge(Halted));
+        assert_eq!(laid(def(Running, 1), run(Halted, 0)), op(Running));
+        // Complete or halted in the shared record is an older edge's.
+        assert_eq!(laid(def(Complete, 0), run(Running, 0)), edge(Running));
+        assert_eq!(laid(def(Halted, 0), run(Running, 0)), edge(Running));
     }
 }
