@@ -299,6 +299,19 @@ fn wait(d: &Daemon, what: &str) -> String {
         .unwrap_or_else(|| panic!("no log line containing `{what}` in time"))
 }
 
+/// A maintenance window (UTC) that opens two hours from now and lasts one
+/// hour: an installed update waits for its reboot for the whole test.
+fn window_two_hours_ahead() -> String {
+    let now_min = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60)
+        % 1440;
+    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
+    format!("{}-{}", hm(now_min + 120), hm(now_min + 180))
+}
+
 fn new_image(fill: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| fill ^ (i % 7) as u8).collect()
 }
@@ -658,15 +671,7 @@ fn reboot_waits_for_the_window_unless_the_operator_asks() {
     }
     let bus_dir = tempfile::tempdir().unwrap();
     let (mut bus, address) = private_bus(bus_dir.path());
-    // A window that opens two hours from now (UTC) and lasts one hour.
-    let now_min = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 60)
-        % 1440;
-    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
-    let window = format!("{}-{}", hm(now_min + 120), hm(now_min + 180));
+    let window = window_two_hours_ahead();
     let rig = Rig::with(
         Flavor::Uboot,
         &format!("  maintenance_window: \"{window}\"\n"),
@@ -725,15 +730,8 @@ fn a_superseding_install_that_fails_leaves_the_booted_slot_primary() {
     if !have("fw_setenv") || !have("mkenvimage") {
         return;
     }
-    // A window two hours away: the first update waits for its reboot.
-    let now_min = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 60)
-        % 1440;
-    let hm = |m: u64| format!("{:02}:{:02}", (m % 1440) / 60, m % 60);
-    let window = format!("{}-{}", hm(now_min + 120), hm(now_min + 180));
+    // The first update waits for its reboot.
+    let window = window_two_hours_ahead();
     let rig = Rig::new(
         Flavor::Uboot,
         &format!("  maintenance_window: \"{window}\"\n"),
