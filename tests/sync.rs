@@ -134,6 +134,63 @@ fn services_flow_up_and_global_kv_flows_down() {
 }
 
 #[test]
+fn two_edges_with_the_same_service_and_key_each_keep_their_own() {
+    let net = net(2, "");
+    let (mut a, b) = {
+        let mut it = net.edges.into_iter();
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let pos = |ip: &str| format!(r#"{{"name":"pos","address":"{ip}","port":9000}}"#);
+    // B first: at the hub, `pos` and `app/mode` are B's; A's come second.
+    assert_eq!(b.put("/register", &pos("10.0.0.2")).status, 200);
+    assert_eq!(b.put("/kv/app/mode", r#"{"value":"b"}"#).status, 200);
+    sync(&b);
+    assert_eq!(a.put("/register", &pos("10.0.0.1")).status, 200);
+    assert_eq!(a.put("/kv/app/mode", r#"{"value":"a"}"#).status, 200);
+    sync(&a);
+    sync(&b);
+    sync(&a);
+
+    // Neither edge's registry was touched by the other's.
+    assert_eq!(a.get("/services/pos").json()["address"], "10.0.0.1");
+    assert_eq!(b.get("/services/pos").json()["address"], "10.0.0.2");
+    assert_eq!(kv(&a, "app/mode").as_deref(), Some("a"));
+    assert_eq!(kv(&b, "app/mode").as_deref(), Some("b"));
+    // The hub keeps both, and there was nothing to fight over.
+    let hub = net.hub.as_ref().unwrap();
+    let mut addrs: Vec<String> = hub
+        .get("/services/")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["address"].as_str().unwrap().to_owned())
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(hub.get("/v1/edge/conflicts").json(), serde_json::json!([]));
+
+    // A loses its disk: it gets its own `pos` and `app/mode` back, not B's.
+    a.stop();
+    for f in ["edge.db", "edge.db-wal", "edge.db-shm"] {
+        let _ = std::fs::remove_file(a.dir.join(f));
+    }
+    let a = Daemon::start(&a.dir);
+    sync(&a);
+    assert_eq!(a.get("/services/pos").json()["address"], "10.0.0.1");
+    assert_eq!(kv(&a, "app/mode").as_deref(), Some("a"));
+
+    // And A's delete removes A's record at the hub, not B's.
+    assert_eq!(a.req("PUT", "/deregister/pos", None).status, 200);
+    sync(&a);
+    let left = hub.get("/services/").json();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["address"], "10.0.0.2");
+    sync(&b);
+    assert_eq!(b.get("/services/pos").json()["address"], "10.0.0.2");
+}
+
+#[test]
 fn offline_edges_keep_working_then_converge_and_conflicts_resolve_the_same_everywhere() {
     let mut net = net(2, "");
     // The same key exists everywhere first.
@@ -874,6 +931,55 @@ fn a_hub_syncs_upstream_with_the_same_client() {
     sync(&site);
     sync(&edge);
     assert_eq!(kv(&edge, "global/tax-rate").as_deref(), Some("19"));
+}
+
+#[test]
+fn two_tills_with_the_same_service_behind_a_site_hub_both_reach_the_cloud() {
+    let cloud_dir = tempfile::tempdir().unwrap();
+    hub_config(cloud_dir.path(), "127.0.0.1:0", "");
+    let cloud = Daemon::start_hub(cloud_dir.path());
+    let site_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        site_dir.path().join("edge.yaml"),
+        format!(
+            "node_id: site-1\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+             cloud: {{server_address: 'http://{}', sync_interval: 1h}}\n",
+            site_dir.path().join("site.db").display(),
+            cloud.addr
+        ),
+    )
+    .unwrap();
+    let site = Daemon::start_hub(site_dir.path());
+    let mut tills = vec![];
+    let mut dirs = vec![];
+    for (i, ip) in ["10.1.1.1", "10.1.1.2"].into_iter().enumerate() {
+        let d = tempfile::tempdir().unwrap();
+        edge_config(d.path(), &format!("till-{i}"), &site.addr, "");
+        let t = Daemon::start(d.path());
+        let body = format!(r#"{{"name":"till","address":"{ip}","port":9100}}"#);
+        assert_eq!(t.put("/register", &body).status, 200);
+        sync(&t);
+        tills.push(t);
+        dirs.push(d);
+    }
+    sync(&site);
+    // The second till's record travels up qualified; both arrive.
+    let mut addrs: Vec<String> = cloud
+        .get("/services/")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["address"].as_str().unwrap().to_owned())
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.1.1.1", "10.1.1.2"]);
+    // Coming back down changes neither till.
+    sync(&site);
+    for (t, ip) in tills.iter().zip(["10.1.1.1", "10.1.1.2"]) {
+        sync(t);
+        assert_eq!(t.get("/services/till").json()["address"], ip);
+    }
 }
 
 #[test]

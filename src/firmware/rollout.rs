@@ -41,7 +41,9 @@
 //! hub shows the operator's state, every edge's record (`edges`) and
 //! `edges_complete` (every edge that has reported is complete; an edge
 //! that has not synced since it saw the rollout is not counted). Device
-//! ids are assumed unique under a hub (device records already are).
+//! ids should be unique under a hub: a second edge's device with the same
+//! id is kept apart there (`sync::engine`, per-edge keys) but not listed in
+//! the hub's view of the rollout.
 //!
 //! A tick, per rollout that is running, paused or halted (here: for a
 //! hub rollout, in this edge's execution):

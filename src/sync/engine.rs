@@ -13,12 +13,47 @@
 //! - from upstream: the outbox entry for the key is dropped when the hub's
 //!   version already includes ours, and kept (or added) when ours still
 //!   adds something, so the hub hears about it;
-//! - concurrent versions are recorded as conflicts, whatever won.
+//! - concurrent versions are recorded as conflicts, whatever won;
+//! - keys are per edge at a hub: two edges that both register `pos` (every
+//!   till does) or both write `app/mode` get two records, not one fought
+//!   over. An edge's key is used as it is unless another edge already owns
+//!   it there; then the hub keeps this edge's record under
+//!   `{edge}\u{1f}{key}` ([`QUALIFIER`]; local keys cannot hold control
+//!   characters, so nothing else looks like that) and hands it back to the
+//!   edge under its own key. A global record (written at the hub) is one
+//!   record for everybody: an edge editing it edits the shared one.
 
 use crate::crdt::{self, MergeStrategy, Version};
 use crate::store::{Kind, Record, StoreError, Tx};
 
 use super::wire::Incoming;
+
+/// Separates the owning edge from its key in a hub-side key (see above).
+pub const QUALIFIER: char = '\u{1f}';
+
+/// Where `edge`'s record `key` lives at this hub.
+fn hub_key(tx: &Tx<'_>, kind: Kind, edge: &str, key: &str) -> Result<String, StoreError> {
+    let qualified = format!("{edge}{QUALIFIER}{key}");
+    if tx.get(kind, &qualified)?.is_some() {
+        return Ok(qualified);
+    }
+    Ok(match tx.get(kind, key)? {
+        Some(r) if !r.owner.is_empty() && r.owner != edge => qualified,
+        _ => key.to_owned(),
+    })
+}
+
+/// The key a record of this hub has at `edge` (its own records come back
+/// under the key it wrote).
+pub fn edge_key<'k>(record_key: &'k str, owner: &str, edge: &str) -> &'k str {
+    if owner != edge {
+        return record_key;
+    }
+    record_key
+        .strip_prefix(edge)
+        .and_then(|rest| rest.strip_prefix(QUALIFIER))
+        .unwrap_or(record_key)
+}
 
 pub enum Direction<'a> {
     /// Versions pushed by a downstream edge to this node acting as its hub.
@@ -58,17 +93,20 @@ fn name_of(kind: Kind, body: &str) -> Option<String> {
 
 pub fn apply(
     tx: &mut Tx<'_>,
-    inc: Incoming,
+    mut inc: Incoming,
     strategy: MergeStrategy,
     dir: &Direction<'_>,
     now_ms: u64,
 ) -> Result<Applied, StoreError> {
     tx.observe(inc.version.hlc);
-    let local = tx.get(inc.kind, &inc.key)?;
     let from_edge = match dir {
         Direction::FromEdge(e) => Some(*e),
         Direction::FromHub { .. } => None,
     };
+    if let Some(edge) = from_edge {
+        inc.key = hub_key(tx, inc.kind, edge, &inc.key)?;
+    }
+    let local = tx.get(inc.kind, &inc.key)?;
     let (merged, conflict) = match &local {
         None => (inc.version.clone(), None),
         Some(l) => {
@@ -156,4 +194,25 @@ fn describe(v: &Version) -> String {
         "vector_clock": v.vv,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edge_gets_its_own_records_back_under_its_own_keys() {
+        let q = format!("edge-a{QUALIFIER}pos");
+        assert_eq!(edge_key(&q, "edge-a", "edge-a"), "pos");
+        // Another edge's record, or a plain key, is left alone.
+        assert_eq!(edge_key(&q, "edge-b", "edge-b"), q);
+        assert_eq!(edge_key("pos", "edge-a", "edge-a"), "pos");
+        assert_eq!(edge_key("edge-a/pos", "edge-a", "edge-a"), "edge-a/pos");
+        // One level is removed: a site hub's own qualified keys survive.
+        let two = format!("site-1{QUALIFIER}till-2{QUALIFIER}till");
+        assert_eq!(
+            edge_key(&two, "site-1", "site-1"),
+            format!("till-2{QUALIFIER}till")
+        );
+    }
 }

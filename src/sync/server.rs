@@ -204,7 +204,11 @@ fn fill_page(
         let rows = tx.changes_since(cursor, edge, echo, CHUNK)?;
         let exhausted = rows.len() < CHUNK;
         for r in rows {
-            let u = wire::to_update(&r);
+            let mut u = wire::to_update(&r);
+            let own = super::engine::edge_key(&r.key, &r.owner, edge);
+            if own.len() != r.key.len() {
+                u.key = own.to_owned();
+            }
             let len = u.encoded_len() + 4;
             if used + len > page && !resp.cloud_updates.is_empty() {
                 resp.more = true;

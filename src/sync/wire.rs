@@ -127,7 +127,9 @@ pub struct Incoming {
     pub version: crdt::Version,
 }
 
-pub const MAX_KEY: usize = 512;
+/// A local key (`registry::MAX_KEY_LEN`) plus room for two levels of hub
+/// qualification (`{edge}\u{1f}`, edge ids up to 128 bytes).
+pub const MAX_KEY: usize = crate::registry::MAX_KEY_LEN + 2 * 129;
 pub const MAX_BODY: usize = 512 * 1024;
 const MAX_ORIGIN: usize = 128;
 
@@ -136,7 +138,10 @@ pub fn from_update(index: usize, u: ServiceUpdate) -> Result<Incoming, WireError
     let bad = |detail: String| WireError::BadUpdate { index, detail };
     let kind =
         kind_from_wire(u.kind).ok_or_else(|| bad(format!("unknown record kind {}", u.kind)))?;
-    if u.key.is_empty() || u.key.len() > MAX_KEY || u.key.chars().any(char::is_control) {
+    // A hub forwards the records it keeps per edge (`engine::QUALIFIER`)
+    // to its own hub; no other control character belongs in a key.
+    let bad_char = |c: char| c.is_control() && c != super::engine::QUALIFIER;
+    if u.key.is_empty() || u.key.len() > MAX_KEY || u.key.chars().any(bad_char) {
         return Err(bad(format!("invalid key {:?}", u.key)));
     }
     let ident_ok =
