@@ -879,9 +879,9 @@ fn records_held_for_edges_do_not_count_against_the_hubs_own_limit() {
     );
 }
 
-#[test]
-fn a_hub_syncs_upstream_with_the_same_client() {
-    // device -> site gateway (a hub with its own upstream) -> cloud hub
+/// A cloud hub and a site gateway (`site-1`, a hub with the cloud as its
+/// own upstream); the temp dirs live as long as the first element.
+fn cloud_and_site() -> ([tempfile::TempDir; 2], Daemon, Daemon) {
     let cloud_dir = tempfile::tempdir().unwrap();
     hub_config(cloud_dir.path(), "127.0.0.1:0", "");
     let cloud = Daemon::start_hub(cloud_dir.path());
@@ -897,6 +897,13 @@ fn a_hub_syncs_upstream_with_the_same_client() {
     )
     .unwrap();
     let site = Daemon::start_hub(site_dir.path());
+    ([cloud_dir, site_dir], cloud, site)
+}
+
+#[test]
+fn a_hub_syncs_upstream_with_the_same_client() {
+    // device -> site gateway (a hub with its own upstream) -> cloud hub
+    let (_dirs, cloud, site) = cloud_and_site();
     let edge_dir = tempfile::tempdir().unwrap();
     edge_config(edge_dir.path(), "till-7", &site.addr, "");
     let edge = Daemon::start(edge_dir.path());
@@ -935,21 +942,7 @@ fn a_hub_syncs_upstream_with_the_same_client() {
 
 #[test]
 fn two_tills_with_the_same_service_behind_a_site_hub_both_reach_the_cloud() {
-    let cloud_dir = tempfile::tempdir().unwrap();
-    hub_config(cloud_dir.path(), "127.0.0.1:0", "");
-    let cloud = Daemon::start_hub(cloud_dir.path());
-    let site_dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        site_dir.path().join("edge.yaml"),
-        format!(
-            "node_id: site-1\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
-             cloud: {{server_address: 'http://{}', sync_interval: 1h}}\n",
-            site_dir.path().join("site.db").display(),
-            cloud.addr
-        ),
-    )
-    .unwrap();
-    let site = Daemon::start_hub(site_dir.path());
+    let (_dirs, cloud, site) = cloud_and_site();
     let mut tills = vec![];
     let mut dirs = vec![];
     for (i, ip) in ["10.1.1.1", "10.1.1.2"].into_iter().enumerate() {
