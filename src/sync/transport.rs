@@ -243,6 +243,26 @@ impl Client {
     }
 
     /// A TCP connection to the endpoint (the first address that answers).
+    /// TLS over `stream` to the endpoint's host, with our roots (and
+    /// client certificate, if configured).
+    async fn tls_handshake(
+        &self,
+        stream: Async<std::net::TcpStream>,
+        url: &str,
+    ) -> Result<futures_rustls::client::TlsStream<Async<std::net::TcpStream>>, TransportError> {
+        let ep = &self.endpoint;
+        let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
+        let name = ServerName::try_from(ep.host.clone())
+            .map_err(|_| TransportError::BadUrl { url: url.into() })?;
+        futures_rustls::TlsConnector::from(tls)
+            .connect(name, stream)
+            .await
+            .map_err(|source| TransportError::Handshake {
+                host: ep.host.clone(),
+                source,
+            })
+    }
+
     async fn connect(&self) -> Result<Async<std::net::TcpStream>, TransportError> {
         let ep = &self.endpoint;
         let lookup = format!("{}:{}", ep.host, ep.port);
@@ -333,16 +353,7 @@ impl Client {
             progress,
         };
         if ep.https {
-            let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
-            let name = ServerName::try_from(ep.host.clone())
-                .map_err(|_| TransportError::BadUrl { url: url.clone() })?;
-            let tls_stream = futures_rustls::TlsConnector::from(tls)
-                .connect(name, stream)
-                .await
-                .map_err(|source| TransportError::Handshake {
-                    host: ep.host.clone(),
-                    source,
-                })?;
+            let tls_stream = self.tls_handshake(stream, &url).await?;
             dl.run(tls_stream, req).await
         } else {
             dl.run(stream, req).await
@@ -379,16 +390,7 @@ impl Client {
         };
         let req = request(&host_port)?;
         if ep.https {
-            let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
-            let name = ServerName::try_from(ep.host.clone())
-                .map_err(|_| TransportError::BadUrl { url: url.into() })?;
-            let tls_stream = futures_rustls::TlsConnector::from(tls)
-                .connect(name, stream)
-                .await
-                .map_err(|source| TransportError::Handshake {
-                    host: ep.host.clone(),
-                    source,
-                })?;
+            let tls_stream = self.tls_handshake(stream, url).await?;
             // In TLS 1.3 the hub refuses a client certificate after the
             // handshake: the client only sees the connection end or reset.
             // Name the likely cause; it is what the operator has to fix.
