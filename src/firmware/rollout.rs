@@ -354,6 +354,18 @@ fn run_key(rollout: &str, edge: &str) -> String {
 
 /// Every edge's execution of `id` held here.
 fn load_runs(tx: &Tx<'_>, id: &str) -> Result<Vec<EdgeRun>, StoreError> {
+    load_under(tx, &format!("{RUN_PREFIX}/{id}/"), "list rollout edges")
+}
+
+/// The rollout records whose keys start with `prefix` (which ends in `/`),
+/// in key order. `0` sorts right after `/`, so the range is exactly the
+/// prefix.
+fn load_under<T: serde::de::DeserializeOwned>(
+    tx: &Tx<'_>,
+    prefix: &str,
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let end = format!("{}0", prefix.trim_end_matches('/'));
     let rows: Vec<(String, String)> = tx
         .conn()
         .prepare_cached(
@@ -361,13 +373,10 @@ fn load_runs(tx: &Tx<'_>, id: &str) -> Result<Vec<EdgeRun>, StoreError> {
              AND key > ?1 AND key < ?2 ORDER BY key",
         )
         .and_then(|mut s| {
-            s.query_map(
-                params![format!("{RUN_PREFIX}/{id}/"), format!("{RUN_PREFIX}/{id}0")],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?
-            .collect()
+            s.query_map(params![prefix, end], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
         })
-        .map_err(|e| tx.sql_error("list rollout edges", e))?;
+        .map_err(|e| tx.sql_error(what, e))?;
     rows.into_iter()
         .map(|(k, b)| serde_json::from_str(&b).map_err(|e| bad_record(&k, e)))
         .collect()
@@ -383,7 +392,7 @@ fn load_run(tx: &Tx<'_>, id: &str, edge: &str) -> Result<Option<EdgeRun>, StoreE
 
 fn write_run(tx: &mut Tx<'_>, run: &EdgeRun) -> Result<(), StoreError> {
     let key = run_key(&run.rollout, &run.edge);
-    registry::commit(tx, Kind::Rollout, &key, None, Some(to_body(run)?)).map(drop)
+    registry::commit(tx, Kind::Rollout, &key, None, Some(registry::to_body(run)?)).map(drop)
 }
 
 /// Lays this edge's execution over a rollout it did not create: the
@@ -443,36 +452,16 @@ fn load_local(tx: &Tx<'_>) -> Result<Vec<Local>, StoreError> {
 }
 
 fn load_progress(tx: &Tx<'_>, id: &str) -> Result<Vec<DeviceRollout>, StoreError> {
-    // `0` sorts right after `/`: the range is exactly the `{id}/` prefix.
-    let rows: Vec<(String, String)> = tx
-        .conn()
-        .prepare_cached(
-            "SELECT key, body FROM records WHERE kind = 'rollout' AND tombstone = 0
-             AND key > ?1 AND key < ?2 ORDER BY key",
-        )
-        .and_then(|mut s| {
-            s.query_map(params![format!("{id}/"), format!("{id}0")], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect()
-        })
-        .map_err(|e| tx.sql_error("list rollout devices", e))?;
-    rows.into_iter()
-        .map(|(k, b)| serde_json::from_str(&b).map_err(|e| bad_record(&k, e)))
-        .collect()
-}
-
-fn to_body<T: Serialize>(v: &T) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| bad_record("body", e))
+    load_under(tx, &format!("{id}/"), "list rollout devices")
 }
 
 fn write_rollout(tx: &mut Tx<'_>, r: &Rollout) -> Result<(), StoreError> {
-    registry::commit(tx, Kind::Rollout, &r.id, None, Some(to_body(r)?)).map(drop)
+    registry::commit(tx, Kind::Rollout, &r.id, None, Some(registry::to_body(r)?)).map(drop)
 }
 
 fn write_device(tx: &mut Tx<'_>, d: &DeviceRollout) -> Result<(), StoreError> {
     let key = format!("{}/{}", d.rollout, d.device);
-    registry::commit(tx, Kind::Rollout, &key, None, Some(to_body(d)?)).map(drop)
+    registry::commit(tx, Kind::Rollout, &key, None, Some(registry::to_body(d)?)).map(drop)
 }
 
 /// What the tick needs to know of a device.
