@@ -31,15 +31,20 @@ use super::wire::Incoming;
 /// Separates the owning edge from its key in a hub-side key (see above).
 pub const QUALIFIER: char = '\u{1f}';
 
-/// Where `edge`'s record `key` lives at this hub.
-fn hub_key(tx: &Tx<'_>, kind: Kind, edge: &str, key: &str) -> Result<String, StoreError> {
+/// Where `edge`'s record `key` lives at this hub, and the record there.
+fn hub_key(
+    tx: &Tx<'_>,
+    kind: Kind,
+    edge: &str,
+    key: &str,
+) -> Result<(String, Option<Record>), StoreError> {
     let qualified = format!("{edge}{QUALIFIER}{key}");
-    if tx.get(kind, &qualified)?.is_some() {
-        return Ok(qualified);
+    if let Some(r) = tx.get(kind, &qualified)? {
+        return Ok((qualified, Some(r)));
     }
     Ok(match tx.get(kind, key)? {
-        Some(r) if !r.owner.is_empty() && r.owner != edge => qualified,
-        _ => key.to_owned(),
+        Some(r) if !r.owner.is_empty() && r.owner != edge => (qualified, None),
+        plain => (key.to_owned(), plain),
     })
 }
 
@@ -103,10 +108,14 @@ pub fn apply(
         Direction::FromEdge(e) => Some(*e),
         Direction::FromHub { .. } => None,
     };
-    if let Some(edge) = from_edge {
-        inc.key = hub_key(tx, inc.kind, edge, &inc.key)?;
-    }
-    let local = tx.get(inc.kind, &inc.key)?;
+    let local = match from_edge {
+        Some(edge) => {
+            let (key, local) = hub_key(tx, inc.kind, edge, &inc.key)?;
+            inc.key = key;
+            local
+        }
+        None => tx.get(inc.kind, &inc.key)?,
+    };
     let (merged, conflict) = match &local {
         None => (inc.version.clone(), None),
         Some(l) => {
