@@ -108,16 +108,11 @@ fn upload(d: &Daemon, signer: &Signer, img: &[u8], version: &str) -> Resp {
     )
 }
 
-/// Polls `f` (an HTTP read of the daemon's state) until it returns Some.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Creates a rollout from a JSON spec and insists it was accepted.
+fn create_rollout(d: &Daemon, spec: &str) -> Resp {
+    let r = d.req("POST", "/v1/edge/rollouts", Some(spec));
+    assert_eq!(r.status, 201, "{}", r.text());
+    r
 }
 
 fn rollout(d: &Daemon, id: &str) -> Value {
@@ -481,12 +476,10 @@ fn twenty_devices_in_waves_of_five_with_a_resumed_download() {
         },
         |_| None,
     );
-    let r = d.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"r1","device_type":"sensor","version":"2.0.0","wave_size":5}"#),
+    create_rollout(
+        &d,
+        r#"{"id":"r1","device_type":"sensor","version":"2.0.0","wave_size":5}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     wait_journal(&fleet.journal, "20 updates", |j| {
         j.events.iter().filter(|e| e.1 == "updated").count() == 20
     });
@@ -558,12 +551,10 @@ fn failures_past_the_threshold_halt_and_the_rest_are_not_offered() {
         },
         |_| None,
     );
-    let r = d.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"r2","device_type":"sensor","version":"2.0.0","wave_size":3,"failure_threshold":2,"max_retries":1}"#),
+    create_rollout(
+        &d,
+        r#"{"id":"r2","device_type":"sensor","version":"2.0.0","wave_size":3,"failure_threshold":2,"max_retries":1}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     let halted = wait_for("rollout r2 halted", ROLLOUT_DEADLINE, || {
         let r = rollout(&d, "r2");
         (r["state"] == "halted").then_some(r)
@@ -733,12 +724,10 @@ fn kill_9_mid_rollout_resumes_where_it_was() {
         |_| Behaviour::Good,
         move |i| (i >= 5).then(|| g.clone()),
     );
-    let r = d.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"r3","device_type":"sensor","version":"2.0.0","wave_size":5}"#),
+    create_rollout(
+        &d,
+        r#"{"id":"r3","device_type":"sensor","version":"2.0.0","wave_size":5}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     wait_journal(&fleet.journal, "wave 0 updated and wave 1 offered", |j| {
         j.events.iter().filter(|e| e.1 == "updated").count() == 5
             && j.events.iter().filter(|e| e.1 == "offer").count() == 10
@@ -810,12 +799,10 @@ fn a_rollout_defined_at_the_hub_fetches_its_artifact_with_resume_and_reports_bac
     let edge = start_connected(dir.path());
     let fleet = Fleet::start(&broker, 4, |_| Behaviour::Good, |_| None);
 
-    let r = hub.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"hr","device_type":"sensor","version":"3.0.0","wave_size":2}"#),
+    create_rollout(
+        &hub,
+        r#"{"id":"hr","device_type":"sensor","version":"3.0.0","wave_size":2}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(edge.req("POST", "/v1/edge/sync/now", None).status, 202);
     edge.wait_log(|l| l.contains("resuming at byte 102400"))
         .expect("the edge resumes the partial fetch with Range");
@@ -959,12 +946,10 @@ fn two_edges_run_one_hub_rollout_and_the_one_finishing_first_does_not_stop_the_o
         |_| Behaviour::Good,
         move |_| Some(g.clone()),
     );
-    let r = hub.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"multi","device_type":"sensor","version":"3.0.0","wave_size":2}"#),
+    let r = create_rollout(
+        &hub,
+        r#"{"id":"multi","device_type":"sensor","version":"3.0.0","wave_size":2}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["created_by"], "fw-hub");
 
     // B resolves its devices and offers its first wave first.
@@ -1055,12 +1040,10 @@ fn a_threshold_halt_on_one_edge_leaves_the_other_running_and_a_hub_resume_clears
         |_| None,
     );
     let fleet_b = Fleet::start_named(&b.broker, "b", 4, |_| Behaviour::Good, |_| None);
-    let r = hub.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"th","device_type":"sensor","version":"3.0.0","wave_size":2,"failure_threshold":1,"max_retries":0}"#),
+    create_rollout(
+        &hub,
+        r#"{"id":"th","device_type":"sensor","version":"3.0.0","wave_size":2,"failure_threshold":1,"max_retries":0}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
 
     // A halts first, and the hub hears of it before B has even synced.
     let halted = at_hub(&hub, &[&a], "th", "A halted at the hub", |r| {
@@ -1140,12 +1123,10 @@ fn a_pause_at_the_hub_pauses_offers_on_every_edge() {
         |_| Behaviour::Good,
         move |_| Some(gb.clone()),
     );
-    let r = hub.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"pz","device_type":"sensor","version":"3.0.0","wave_size":1}"#),
+    create_rollout(
+        &hub,
+        r#"{"id":"pz","device_type":"sensor","version":"3.0.0","wave_size":1}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     let edges = [(&a, &fleet_a, "a"), (&b, &fleet_b, "b")];
     for (e, f, _) in edges {
         e.sync();
@@ -1231,12 +1212,10 @@ fn an_offline_device_does_not_hold_its_wave_and_gets_the_offer_when_back() {
     wait_for("dev01 offline", DEADLINE, || {
         (d.get("/v1/edge/devices/dev01").json()["health"] == "offline").then_some(())
     });
-    let r = d.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"r4","device_type":"sensor","version":"2.0.0","wave_size":2}"#),
+    create_rollout(
+        &d,
+        r#"{"id":"r4","device_type":"sensor","version":"2.0.0","wave_size":2}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     wait_journal(&fleet.journal, "the three online devices updated", |j| {
         j.events.iter().filter(|e| e.1 == "updated").count() == 3
     });
@@ -1279,12 +1258,10 @@ fn bench_4mib_to_100_devices() {
     let upload_time = t.elapsed();
     let fleet = Fleet::start(&broker, 100, |_| Behaviour::Good, |_| None);
     let started = Instant::now();
-    let r = d.req(
-        "POST",
-        "/v1/edge/rollouts",
-        Some(r#"{"id":"bench","device_type":"sensor","version":"2.0.0","wave_size":25}"#),
+    create_rollout(
+        &d,
+        r#"{"id":"bench","device_type":"sensor","version":"2.0.0","wave_size":25}"#,
     );
-    assert_eq!(r.status, 201, "{}", r.text());
     wait_journal(&fleet.journal, "100 updates", |j| {
         j.events.iter().filter(|e| e.1 == "updated").count() == 100
     });

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::broker::Broker;
 use common::*;
@@ -123,25 +123,9 @@ fn start_connected(dir: &Path) -> Daemon {
     d
 }
 
-/// Polls `f` until it returns Some, or fails at the deadline.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
+/// 0 when the sample is not there (yet).
 fn metric(d: &Daemon, line_start: &str) -> u64 {
-    let text = d.get("/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    d.metric(line_start).unwrap_or(0)
 }
 
 // --- the tests -------------------------------------------------------------------
@@ -218,7 +202,7 @@ fn telemetry_history_retention_and_heartbeats() {
             1,
         );
     }
-    let v = eventually("60 telemetry messages applied", || {
+    let v = eventually_some("60 telemetry messages applied", || {
         let v = d.get("/v1/edge/devices/d2").json();
         (v["telemetry_seq"] == 60).then_some(v)
     });
@@ -252,7 +236,7 @@ fn telemetry_history_retention_and_heartbeats() {
     assert_eq!(d.get("/v1/edge/devices/d2/telemetry?since=x").status, 400);
 
     dev.publish("devices/d2/heartbeat", r#"{"battery":55,"signal":-70}"#, 0);
-    eventually("heartbeat applied", || {
+    eventually_some("heartbeat applied", || {
         let v = d.get("/v1/edge/devices/d2").json();
         (v["battery"] == 55 && v["signal"] == -70).then_some(())
     });
@@ -328,7 +312,7 @@ fn a_last_will_marks_the_device_offline_at_once() {
         .stderr(Stdio::null())
         .spawn()
         .expect("mosquitto_sub (apt-get install mosquitto-clients)");
-    eventually("the device connection is up", || {
+    eventually_some("the device connection is up", || {
         broker.log().contains(" as d4-conn").then_some(())
     });
     let _ = sub.kill();
@@ -361,7 +345,7 @@ fn a_registration_sent_while_the_daemon_is_down_is_processed_after_start() {
     let d = start_connected(dir.path());
     let ack = dev.expect("devices/d5/ack");
     assert_eq!(ack["created"], true);
-    let v = eventually("queued telemetry applied", || {
+    let v = eventually_some("queued telemetry applied", || {
         let v = d.get("/v1/edge/devices/d5").json();
         (v["telemetry_seq"] == 1).then_some(v)
     });
@@ -419,7 +403,7 @@ fn a_broker_restart_reconnects_resubscribes_and_duplicates_nothing() {
     assert_eq!(again["created"], false);
     assert_eq!(again["modify_index"], first["modify_index"]);
     dev.publish("devices/d7/telemetry", r#"{"after":"restart"}"#, 1);
-    eventually("telemetry after the restart", || {
+    eventually_some("telemetry after the restart", || {
         (d.get("/v1/edge/devices/d7").json()["telemetry_seq"] == 1).then_some(())
     });
     assert_eq!(
@@ -450,7 +434,7 @@ fn qos_0_and_2_subscriptions_work() {
         );
         dev.expect("devices/dq/ack");
         dev.publish("devices/dq/telemetry", r#"{"v":1}"#, qos as i32);
-        eventually("telemetry", || {
+        eventually_some("telemetry", || {
             (d.get("/v1/edge/devices/dq").json()["telemetry_seq"] == 1).then_some(())
         });
         assert!(
@@ -605,15 +589,15 @@ fn devices_alerts_and_telemetry_sync_up_to_the_hub() {
     for i in 1..=5 {
         dev.publish("devices/s9/telemetry", json!({"temp": i}).to_string(), 1);
     }
-    eventually("telemetry applied at the edge", || {
+    eventually_some("telemetry applied at the edge", || {
         (d.get("/v1/edge/devices/s9").json()["telemetry_seq"] == 5).then_some(())
     });
-    eventually("a low-battery alert", || {
+    eventually_some("a low-battery alert", || {
         let a = d.get("/v1/edge/alerts?active=true").json();
         (!a.as_array()?.is_empty()).then_some(())
     });
     assert_eq!(d.req("POST", "/v1/edge/sync/now", None).status, 202);
-    let points = eventually("telemetry at the hub", || {
+    let points = eventually_some("telemetry at the hub", || {
         let t = hub.get("/v1/edge/telemetry?device=s9&limit=100").json();
         (t.as_array()?.len() == 5).then_some(t)
     });
@@ -633,7 +617,7 @@ fn devices_alerts_and_telemetry_sync_up_to_the_hub() {
     assert!(!hub_metrics.contains("konsul_edge_records{kind=\"alert\"} 0"));
     // a second sync sends no telemetry twice
     assert_eq!(d.req("POST", "/v1/edge/sync/now", None).status, 202);
-    eventually("the second sync", || {
+    eventually_some("the second sync", || {
         (metric(&d, "konsul_edge_sync_requests_total") >= 2).then_some(())
     });
     assert_eq!(metric(&d, "konsul_edge_sync_telemetry_sent_total"), 5);

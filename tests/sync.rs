@@ -489,11 +489,7 @@ fn invalid_update_request() -> Vec<u8> {
 }
 
 fn metric(d: &Daemon, name: &str) -> u64 {
-    d.get("/metrics")
-        .text()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
+    d.metric(&format!("{name} "))
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
 

@@ -190,6 +190,17 @@ impl Daemon {
         self.req("DELETE", path, None)
     }
 
+    /// The value of the first /metrics sample line starting with
+    /// `line_start` (a name, or a name with its labels).
+    pub fn metric(&self, line_start: &str) -> Option<u64> {
+        self.get("/metrics")
+            .text()
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     /// The modify index and the full listing: "nothing changed" means both
     /// are as they were.
     pub fn snapshot(&self) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
@@ -205,8 +216,22 @@ impl Daemon {
 /// Polls `cond` until it holds or the deadline passes: for state that
 /// another process reaches on its own schedule (a sync round, a TTL).
 pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !cond() {
+    wait_for(what, DEADLINE, || cond().then_some(()))
+}
+
+/// [`eventually`] for a state that carries a value: polls `f` until it
+/// returns Some (or `limit` passes) and returns the value.
+pub fn eventually_some<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_for(what, DEADLINE, f)
+}
+
+/// Polls `f` until it returns Some, failing the test after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
         assert!(Instant::now() < end, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(25));
     }
