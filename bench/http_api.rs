@@ -14,6 +14,11 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::env_usize;
+
+#[path = "common.rs"]
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
 
 struct Conn {
@@ -119,14 +124,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let n: usize = std::env::var("BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let clients: usize = std::env::var("BENCH_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let n = env_usize("BENCH_N", 10_000);
+    let clients = env_usize("BENCH_CLIENTS", 4);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("edge.yaml");
     std::fs::write(

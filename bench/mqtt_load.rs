@@ -31,17 +31,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{env_usize, metric};
 use paho_mqtt as paho;
+
+#[path = "common.rs"]
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
 const DEADLINE: Duration = Duration::from_secs(600);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -132,24 +129,6 @@ fn cpu_secs(pid: u32) -> f64 {
         .map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
 }
 
-/// One counter from the daemon's /metrics (summed over labels).
-fn metric(http_port: u16, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", http_port)) else {
-        return f64::NAN;
-    };
-    let _ = write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -206,6 +185,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let (_broker, port) = broker(dir.path());
     let http_port = free_port();
+    let api = format!("127.0.0.1:{http_port}");
 
     let config = dir.path().join("edge.yaml");
     std::fs::write(
@@ -322,7 +302,7 @@ fn main() {
         })
     };
     let cpu0 = cpu_secs(pid);
-    let batches0 = metric(http_port, "konsul_edge_mqtt_batches_total");
+    let batches0 = metric(&api, "konsul_edge_mqtt_batches_total");
     let t0 = Instant::now();
     publish_telemetry(port, devices, n, publishers, "edge");
     let published = t0.elapsed();
@@ -337,7 +317,7 @@ fn main() {
     }
     let ingest = t0.elapsed();
     let cpu = cpu_secs(pid) - cpu0;
-    let batches = metric(http_port, "konsul_edge_mqtt_batches_total") - batches0;
+    let batches = metric(&api, "konsul_edge_mqtt_batches_total") - batches0;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let rss_load = *rss_peak.lock().unwrap();
@@ -411,7 +391,7 @@ fn main() {
         "  daemon work                 {:.1} us CPU per message ({:.2} s CPU), {:.0} messages per store transaction",
         cpu * 1e6 / n as f64,
         cpu,
-        n as f64 / batches
+        n as f64 / batches as f64
     );
     println!(
         "  broker ceiling              mosquitto_sub -q 1 consumed {n} in {:.2}s: {ceiling_rate:.0} msg/s{}",

@@ -16,7 +16,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{env_usize, metric};
 use konsul_edge::sync::testing;
+
+#[path = "common.rs"]
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
 
@@ -104,16 +108,6 @@ fn get_json(addr: &str, path: &str) -> serde_json::Value {
     serde_json::from_slice(&b).unwrap()
 }
 
-fn metric(addr: &str, name: &str) -> u64 {
-    let mut c = connect(addr);
-    let (_, b) = call(&mut c, "GET", "/metrics", b"", "");
-    String::from_utf8_lossy(&b)
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn wait(what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs(600);
     while !cond() {
@@ -126,14 +120,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let edges: usize = std::env::var("BENCH_EDGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let requests: usize = std::env::var("BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let edges = env_usize("BENCH_EDGES", 1000);
+    let requests = env_usize("BENCH_REQUESTS", 10_000);
 
     // 1a. Encoding alone.
     let plain = testing::service_batch("edge-0001", 0, 100, false).len();
