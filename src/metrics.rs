@@ -125,44 +125,40 @@ impl MqttMetrics {
         ] {
             sample(out, "counter", name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        family(
             out,
-            "# HELP konsul_edge_mqtt_received_total MQTT messages received by topic kind.\n\
-             # TYPE konsul_edge_mqtt_received_total counter"
+            "counter",
+            "konsul_edge_mqtt_received_total",
+            "MQTT messages received by topic kind.",
+            "kind",
+            RECEIVED_KINDS
+                .iter()
+                .copied()
+                .zip(self.received.iter().map(load)),
         );
-        for (k, v) in RECEIVED_KINDS.iter().zip(&self.received) {
-            let _ = writeln!(
-                out,
-                "konsul_edge_mqtt_received_total{{kind=\"{k}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
+        family(
             out,
-            "# HELP konsul_edge_mqtt_rejected_total MQTT messages refused, by reason.\n\
-             # TYPE konsul_edge_mqtt_rejected_total counter"
+            "counter",
+            "konsul_edge_mqtt_rejected_total",
+            "MQTT messages refused, by reason.",
+            "reason",
+            Reason::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(self.rejected.iter().map(load)),
         );
-        for (r, v) in Reason::ALL.iter().zip(&self.rejected) {
-            let _ = writeln!(
-                out,
-                "konsul_edge_mqtt_rejected_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
+        family(
             out,
-            "# HELP konsul_edge_mqtt_published_total MQTT messages published, by kind.\n\
-             # TYPE konsul_edge_mqtt_published_total counter"
+            "counter",
+            "konsul_edge_mqtt_published_total",
+            "MQTT messages published, by kind.",
+            "kind",
+            Published::ALL
+                .iter()
+                .map(|p| p.as_str())
+                .zip(self.published.iter().map(load)),
         );
-        for (p, v) in Published::ALL.iter().zip(&self.published) {
-            let _ = writeln!(
-                out,
-                "konsul_edge_mqtt_published_total{{kind=\"{}\"}} {}",
-                p.as_str(),
-                v.load(Ordering::Relaxed)
-            );
-        }
     }
 }
 
@@ -201,13 +197,14 @@ impl Metrics {
 
     /// MQTT counters and device counts by health (read at scrape time).
     pub fn render_devices(&self, counts: &[(Health, u64)], out: &mut String) {
-        let _ = writeln!(
+        family(
             out,
-            "# HELP konsul_edge_devices Registered devices by health.\n# TYPE konsul_edge_devices gauge"
+            "gauge",
+            "konsul_edge_devices",
+            "Registered devices by health.",
+            "state",
+            counts.iter().map(|(h, n)| (h.as_str(), *n)),
         );
-        for (h, n) in counts {
-            let _ = writeln!(out, "konsul_edge_devices{{state=\"{}\"}} {n}", h.as_str());
-        }
         self.mqtt.render(out);
     }
 
@@ -227,18 +224,21 @@ impl Metrics {
              # TYPE konsul_edge_uptime_seconds gauge\nkonsul_edge_uptime_seconds {}",
             self.uptime_secs()
         );
-        let _ = writeln!(
-            out,
-            "# HELP konsul_edge_records Live replicated records by kind.\n# TYPE konsul_edge_records gauge"
+        family(
+            &mut out,
+            "gauge",
+            "konsul_edge_records",
+            "Live replicated records by kind.",
+            "kind",
+            Kind::ALL.into_iter().map(|kind| {
+                let n = stats
+                    .live
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map_or(0, |(_, n)| *n);
+                (kind.as_str(), n)
+            }),
         );
-        for kind in Kind::ALL {
-            let n = stats
-                .live
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .map_or(0, |(_, n)| *n);
-            let _ = writeln!(out, "konsul_edge_records{{kind=\"{}\"}} {n}", kind.as_str());
-        }
         for (name, help, v) in [
             (
                 "konsul_edge_tombstones",
@@ -307,18 +307,16 @@ impl Metrics {
 /// The OTA coordinator: one 0/1 series per state (so alerts can match
 /// `state="rolled-back"`), progress, and the gate's counters.
 pub fn render_ota(s: &crate::ota::Status, enabled: bool, out: &mut String) {
-    let _ = writeln!(
+    family(
         out,
-        "# HELP konsul_edge_ota_state A/B update state (1 = current).\n# TYPE konsul_edge_ota_state gauge"
+        "gauge",
+        "konsul_edge_ota_state",
+        "A/B update state (1 = current).",
+        "state",
+        crate::ota::State::ALL
+            .into_iter()
+            .map(|st| (st.as_str(), u64::from(enabled && s.deployment.state == st))),
     );
-    for st in crate::ota::State::ALL {
-        let v = u8::from(enabled && s.deployment.state == st);
-        let _ = writeln!(
-            out,
-            "konsul_edge_ota_state{{state=\"{}\"}} {v}",
-            st.as_str()
-        );
-    }
     let _ = writeln!(
         out,
         "# HELP konsul_edge_ota_info Backend, slots and the deployment (rollout: the hub rollout it carries out, empty for a local install).\n# TYPE konsul_edge_ota_info gauge\n\
@@ -356,6 +354,21 @@ pub fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: u64) 
         out,
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
     );
+}
+
+/// A metric with one label: HELP and TYPE, then a sample per label value.
+fn family<'a>(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (v, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{v}\"}} {n}");
+    }
 }
 
 fn escape(s: &str) -> String {
