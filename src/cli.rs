@@ -381,9 +381,11 @@ async fn status(c: &Client<'_>, as_json: bool) -> Result<String, CliError> {
     let sync = sync_json(c).await?;
     let ota = c.property(IFACE_OTA, "State").await?;
     if as_json {
+        // Older daemons' Status lacks sync and ota; newer ones carry the
+        // same fields as GET /v1/edge/status.
         if let Some(map) = st.as_object_mut() {
-            map.insert("sync".into(), sync);
-            map.insert("ota".into(), json!({ "state": ota }));
+            map.entry("sync").or_insert(sync);
+            map.entry("ota").or_insert(json!({ "state": ota }));
         }
         return Ok(pretty(&st));
     }
@@ -466,14 +468,14 @@ async fn devices(c: &Client<'_>, as_json: bool) -> Result<String, CliError> {
     let rows = devices
         .iter()
         .map(|d| {
-            ["id", "type", "name", "status", "firmware_version"]
+            ["id", "type", "name", "health", "firmware_version"]
                 .iter()
                 .map(|k| cell(&d[*k]))
                 .collect()
         })
         .collect::<Vec<_>>();
     let mut out = table(
-        &["ID", "TYPE", "NAME", "STATUS", "FIRMWARE"],
+        &["ID", "TYPE", "NAME", "HEALTH", "FIRMWARE"],
         &rows,
         "no devices registered",
     );

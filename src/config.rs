@@ -422,6 +422,9 @@ pub struct Http {
     pub tls_key: Option<PathBuf>,
     /// Require client certificates signed by this CA (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// A second listener on a Unix socket: callers are known by their uid
+    /// and groups (peer credentials), so local admin needs no token.
+    pub unix_socket: Option<PathBuf>,
 }
 
 impl Default for Http {
@@ -432,6 +435,7 @@ impl Default for Http {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            unix_socket: None,
         }
     }
 }
@@ -458,6 +462,57 @@ impl Default for Devices {
             telemetry_max_size: ByteSize(20 << 20),
         }
     }
+}
+
+/// Who may do what, through every door (HTTP over TCP and the Unix socket,
+/// D-Bus, the CLI). Policies are Konsul's ACL JSON; see `crate::acl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Acl {
+    /// Off: every caller that is not an admin gets `builtin:open`
+    /// policy (all Konsul routes), still never the edge's admin routes
+    /// over anonymous TCP.
+    pub enabled: bool,
+    /// Konsul policy files (`*.json`), read at start and on reload.
+    pub policy_dir: Option<PathBuf>,
+    /// The policy of TCP callers without a token.
+    pub anonymous_policy: String,
+    /// The policy of local users (Unix socket, D-Bus) who are not root,
+    /// not the daemon's own user and not in `admin_group`, unless
+    /// `users`/`groups` grant them more.
+    pub local_policy: String,
+    /// Members of this group get the built-in `admin` policy.
+    pub admin_group: String,
+    /// Local user name -> policy names.
+    pub users: BTreeMap<String, Vec<String>>,
+    /// Local group name -> policy names.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Bearer tokens (`X-API-Key` or `Authorization: Bearer`).
+    pub tokens: Vec<AclToken>,
+}
+
+impl Default for Acl {
+    fn default() -> Self {
+        Acl {
+            enabled: true,
+            policy_dir: None,
+            anonymous_policy: "builtin:anonymous".into(),
+            local_policy: "builtin:anonymous".into(),
+            admin_group: "konsul".into(),
+            users: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// One token: its secret lives in `file` (owner-only), never in the config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclToken {
+    pub name: String,
+    pub file: PathBuf,
+    pub policies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -659,6 +714,7 @@ pub struct Config {
     pub http: Http,
     pub devices: Devices,
     pub dbus: Dbus,
+    pub acl: Acl,
     pub ota: Ota,
     pub firmware: Firmware,
 }
@@ -683,6 +739,7 @@ const SECTIONS: &[&str] = &[
     "http",
     "devices",
     "dbus",
+    "acl",
     "ota",
     "firmware",
 ];

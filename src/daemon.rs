@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 use async_signal::{Signal, Signals};
 use smol::stream::StreamExt;
 
+use crate::app::App;
 use crate::config::{Config, Mode};
 use crate::devices::Devices;
-use crate::http::{Api, HttpError, Server, Shutdown};
+use crate::http::{HttpError, Server};
 use crate::metrics::Metrics;
 use crate::registry::{Limits, Registry, ServiceInput};
 use crate::store::{Store, StoreError, StoreOptions};
+use crate::support::Shutdown;
 
 /// How long open HTTP requests get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -50,6 +52,8 @@ pub enum DaemonError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error("ota: {0}")]
     Ota(#[from] crate::ota::OtaError),
+    #[error(transparent)]
+    Acl(#[from] crate::acl::AclError),
 }
 
 fn firmware_settings(
@@ -108,14 +112,25 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         },
     );
     let prepared = prepare(&config, &registry);
-    let (server, hub) = match prepared {
+    let (server, unix_server, hub) = match prepared {
         Ok(p) => p,
         Err(e) => {
             store.close();
             return Err(e);
         }
     };
-    let mut signals = match Signals::new([Signal::Term, Signal::Int]) {
+    let admin_tokens = match (&config.mode, &config.sync.auth_token_file) {
+        (Mode::Hub, Some(file)) => vec![file.clone()],
+        _ => Vec::new(),
+    };
+    let acl = match crate::acl::Acl::load(&config.acl, admin_tokens) {
+        Ok(a) => a,
+        Err(e) => {
+            store.close();
+            return Err(e.into());
+        }
+    };
+    let mut signals = match Signals::new([Signal::Term, Signal::Int, Signal::Hup]) {
         Ok(s) => s,
         Err(e) => {
             store.close();
@@ -205,7 +220,8 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             return Err(e.into());
         }
     };
-    let api = Arc::new(Api {
+    let api = Arc::new(App {
+        acl,
         ota: ota.clone(),
         registry,
         devices: devices.clone(),
@@ -244,6 +260,8 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     }
     let mqtt_task = bridge.map(|b| ex.spawn(b.run(shutdown.clone())));
     let http_task = ex.spawn(server.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN));
+    let unix_task =
+        unix_server.map(|u| ex.spawn(u.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN)));
     let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
         log::info!("systemd watchdog: pinging every {every:?} while the store answers");
         ex.spawn(crate::systemd::watchdog(store.clone(), every))
@@ -288,12 +306,23 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         // (booted slot, state) always follows the ready line.
         ex.spawn(ota.run()).detach();
 
-        let signal = match signals.next().await {
-            Some(Ok(Signal::Int)) => "SIGINT",
-            Some(Ok(_)) => "SIGTERM",
-            // The signal stream cannot end while we hold it; treat an error
-            // like a stop request rather than run on unstoppable.
-            Some(Err(_)) | None => "signal stream error",
+        let signal = loop {
+            match signals.next().await {
+                // SIGHUP: access policies and tokens take effect without
+                // a restart; a broken file keeps the old set in force.
+                Some(Ok(Signal::Hup)) => {
+                    let acl = api.acl.clone();
+                    match smol::unblock(move || acl.reload()).await {
+                        Ok(()) => {}
+                        Err(e) => log::error!("SIGHUP: {e}; the previous access rules stay"),
+                    }
+                }
+                Some(Ok(Signal::Int)) => break "SIGINT",
+                Some(Ok(_)) => break "SIGTERM",
+                // The signal stream cannot end while we hold it; treat an
+                // error like a stop request rather than run on unstoppable.
+                Some(Err(_)) | None => break "signal stream error",
+            }
         };
         log::info!("{signal} received; shutting down");
         crate::systemd::stopping();
@@ -305,6 +334,9 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             w.cancel().await;
         }
         http_task.await;
+        if let Some(t) = unix_task {
+            t.await;
+        }
         if let Some(t) = mqtt_task {
             // Says goodbye to the broker and applies what it had received.
             t.await;
@@ -318,12 +350,17 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     result
 }
 
-/// The listener (with TLS when configured) and, in hub mode, the hub.
+/// The listeners (TCP with TLS when configured, the Unix socket) and, in
+/// hub mode, the hub.
 fn prepare(
     config: &Config,
     registry: &Registry,
-) -> Result<(Server, Option<crate::sync::Hub>), DaemonError> {
+) -> Result<(Server, Option<Server>, Option<crate::sync::Hub>), DaemonError> {
     let mut server = Server::bind(&config.http.listen)?;
+    let unix_server = match &config.http.unix_socket {
+        Some(path) => Some(Server::bind_unix(path)?),
+        None => None,
+    };
     if let (Some(cert), Some(key)) = (&config.http.tls_cert, &config.http.tls_key) {
         let tls = crate::sync::server_tls(cert, key, config.http.client_ca.as_deref())?;
         server = server.with_tls(tls);
@@ -355,7 +392,7 @@ fn prepare(
             })
         }
     };
-    Ok((server, hub))
+    Ok((server, unix_server, hub))
 }
 
 #[cfg(feature = "mqtt")]

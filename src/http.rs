@@ -14,7 +14,8 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +28,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use smol::future::FutureExt;
 
+use crate::acl::{Caller, Capability, Principal, Resource};
+use crate::app::{App, AppError};
 use crate::clock::{rfc3339, wall_millis};
 use crate::devices::{DeviceError, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 use crate::firmware::FirmwareError;
 use crate::metrics::Metrics;
-use crate::registry::{Registry, RegistryError, ServiceEntry, ServiceInput};
+use crate::registry::{RegistryError, ServiceEntry, ServiceInput};
 use crate::store::StoreError;
+use crate::support::Shutdown;
 
 /// Open connections beyond this wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 128;
@@ -122,36 +126,6 @@ impl hyper::body::Body for Body {
     }
 }
 
-/// A one-shot, clonable shutdown flag that tasks can await.
-#[derive(Clone, Default)]
-pub struct Shutdown {
-    inner: Arc<(AtomicBool, event_listener::Event)>,
-}
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.inner.0.store(true, Ordering::SeqCst);
-        self.inner.1.notify(usize::MAX);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        self.inner.0.load(Ordering::SeqCst)
-    }
-
-    pub async fn wait(&self) {
-        loop {
-            if self.is_triggered() {
-                return;
-            }
-            let listener = self.inner.1.listen();
-            if self.is_triggered() {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
 /// Counts open connections so shutdown can wait for them to drain.
 #[derive(Default)]
 struct Inflight {
@@ -169,26 +143,20 @@ impl Drop for ConnGuard {
     }
 }
 
-pub struct Api {
-    pub registry: Registry,
-    pub devices: crate::devices::Devices,
-    pub sync: crate::sync::SyncHandle,
-    /// Set in hub mode: serves `POST /v1/edge/sync` and `/v1/edge/edges`.
-    pub hub: Option<crate::sync::Hub>,
-    pub metrics: Arc<Metrics>,
-    /// The A/B OTA coordinator (`/v1/edge/ota`).
-    pub ota: crate::ota::Ota,
-    pub max_body: u64,
-    /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
-    pub test_hooks: bool,
-    /// Firmware artifacts and rollouts (`/v1/edge/firmware`,
-    /// `/v1/edge/rollouts`).
-    pub rollouts: Option<crate::firmware::rollout::Rollouts>,
+enum Listener {
+    Tcp(Async<TcpListener>),
+    /// The socket file is removed again when the server stops.
+    Unix(Async<UnixListener>, std::path::PathBuf),
+}
+
+enum Accepted {
+    Tcp(Async<std::net::TcpStream>, IpAddr),
+    Unix(Async<UnixStream>, u32),
 }
 
 /// A bound listener; bind before READY=1 so "ready" means "accepting".
 pub struct Server {
-    listener: Async<TcpListener>,
+    listener: Listener,
     inflight: Arc<Inflight>,
     tls: Option<futures_rustls::TlsAcceptor>,
 }
@@ -200,12 +168,62 @@ impl Server {
             source,
         };
         let std_listener = TcpListener::bind(addr).map_err(bind_err)?;
-        let listener = Async::new(std_listener).map_err(bind_err)?;
+        let listener = Listener::Tcp(Async::new(std_listener).map_err(bind_err)?);
         Ok(Server {
             listener,
             inflight: Arc::default(),
             tls: None,
         })
+    }
+
+    /// The local API on a Unix socket (`http.unix_socket`). Any local user
+    /// may connect (mode 0666): who they are comes from the kernel
+    /// (SO_PEERCRED), and the access policy decides what they may do. A
+    /// stale socket from a crash is replaced; any other file is not.
+    pub fn bind_unix(path: &std::path::Path) -> Result<Server, HttpError> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let bind_err = |source| HttpError::Bind {
+            addr: path.display().to_string(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(bind_err)?,
+            Ok(_) => {
+                return Err(bind_err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a socket",
+                )))
+            }
+            Err(_) => {}
+        }
+        let std_listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
+        Ok(Server {
+            listener: Listener::Unix(
+                Async::new(std_listener).map_err(bind_err)?,
+                path.to_path_buf(),
+            ),
+            inflight: Arc::default(),
+            tls: None,
+        })
+    }
+
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match &self.listener {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok(Accepted::Tcp(s, peer.ip()))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                let cred = nix::sys::socket::getsockopt(
+                    s.get_ref(),
+                    nix::sys::socket::sockopt::PeerCredentials,
+                )
+                .map_err(std::io::Error::from)?;
+                Ok(Accepted::Unix(s, cred.uid()))
+            }
+        }
     }
 
     /// Serves HTTPS instead of HTTP.
@@ -215,14 +233,17 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.get_ref().local_addr()
+        match &self.listener {
+            Listener::Tcp(l) => l.get_ref().local_addr(),
+            Listener::Unix(..) => Err(std::io::ErrorKind::Unsupported.into()),
+        }
     }
 
     /// Serves until `shutdown`, then waits up to `drain` for open
     /// connections to finish their current request.
     pub async fn serve(
         self,
-        api: Arc<Api>,
+        api: Arc<App>,
         ex: Arc<smol::Executor<'static>>,
         shutdown: Shutdown,
         drain: Duration,
@@ -231,7 +252,7 @@ impl Server {
         loop {
             let accept = async {
                 let permit = slots.acquire_arc().await;
-                Some((self.listener.accept().await, permit))
+                Some((self.accept().await, permit))
             };
             let stop = async {
                 shutdown.wait().await;
@@ -241,7 +262,19 @@ impl Server {
                 break;
             };
             let (stream, peer) = match accepted {
-                Ok((stream, peer)) => (stream, peer.ip()),
+                Ok(Accepted::Tcp(stream, ip)) => (stream, Peer::Tcp(ip)),
+                Ok(Accepted::Unix(stream, uid)) => {
+                    self.inflight.open.fetch_add(1, Ordering::SeqCst);
+                    let guard = ConnGuard(self.inflight.clone());
+                    let (api, shutdown) = (api.clone(), shutdown.clone());
+                    ex.spawn(async move {
+                        serve_connection(stream, Peer::Unix { uid }, api, shutdown).await;
+                        drop(permit);
+                        drop(guard);
+                    })
+                    .detach();
+                    continue;
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     log::warn!("http accept failed: {e}");
@@ -297,10 +330,14 @@ impl Server {
                 self.inflight.open.load(Ordering::SeqCst)
             );
         }
+        if let Listener::Unix(_, path) = &self.listener {
+            // Blocking, but once, at shutdown, on a tmpfs path.
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
-async fn serve_connection<S>(stream: S, peer: IpAddr, api: Arc<Api>, shutdown: Shutdown)
+async fn serve_connection<S>(stream: S, peer: Peer, api: Arc<App>, shutdown: Shutdown)
 where
     S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -329,6 +366,90 @@ where
     if let Err(e) = result {
         log::debug!("http connection ended: {e}");
     }
+}
+
+/// Who is on the other end of a connection, as the socket knows it.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    Tcp(IpAddr),
+    /// A Unix-socket peer; the kernel vouches for the uid (SO_PEERCRED).
+    Unix {
+        uid: u32,
+    },
+}
+
+/// A token from `X-API-Key` or `Authorization: Bearer`, as Konsul reads it.
+fn bearer_token(req: &Request<Incoming>) -> Option<String> {
+    let h = req.headers();
+    if let Some(k) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim().to_owned());
+    }
+    let auth = h.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// What a route touches and with which capability, for the access check
+/// made before any handler runs. None: the handler decides (the resource
+/// is in the body: `/register`, `/batch`), the route checks its own
+/// credentials (a hub's `POST /v1/edge/sync`), or there is no such route.
+/// Konsul's mapping (internal/middleware/acl.go) for its routes; heartbeat
+/// needs `register` rather than `write`, since refreshing one's own
+/// registration is part of registering.
+pub(crate) fn route_access(method: &Method, path: &str) -> Option<(Resource, Capability)> {
+    use Capability::*;
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
+    let head = segs.first().copied().unwrap_or("");
+    let rest = segs.get(1).copied().unwrap_or("");
+    let edge = |p: &str| Resource::Edge(p.to_owned());
+    let write_or = |cap_read| if read { cap_read } else { Write };
+    Some(match (head, rest) {
+        ("register", "") | ("batch", _) => return None,
+        ("deregister", id) => (Resource::Service(percent_decode(id)), Deregister),
+        ("heartbeat", id) => (Resource::Service(percent_decode(id)), Register),
+        ("services", "") => (Resource::Service("*".into()), List),
+        ("services", name) => (Resource::Service(percent_decode(name)), Read),
+        ("kv", "") => (Resource::Kv("*".into()), List),
+        ("kv", key) => (
+            Resource::Kv(percent_decode(key)),
+            match *method {
+                Method::GET | Method::HEAD => Read,
+                Method::DELETE => Delete,
+                _ => Write,
+            },
+        ),
+        ("health", _) => (Resource::Health, Read),
+        ("metrics", "") => (Resource::Admin, Read),
+        ("v1", rest) => {
+            let rest = rest.strip_prefix("edge/")?;
+            let mut parts = rest.splitn(3, '/');
+            let what = parts.next().unwrap_or("");
+            let id = parts.next().map(percent_decode);
+            match (what, id) {
+                ("sync", None) if *method == Method::POST => return None,
+                ("sync", Some(_)) => (edge("sync"), Write),
+                ("debug", _) => (edge("debug"), Admin),
+                ("devices", None)
+                | ("alerts", None)
+                | ("firmware", None)
+                | ("rollouts", None)
+                | ("edges", None) => (edge(what), write_or(List)),
+                ("devices" | "telemetry" | "firmware" | "rollouts", Some(id)) => (
+                    edge(&format!("{what}/{id}")),
+                    match *method {
+                        Method::GET | Method::HEAD => Read,
+                        Method::DELETE => Delete,
+                        _ => Write,
+                    },
+                ),
+                (what, _) => (edge(what), write_or(Read)),
+            }
+        }
+        _ => return None,
+    })
 }
 
 /// Konsul's error body.
@@ -363,64 +484,58 @@ fn method_not_allowed(allow: &'static str) -> Resp {
     r
 }
 
-/// Maps every registry error to a status, exhaustively: a new error variant
-/// does not compile until it has a status.
-fn registry_error(e: RegistryError, metrics: &Metrics) -> Resp {
+/// Maps every application error to a status and Konsul's JSON,
+/// exhaustively: a new class does not compile until it has a status.
+pub(crate) fn app_error(e: AppError, metrics: &Metrics) -> Resp {
     match e {
-        RegistryError::Invalid { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
-        RegistryError::NotFound { what, .. } => {
-            let what = match what {
-                "service" => "Service",
-                "key" => "Key",
-                other => other,
-            };
-            error(StatusCode::NOT_FOUND, format!("{what} not found"))
+        AppError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        AppError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
+        AppError::CasConflict(m) => error(StatusCode::CONFLICT, m),
+        AppError::Conflict(m) => json_resp(
+            StatusCode::CONFLICT,
+            &json!({"error": "Conflict", "message": m}),
+        ),
+        AppError::Limit(m) => error(StatusCode::INSUFFICIENT_STORAGE, m),
+        AppError::StorageFull(m) => {
+            metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::INSUFFICIENT_STORAGE, m)
         }
-        RegistryError::CasConflict { .. } => error(StatusCode::CONFLICT, e.to_string()),
-        RegistryError::ServiceLimit { .. } => {
-            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        AppError::TooLarge(m) => {
+            metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::PAYLOAD_TOO_LARGE, m)
         }
-        RegistryError::Store(s) => store_error(s, metrics),
+        AppError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        AppError::Upstream(m) => error(StatusCode::BAD_GATEWAY, m),
+        // Konsul's middleware (internal/middleware/acl.go) answers these.
+        AppError::Unauthenticated => {
+            json_resp(StatusCode::UNAUTHORIZED, &json!({"error": "unauthorized"}))
+        }
+        AppError::Forbidden {
+            resource,
+            capability,
+            ..
+        } => json_resp(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "forbidden", "message": "insufficient permissions",
+                    "resource": resource, "capability": capability}),
+        ),
+        AppError::Internal(m) => {
+            metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::INTERNAL_SERVER_ERROR, m)
+        }
     }
 }
 
-/// Maps every device error to a status, exhaustively.
+fn registry_error(e: RegistryError, metrics: &Metrics) -> Resp {
+    app_error(e.into(), metrics)
+}
+
 fn device_error(e: DeviceError, metrics: &Metrics) -> Resp {
-    match e {
-        DeviceError::NotFound { .. } | DeviceError::Unregistered { .. } => {
-            error(StatusCode::NOT_FOUND, e.to_string())
-        }
-        DeviceError::DeviceLimit { .. } | DeviceError::ServiceLimit { .. } => {
-            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
-        }
-        DeviceError::ServiceTaken { .. } => error(StatusCode::CONFLICT, e.to_string()),
-        DeviceError::Invalid { .. } => error(StatusCode::BAD_REQUEST, e.to_string()),
-        DeviceError::Store(s) => store_error(s, metrics),
-    }
+    app_error(e.into(), metrics)
 }
 
 fn store_error(e: StoreError, metrics: &Metrics) -> Resp {
-    metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-    match e {
-        StoreError::LimitReached { .. } | StoreError::DiskFull { .. } => {
-            log::warn!("{e}");
-            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
-        }
-        StoreError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-        StoreError::Open { .. }
-        | StoreError::CreateDir { .. }
-        | StoreError::NotKonsul { .. }
-        | StoreError::Corrupt { .. }
-        | StoreError::NewerSchema { .. }
-        | StoreError::Sqlite { .. }
-        | StoreError::BadRecord { .. } => {
-            log::error!("{e}");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage error; see the daemon log",
-            )
-        }
-    }
+    app_error(e.into(), metrics)
 }
 
 /// The query string as pairs, percent-decoded.
@@ -519,39 +634,38 @@ fn service_entry_json(e: &ServiceEntry) -> Value {
     })
 }
 
-impl Api {
-    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Resp {
-        if let Some(resp) = self.refuse_without_token(&req, peer) {
-            self.metrics.request("unauthorized", resp.status().as_u16());
-            return resp;
+impl App {
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: Peer) -> Resp {
+        let caller = match peer {
+            Peer::Unix { uid } => Caller::Local { uid },
+            Peer::Tcp(_) => Caller::Tcp {
+                token: bearer_token(&req),
+            },
+        };
+        let who = match self.identify(caller).await {
+            Ok(who) => who,
+            Err(e) => {
+                let resp = app_error(e, &self.metrics);
+                self.metrics.request("unauthorized", resp.status().as_u16());
+                return resp;
+            }
+        };
+        if let Some((resource, cap)) = route_access(req.method(), req.uri().path()) {
+            if let Err(e) = self.check(&who, resource, cap) {
+                let resp = app_error(e, &self.metrics);
+                let label = if resp.status() == StatusCode::UNAUTHORIZED {
+                    "unauthorized"
+                } else {
+                    "forbidden"
+                };
+                self.metrics.request(label, resp.status().as_u16());
+                return resp;
+            }
         }
+        req.extensions_mut().insert(who);
         let (route, resp) = self.route(req).await;
         self.metrics.request(route, resp.status().as_u16());
         resp
-    }
-
-    /// A hub that requires a token for sync (`sync.auth_token_file`)
-    /// requires it for its whole API from other hosts too: otherwise anyone
-    /// who reaches the port could change global KV, withdraw rollouts or
-    /// delete firmware for the fleet. Loopback stays open, like a Consul
-    /// agent's local API (the operator on the hub itself, local tooling).
-    /// Without tokens (mTLS with `http.client_ca`, or nothing) this adds no
-    /// check. Edges are not affected: they serve their own devices.
-    fn refuse_without_token(&self, req: &Request<Incoming>, peer: IpAddr) -> Option<Resp> {
-        let hub = self.hub.as_ref()?;
-        if peer.to_canonical().is_loopback() {
-            return None;
-        }
-        let header = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        hub.authorize(header).err().map(|_| {
-            error(
-                StatusCode::UNAUTHORIZED,
-                "this hub requires its sync token (Authorization: Bearer ...) from other hosts",
-            )
-        })
     }
 
     async fn body<T: for<'de> Deserialize<'de>>(
@@ -729,10 +843,17 @@ impl Api {
             Ok(c) => c,
             Err(r) => return *r,
         };
+        let who = req.extensions().get::<Principal>().cloned();
         let body: RegisterBody = match self.body(req).await {
             Ok(b) => b,
             Err(r) => return *r,
         };
+        let Some(who) = who else {
+            return app_error(AppError::Unauthenticated, &self.metrics);
+        };
+        if let Err(e) = self.may_register(&who, &body.service).await {
+            return app_error(e, &self.metrics);
+        }
         match self
             .registry
             .register(body.service, body.cas.or(query_cas))
@@ -838,10 +959,20 @@ impl Api {
         struct Body {
             path: String,
         }
+        let who = req.extensions().get::<Principal>().cloned();
         let body: Body = match self.body(req).await {
             Ok(b) => b,
             Err(r) => return *r,
         };
+        let Some(who) = who else {
+            return app_error(AppError::Unauthenticated, &self.metrics);
+        };
+        if let Err(e) = self
+            .check_file(&who, std::path::Path::new(&body.path))
+            .await
+        {
+            return app_error(e, &self.metrics);
+        }
         match self.ota.install(&body.path).await {
             Ok(id) => ok(json!({"message": "install started", "deployment": id})),
             Err(e) => ota_error(e, &self.metrics),
@@ -947,6 +1078,20 @@ impl Api {
         if method != Method::POST {
             return (route, method_not_allowed("POST"));
         }
+        let who = req.extensions().get::<Principal>().cloned();
+        let may = |keys: &mut dyn Iterator<Item = &String>, cap| -> Result<(), Box<Resp>> {
+            let Some(who) = &who else {
+                return Err(Box::new(app_error(
+                    AppError::Unauthenticated,
+                    &self.metrics,
+                )));
+            };
+            for key in keys {
+                self.check(who, Resource::Kv(key.clone()), cap)
+                    .map_err(|e| Box::new(app_error(e, &self.metrics)))?;
+            }
+            Ok(())
+        };
         let resp = match route {
             "/batch/kv/get" => match self.body::<Keys>(req).await {
                 Err(r) => *r,
@@ -958,6 +1103,9 @@ impl Api {
                     "Maximum 1000 keys per batch request",
                 ),
                 Ok(k) => {
+                    if let Err(r) = may(&mut k.keys.iter(), Capability::Read) {
+                        return (route, *r);
+                    }
                     let mut found = serde_json::Map::new();
                     let mut not_found = Vec::new();
                     for key in k.keys {
@@ -978,6 +1126,9 @@ impl Api {
                     error(StatusCode::BAD_REQUEST, "Items map cannot be empty")
                 }
                 Ok(i) => {
+                    if let Err(r) = may(&mut i.items.keys(), Capability::Write) {
+                        return (route, *r);
+                    }
                     let keys: Vec<String> = i.items.keys().cloned().collect();
                     match self
                         .registry
@@ -999,14 +1150,19 @@ impl Api {
                 Ok(k) if k.keys.is_empty() => {
                     error(StatusCode::BAD_REQUEST, "Keys array cannot be empty")
                 }
-                Ok(k) => match self.registry.kv_delete_many(k.keys).await {
-                    Ok(deleted) => ok(json!({
-                        "message": format!("Successfully deleted {} keys", deleted.len()),
-                        "count": deleted.len(),
-                        "keys": deleted,
-                    })),
-                    Err(e) => registry_error(e, &self.metrics),
-                },
+                Ok(k) => {
+                    if let Err(r) = may(&mut k.keys.iter(), Capability::Delete) {
+                        return (route, *r);
+                    }
+                    match self.registry.kv_delete_many(k.keys).await {
+                        Ok(deleted) => ok(json!({
+                            "message": format!("Successfully deleted {} keys", deleted.len()),
+                            "count": deleted.len(),
+                            "keys": deleted,
+                        })),
+                        Err(e) => registry_error(e, &self.metrics),
+                    }
+                }
             },
         };
         (route, resp)
@@ -1091,18 +1247,9 @@ impl Api {
             "edge/status" => (
                 "/v1/edge/status",
                 match method {
-                    Method::GET => match self.registry.store().call(|db| db.stats()).await {
-                        Ok(Ok(stats)) => ok(json!({
-                            "node_id": self.registry.store().node_id(),
-                            "version": env!("CARGO_PKG_VERSION"),
-                            "uptime_seconds": self.metrics.uptime_secs(),
-                            "summary": crate::systemd::summary(&stats),
-                            "outbox_pending": stats.outbox,
-                            "db_bytes": stats.file_bytes,
-                            "db_max_bytes": stats.max_bytes,
-                            "modify_index": stats.index,
-                        })),
-                        Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                    Method::GET => match self.status().await {
+                        Ok(v) => ok(v),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -1275,7 +1422,7 @@ impl Api {
     }
 }
 
-impl Api {
+impl App {
     /// `/v1/edge/devices/{id}` and `/v1/edge/devices/{id}/telemetry`.
     async fn device_route(
         &self,
@@ -1358,57 +1505,12 @@ impl Api {
     }
 }
 
-/// Maps every OTA error to a status, exhaustively.
 fn ota_error(e: crate::ota::OtaError, metrics: &Metrics) -> Resp {
-    use crate::ota::OtaError as O;
-    match e {
-        O::Disabled | O::Busy(_) | O::NotApplicable(_) => {
-            error(StatusCode::CONFLICT, e.to_string())
-        }
-        O::Invalid(_) | O::Bundle(_) | O::Rejected(_) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        O::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-        O::Store(e) => store_error(e, metrics),
-        O::Io { .. }
-        | O::Backend(_)
-        | O::Unconfirmed(_)
-        | O::Rauc(_)
-        | O::Timeout { .. }
-        | O::Fetch(_) => {
-            log::error!("ota: {e}");
-            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
-    }
+    app_error(e.into(), metrics)
 }
 
-/// Maps every firmware error to a status, exhaustively.
 fn firmware_error(e: FirmwareError, metrics: &Metrics) -> Resp {
-    match e {
-        FirmwareError::DigestMismatch { .. }
-        | FirmwareError::BadSignature { .. }
-        | FirmwareError::Invalid { .. } => {
-            log::warn!("firmware refused: {e}");
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        FirmwareError::NoKeys => error(StatusCode::FORBIDDEN, e.to_string()),
-        FirmwareError::TooLarge { .. } => {
-            metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
-            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-        }
-        FirmwareError::Quota { .. } => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
-        FirmwareError::NotFound { .. } => error(StatusCode::NOT_FOUND, e.to_string()),
-        FirmwareError::Conflict { .. } => error(StatusCode::CONFLICT, e.to_string()),
-        FirmwareError::Io { .. } => {
-            log::error!("{e}");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "firmware storage error; see the daemon log",
-            )
-        }
-        FirmwareError::Fetch(_) => error(StatusCode::BAD_GATEWAY, e.to_string()),
-        FirmwareError::Store(s) => store_error(s, metrics),
-    }
+    app_error(e.into(), metrics)
 }
 
 /// A single `bytes=` range of a `size`-byte entity: None = serve it all
@@ -1447,7 +1549,7 @@ fn parse_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
     Some(Ok(range))
 }
 
-impl Api {
+impl App {
     /// `/v1/edge/firmware[/{ref}]` and `/v1/edge/rollouts[/{id}[/{cmd}]]`.
     async fn firmware_routes(
         &self,

@@ -4,6 +4,8 @@
 //! later D-Bus and sync) -> [`registry`] -> [`store`] (+ outbox) -> sync.
 //! See `docs/architecture.md` for the module map.
 
+pub mod acl;
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -19,5 +21,6 @@ pub mod mqtt;
 pub mod ota;
 pub mod registry;
 pub mod store;
+pub mod support;
 pub mod sync;
 pub mod systemd;

@@ -372,6 +372,7 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         // them; a store fault while loading the OTA state is I/O.
         DaemonError::Ota(konsul_edge::ota::OtaError::Store(_)) => EX_IOERR,
         DaemonError::Ota(_) => EX_CONFIG,
+        DaemonError::Acl(_) => EX_CONFIG,
     };
     ExitCode::from(code)
 }

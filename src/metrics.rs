@@ -170,6 +170,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     pub store_errors: AtomicU64,
     pub rejected_bodies: AtomicU64,
+    /// Access decisions: [allowed, denied].
+    acl: [AtomicU64; 2],
 }
 
 impl Default for Metrics {
@@ -180,6 +182,7 @@ impl Default for Metrics {
             requests: Mutex::new(BTreeMap::new()),
             store_errors: AtomicU64::new(0),
             rejected_bodies: AtomicU64::new(0),
+            acl: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 }
@@ -189,6 +192,10 @@ impl Metrics {
         if let Ok(mut m) = self.requests.lock() {
             *m.entry((route, status)).or_insert(0) += 1;
         }
+    }
+
+    pub fn acl_decision(&self, allowed: bool) {
+        self.acl[usize::from(!allowed)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn uptime_secs(&self) -> u64 {
@@ -223,6 +230,18 @@ impl Metrics {
             "# HELP konsul_edge_uptime_seconds Seconds since the daemon started.\n\
              # TYPE konsul_edge_uptime_seconds gauge\nkonsul_edge_uptime_seconds {}",
             self.uptime_secs()
+        );
+        family(
+            &mut out,
+            "counter",
+            "konsul_edge_acl_decisions_total",
+            "Access decisions, by result.",
+            "result",
+            ["allow", "deny"].into_iter().zip(
+                self.acl
+                    .iter()
+                    .map(|a| a.load(std::sync::atomic::Ordering::Relaxed)),
+            ),
         );
         family(
             &mut out,

@@ -297,7 +297,8 @@ fn chunked_put(addr: &str, path: &str, total: usize) -> Resp {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let head = format!(
-        "PUT {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "PUT {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+        token_header(addr)
     );
     s.write_all(head.as_bytes()).unwrap();
     let chunk = vec![b'a'; 64 * 1024];

@@ -318,7 +318,7 @@ fn external_clients_read_services_and_devices() {
                     konsul_edge::store::Kind::Device,
                     "sensor-1",
                     Some("sensor-1"),
-                    Some(r#"{"type":"sensor","firmware_version":"1.2.0","battery":87}"#.into()),
+                    Some(r#"{"id":"sensor-1","type":"sensor","firmware_version":"1.2.0","telemetry_interval_ms":30000}"#.into()),
                 )
             })
         }))
@@ -359,7 +359,9 @@ fn external_clients_read_services_and_devices() {
     let dev = plain(&devices[0][0]);
     assert_eq!(dev["id"], "sensor-1");
     assert_eq!(dev["firmware_version"], "1.2.0");
-    assert_eq!(dev["battery"], 87);
+    // The same view as HTTP's: health and last-seen, not the raw record.
+    assert!(dev["health"].is_string(), "{dev}");
+    assert!(dev.get("last_seen").is_some(), "{dev}");
     let one = call_json(
         &bus,
         true,
@@ -444,6 +446,13 @@ fn mutations_need_root_or_group_konsul_checked_in_the_daemon() {
             "{method}: {out}"
         );
     }
+    // Registering a new service is every local app's right; taking over
+    // one that exists (another address) is not.
+    let r = d.put(
+        "/register",
+        r#"{"name":"evil","address":"10.0.0.1","port":1}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     let out = busctl(
         &bus,
         true,
@@ -468,12 +477,15 @@ fn mutations_need_root_or_group_konsul_checked_in_the_daemon() {
         ],
     );
     assert!(!out.status.success());
-    assert!(
-        d.get("/services/evil").status == 404,
-        "nothing was registered"
+    assert_eq!(
+        d.get("/services/evil").json()["address"],
+        "10.0.0.1",
+        "the registration was not taken over"
     );
     assert_eq!(d.get("/kv/k").status, 404);
-    assert!(d.wait_log(|l| l.contains("refused: uid 65534")).is_some());
+    assert!(d
+        .wait_log(|l| l.contains("access denied: user:nobody"))
+        .is_some());
 
     // Reads still work for that user...
     let keys = call_json(&bus, true, "io.konsul.Edge1.Kv", "List", &["s", ""]);

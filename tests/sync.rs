@@ -536,7 +536,7 @@ fn non_loopback_ip() -> Option<std::net::IpAddr> {
 }
 
 #[test]
-fn a_hub_with_a_token_requires_it_from_other_hosts_but_not_from_loopback() {
+fn a_hub_with_a_token_requires_it_from_every_host_loopback_included() {
     let Some(ip) = non_loopback_ip() else {
         eprintln!("\n*** SKIPPED: no non-loopback IPv4 address on this host ***\n");
         return;
@@ -584,8 +584,17 @@ fn a_hub_with_a_token_requires_it_from_other_hosts_but_not_from_loopback() {
     );
     assert_eq!(put(&remote, &[("Authorization", "Bearer s3cret-a")]), 200);
     assert_eq!(kv(&hub, "global/mode").as_deref(), Some("x"));
-    assert_eq!(put(&local, &[]), 200, "loopback is the operator on the hub");
-    let metrics = request(&local, "GET", "/metrics", None, &[]).text();
+    // Loopback is not special: on a device every local user shares it.
+    let anon_local = request_anon(
+        &local,
+        "PUT",
+        "/kv/global/mode",
+        Some(br#"{"value":"y"}"#),
+        &[],
+    );
+    assert_eq!(anon_local.status, 401, "loopback without a token");
+    assert_eq!(put(&local, &[("Authorization", "Bearer s3cret-a")]), 200);
+    let metrics = hub.get("/metrics").text();
     assert!(
         metrics.contains(r#"route="unauthorized""#),
         "refusals are counted: {metrics}"

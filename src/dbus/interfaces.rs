@@ -14,15 +14,28 @@ use zbus::object_server::SignalEmitter;
 
 use super::access::Access;
 use super::convert::{dict_to_json, to_dict, Dict};
-use super::{firmware_error, ota_error, registry_error, store_error, sync_error, Error};
-use crate::http::Api;
+use super::{firmware_error, ota_error, registry_error, sync_error, Error};
+use crate::acl::{Capability, Resource};
+use crate::app::App;
 use crate::registry::{RecordView, ServiceEntry, ServiceInput};
 use crate::store::Kind;
 
 /// What every interface shares.
 pub struct Ctx {
-    pub api: Arc<Api>,
+    pub api: Arc<App>,
     pub access: Access,
+}
+
+impl Ctx {
+    /// The shared access decision for this call.
+    async fn allow(
+        &self,
+        hdr: &Header<'_>,
+        resource: Resource,
+        cap: Capability,
+    ) -> Result<crate::acl::Principal, Error> {
+        self.access.allow(&self.api, hdr, resource, cap).await
+    }
 }
 
 /// A service with its health and indices, flattened into one dictionary.
@@ -117,7 +130,10 @@ impl RegistryIface {
     /// create_index, modify_index (t), expires_at_ms (t, TTL services only).
     /// Empty fields are left out. Open to every local user.
     #[zbus(out_args("services"))]
-    async fn list_services(&self) -> Result<Vec<Dict>, Error> {
+    async fn list_services(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<Dict>, Error> {
+        self.0
+            .allow(&hdr, Resource::Service("*".into()), Capability::List)
+            .await?;
         let list = self
             .0
             .api
@@ -131,7 +147,18 @@ impl RegistryIface {
     /// A service by id, else the first passing instance with that name;
     /// keys as in ListServices. Errors: io.konsul.Edge1.Error.NotFound.
     #[zbus(out_args("service"))]
-    async fn get_service(&self, id_or_name: String) -> Result<Dict, Error> {
+    async fn get_service(
+        &self,
+        id_or_name: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Dict, Error> {
+        self.0
+            .allow(
+                &hdr,
+                Resource::Service(id_or_name.clone()),
+                Capability::Read,
+            )
+            .await?;
         let e = self
             .0
             .api
@@ -145,8 +172,8 @@ impl RegistryIface {
     /// Registers or replaces a service; returns its modify index. service
     /// keys: name, address, port (required), id (default: name), tags
     /// (as), meta (a{ss} or a{sv}), ttl (s, "30s"). options: cas (t; 0 =
-    /// only if new, n = only if its modify index is still n). Needs root or
-    /// group konsul. Errors: InvalidArgument, CasConflict, NotFound (cas on
+    /// only if new, n = only if its modify index is still n). Needs the
+    /// access policy's consent. Errors: InvalidArgument, CasConflict, NotFound (cas on
     /// a missing service), LimitReached, StorageFull, AccessDenied.
     #[zbus(out_args("modify_index"))]
     async fn register_service(
@@ -155,10 +182,11 @@ impl RegistryIface {
         options: Dict,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<u64, Error> {
-        self.0.access.require_admin(&hdr, "RegisterService").await?;
+        let who = self.0.access.principal(&self.0.api, &hdr).await?;
         let o = super::interfaces::options(&options, &["cas"])?;
         let input: ServiceInput = serde_json::from_value(dict_to_json(&service))
             .map_err(|e| Error::InvalidArgument(format!("service: {e}")))?;
+        self.0.api.may_register(&who, &input).await?;
         let (_, index) = self
             .0
             .api
@@ -178,8 +206,7 @@ impl RegistryIface {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), Error> {
         self.0
-            .access
-            .require_admin(&hdr, "DeregisterService")
+            .allow(&hdr, Resource::Service(id.clone()), Capability::Deregister)
             .await?;
         let o = super::interfaces::options(&options, &["cas"])?;
         self.0
@@ -194,36 +221,11 @@ impl RegistryIface {
     /// services, keys, devices, alerts, outbox_pending, db_bytes,
     /// db_max_bytes, modify_index (t).
     #[zbus(out_args("status"))]
-    async fn status(&self) -> Result<Dict, Error> {
-        let stats = self
-            .0
-            .api
-            .registry
-            .store()
-            .call(|db| db.stats())
-            .await
-            .and_then(|r| r)
-            .map_err(store_error)?;
-        let count = |k: Kind| {
-            stats
-                .live
-                .iter()
-                .find(|(kind, _)| *kind == k)
-                .map_or(0, |(_, n)| *n)
-        };
-        Ok(to_dict(&json!({
-            "node_id": self.0.api.registry.store().node_id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": self.0.api.metrics.uptime_secs(),
-            "services": count(Kind::Service),
-            "keys": count(Kind::Kv),
-            "devices": count(Kind::Device),
-            "alerts": count(Kind::Alert),
-            "outbox_pending": stats.outbox,
-            "db_bytes": stats.file_bytes,
-            "db_max_bytes": stats.max_bytes,
-            "modify_index": stats.index,
-        })))
+    async fn status(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Dict, Error> {
+        self.0
+            .allow(&hdr, Resource::Edge("status".into()), Capability::Read)
+            .await?;
+        Ok(to_dict(&self.0.api.status().await?))
     }
 
     /// This edge node's id (storage keeps the id it was created with).
@@ -253,7 +255,10 @@ impl KvIface {
     /// A key's entry: key, value (s), flags, create_index, modify_index
     /// (t). Errors: NotFound.
     #[zbus(out_args("entry"))]
-    async fn get(&self, key: String) -> Result<Dict, Error> {
+    async fn get(&self, key: String, #[zbus(header)] hdr: Header<'_>) -> Result<Dict, Error> {
+        self.0
+            .allow(&hdr, Resource::Kv(key.clone()), Capability::Read)
+            .await?;
         let e = self
             .0
             .api
@@ -276,7 +281,9 @@ impl KvIface {
         options: Dict,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<u64, Error> {
-        self.0.access.require_admin(&hdr, "Kv.Put").await?;
+        self.0
+            .allow(&hdr, Resource::Kv(key.clone()), Capability::Write)
+            .await?;
         let o = super::interfaces::options(&options, &["cas", "flags"])?;
         self.0
             .api
@@ -295,7 +302,9 @@ impl KvIface {
         options: Dict,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), Error> {
-        self.0.access.require_admin(&hdr, "Kv.Delete").await?;
+        self.0
+            .allow(&hdr, Resource::Kv(key.clone()), Capability::Delete)
+            .await?;
         let o = super::interfaces::options(&options, &["cas"])?;
         self.0
             .api
@@ -307,7 +316,14 @@ impl KvIface {
 
     /// Key names starting with prefix ("" for all), sorted.
     #[zbus(out_args("keys"))]
-    async fn list(&self, prefix: String) -> Result<Vec<String>, Error> {
+    async fn list(
+        &self,
+        prefix: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<String>, Error> {
+        self.0
+            .allow(&hdr, Resource::Kv("*".into()), Capability::List)
+            .await?;
         let keys = self
             .0
             .api
@@ -334,34 +350,34 @@ impl DevicesIface {
     /// holds the device record's fields plus id, create_index and
     /// modify_index (t). Empty when MQTT is disabled.
     #[zbus(out_args("devices"))]
-    async fn list_devices(&self) -> Result<Vec<Dict>, Error> {
-        let list = self
-            .0
-            .api
-            .registry
-            .records(Kind::Device)
-            .await
-            .map_err(registry_error)?;
-        Ok(list.iter().map(record_dict).collect())
+    async fn list_devices(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<Dict>, Error> {
+        self.0
+            .allow(&hdr, Resource::Edge("devices".into()), Capability::List)
+            .await?;
+        let list = self.0.api.devices().await?;
+        Ok(list.as_array().into_iter().flatten().map(to_dict).collect())
     }
 
     /// One device; keys as in ListDevices. Errors: NotFound.
     #[zbus(out_args("device"))]
-    async fn get_device(&self, id: String) -> Result<Dict, Error> {
-        let v = self
-            .0
-            .api
-            .registry
-            .record(Kind::Device, id)
-            .await
-            .map_err(registry_error)?;
-        Ok(record_dict(&v))
+    async fn get_device(&self, id: String, #[zbus(header)] hdr: Header<'_>) -> Result<Dict, Error> {
+        self.0
+            .allow(
+                &hdr,
+                Resource::Edge(format!("devices/{id}")),
+                Capability::Read,
+            )
+            .await?;
+        Ok(to_dict(&self.0.api.device(id).await?))
     }
 
     /// Current alerts (device health monitor): each alert record's fields
     /// plus id, create_index and modify_index (t).
     #[zbus(out_args("alerts"))]
-    async fn list_alerts(&self) -> Result<Vec<Dict>, Error> {
+    async fn list_alerts(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<Dict>, Error> {
+        self.0
+            .allow(&hdr, Resource::Edge("alerts".into()), Capability::List)
+            .await?;
         let list = self
             .0
             .api
@@ -397,7 +413,9 @@ impl SyncIface {
     /// at once (watch LastSync and LastError). Needs root or group konsul.
     /// Errors: Unavailable (no hub configured), AccessDenied.
     async fn sync_now(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
-        self.0.access.require_admin(&hdr, "SyncNow").await?;
+        self.0
+            .allow(&hdr, Resource::Edge("sync".into()), Capability::Write)
+            .await?;
         self.0.api.sync.sync_now().map_err(sync_error)
     }
 
@@ -447,7 +465,14 @@ impl OtaIface {
         bundle: String,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<String, Error> {
-        self.0.access.require_admin(&hdr, "Ota.Install").await?;
+        let who = self
+            .0
+            .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
+            .await?;
+        self.0
+            .api
+            .check_file(&who, std::path::Path::new(&bundle))
+            .await?;
         self.0.api.ota.install(&bundle).await.map_err(ota_error)
     }
 
@@ -455,7 +480,9 @@ impl OtaIface {
     /// verified by reading the bootloader state back. Needs root or group
     /// konsul. Errors: Unavailable (nothing to commit), Failed.
     async fn mark_good(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
-        self.0.access.require_admin(&hdr, "Ota.MarkGood").await?;
+        self.0
+            .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
+            .await?;
         self.0.api.ota.mark_good().await.map_err(ota_error)
     }
 
@@ -463,7 +490,9 @@ impl OtaIface {
     /// the reboot (pending-reboot): cancels the update. Needs root or group
     /// konsul. Errors: Unavailable, Failed.
     async fn mark_bad(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
-        self.0.access.require_admin(&hdr, "Ota.MarkBad").await?;
+        self.0
+            .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
+            .await?;
         self.0.api.ota.mark_bad().await.map_err(ota_error)
     }
 
@@ -471,7 +500,9 @@ impl OtaIface {
     /// window and battery rule. Needs root or group konsul. Errors:
     /// Unavailable (no update waits for a reboot).
     async fn reboot(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), Error> {
-        self.0.access.require_admin(&hdr, "Ota.Reboot").await?;
+        self.0
+            .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
+            .await?;
         self.0.api.ota.reboot().await.map_err(ota_error)
     }
 
@@ -480,7 +511,10 @@ impl OtaIface {
     /// crashes, boots (t), bootloader (a{sv}: the environment variables or
     /// RAUC's slots) and log (aa{sv}: recent transitions).
     #[zbus(out_args("status"))]
-    async fn get_status(&self) -> Result<Dict, Error> {
+    async fn get_status(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Dict, Error> {
+        self.0
+            .allow(&hdr, Resource::Edge("ota".into()), Capability::Read)
+            .await?;
         Ok(to_dict(&self.0.api.ota.status_json().await))
     }
 
@@ -489,10 +523,7 @@ impl OtaIface {
     /// rolled-back or failed.
     #[zbus(property)]
     fn state(&self) -> String {
-        if !self.0.api.ota.enabled() {
-            return "unavailable".into();
-        }
-        self.0.api.ota.status().deployment.state.as_str().to_owned()
+        self.0.api.ota_state()
     }
 
     /// Percent done of the current step and what it is doing.
@@ -543,7 +574,14 @@ impl FirmwareIface {
         id: String,
         cmd: crate::firmware::rollout::Command,
     ) -> Result<Dict, Error> {
-        self.0.access.require_admin(hdr, method).await?;
+        let _ = method;
+        self.0
+            .allow(
+                hdr,
+                Resource::Edge(format!("rollouts/{id}")),
+                Capability::Write,
+            )
+            .await?;
         let r = self
             .rollouts()?
             .command(id, cmd)
@@ -560,7 +598,10 @@ impl FirmwareIface {
     /// over HTTP (`PUT /v1/edge/firmware`): images do not travel over the
     /// bus.
     #[zbus(out_args("artifacts"))]
-    async fn list_artifacts(&self) -> Result<Vec<Dict>, Error> {
+    async fn list_artifacts(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<Dict>, Error> {
+        self.0
+            .allow(&hdr, Resource::Edge("firmware".into()), Capability::List)
+            .await?;
         let list = self
             .rollouts()?
             .artifacts()
@@ -576,7 +617,10 @@ impl FirmwareIface {
     /// execution; on the hub, the operator's state, and per edge in
     /// edges (edge, state, reason, targets), with edges_complete.
     #[zbus(out_args("rollouts"))]
-    async fn list_rollouts(&self) -> Result<Vec<Dict>, Error> {
+    async fn list_rollouts(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<Dict>, Error> {
+        self.0
+            .allow(&hdr, Resource::Edge("rollouts".into()), Capability::List)
+            .await?;
         let list = self.rollouts()?.list().await.map_err(firmware_error)?;
         Ok(list.iter().map(|r| to_dict(&json!(r))).collect())
     }
@@ -585,7 +629,18 @@ impl FirmwareIface {
     /// state (waiting, offered, downloading, installing, installed,
     /// complete, failed), attempts, progress, error. Errors: NotFound.
     #[zbus(out_args("rollout", "devices"))]
-    async fn get_rollout(&self, id: String) -> Result<(Dict, Vec<Dict>), Error> {
+    async fn get_rollout(
+        &self,
+        id: String,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(Dict, Vec<Dict>), Error> {
+        self.0
+            .allow(
+                &hdr,
+                Resource::Edge(format!("rollouts/{id}")),
+                Capability::Read,
+            )
+            .await?;
         let (r, devices) = self.rollouts()?.get(id).await.map_err(firmware_error)?;
         Ok((
             to_dict(&json!(r)),
@@ -605,7 +660,9 @@ impl FirmwareIface {
         spec: Dict,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<Dict, Error> {
-        self.0.access.require_admin(&hdr, "StartRollout").await?;
+        self.0
+            .allow(&hdr, Resource::Edge("rollouts".into()), Capability::Write)
+            .await?;
         let spec: crate::firmware::rollout::Spec = serde_json::from_value(dict_to_json(&spec))
             .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
         let r = self
@@ -616,8 +673,8 @@ impl FirmwareIface {
         Ok(to_dict(&json!(r)))
     }
 
-    /// Stops offering (devices in flight are still tracked). Needs root or
-    /// group konsul. Errors: NotFound, CasConflict (not running, or
+    /// Stops offering (devices in flight are still tracked). Needs the
+    /// access policy's consent. Errors: NotFound, CasConflict (not running, or
     /// defined at the hub: command it there).
     #[zbus(out_args("rollout"))]
     async fn pause_rollout(

@@ -30,7 +30,7 @@ use zbus::connection::Builder;
 use zbus::fdo::RequestNameFlags;
 use zbus::object_server::SignalEmitter;
 
-use crate::http::Api;
+use crate::app::{App, AppError};
 use crate::registry::{ChangeOp, RegistryError};
 use crate::store::{Kind, StoreError};
 use crate::sync::SyncError;
@@ -63,6 +63,9 @@ pub enum Error {
     NotFound(String),
     /// The CAS index did not match.
     CasConflict(String),
+    /// The current state does not allow it (an update in progress, a
+    /// rollout that is not running).
+    Conflict(String),
     /// `services.max_local_services` reached.
     LimitReached(String),
     /// `storage.max_size` reached or the disk is full; nothing was written.
@@ -71,88 +74,49 @@ pub enum Error {
     Unavailable(String),
     /// A storage fault; details are in the daemon log.
     Failed(String),
-    /// The caller is neither root nor in group `konsul`.
+    /// The access policy refuses this caller (see `acl` in the README).
     AccessDenied(String),
 }
 
-/// Maps every registry error, exhaustively: a new variant does not compile
-/// until it has a D-Bus name.
-pub fn registry_error(e: RegistryError) -> Error {
-    match e {
-        RegistryError::Invalid { .. } => Error::InvalidArgument(e.to_string()),
-        RegistryError::NotFound { .. } => Error::NotFound(e.to_string()),
-        RegistryError::CasConflict { .. } => Error::CasConflict(e.to_string()),
-        RegistryError::ServiceLimit { .. } => Error::LimitReached(e.to_string()),
-        RegistryError::Store(s) => store_error(s),
+/// Maps every application error to a D-Bus error name, exhaustively: a new
+/// class does not compile until it has a name. The classes and messages are
+/// the ones HTTP answers with ([`crate::app::AppError`]).
+impl From<AppError> for Error {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Invalid(m) => Error::InvalidArgument(m),
+            AppError::NotFound(m) => Error::NotFound(m),
+            AppError::CasConflict(m) => Error::CasConflict(m),
+            AppError::Conflict(m) => Error::Conflict(m),
+            AppError::Limit(m) | AppError::TooLarge(m) => Error::LimitReached(m),
+            AppError::StorageFull(m) => Error::StorageFull(m),
+            AppError::Unavailable(m) | AppError::Upstream(m) => Error::Unavailable(m),
+            e @ (AppError::Unauthenticated | AppError::Forbidden { .. }) => {
+                Error::AccessDenied(e.to_string())
+            }
+            AppError::Internal(m) => Error::Failed(m.into()),
+        }
     }
+}
+
+pub fn registry_error(e: RegistryError) -> Error {
+    AppError::from(e).into()
 }
 
 pub fn store_error(e: StoreError) -> Error {
-    match e {
-        StoreError::LimitReached { .. } | StoreError::DiskFull { .. } => {
-            log::warn!("{e}");
-            Error::StorageFull(e.to_string())
-        }
-        StoreError::Closed => Error::Unavailable("shutting down".into()),
-        StoreError::Open { .. }
-        | StoreError::CreateDir { .. }
-        | StoreError::NotKonsul { .. }
-        | StoreError::Corrupt { .. }
-        | StoreError::NewerSchema { .. }
-        | StoreError::Sqlite { .. }
-        | StoreError::BadRecord { .. } => {
-            log::error!("{e}");
-            // Paths and SQLite details stay in the journal: the caller may
-            // be any local user.
-            Error::Failed("storage error; see the daemon log".into())
-        }
-    }
+    AppError::from(e).into()
 }
 
-/// Maps every firmware error, exhaustively.
 pub fn firmware_error(e: crate::firmware::FirmwareError) -> Error {
-    use crate::firmware::FirmwareError as F;
-    match e {
-        F::Invalid { .. } | F::DigestMismatch { .. } | F::BadSignature { .. } => {
-            Error::InvalidArgument(e.to_string())
-        }
-        F::NotFound { .. } => Error::NotFound(e.to_string()),
-        // An id taken, or a command the rollout's state does not allow.
-        F::Conflict { .. } => Error::CasConflict(e.to_string()),
-        F::TooLarge { .. } | F::Quota { .. } => Error::LimitReached(e.to_string()),
-        F::NoKeys | F::Fetch(_) => Error::Unavailable(e.to_string()),
-        F::Io { .. } => {
-            log::error!("{e}");
-            Error::Failed("firmware storage error; see the daemon log".into())
-        }
-        F::Store(s) => store_error(s),
-    }
+    AppError::from(e).into()
 }
 
-/// OTA errors on the wire, exhaustively.
 pub fn ota_error(e: crate::ota::OtaError) -> Error {
-    use crate::ota::OtaError as O;
-    match e {
-        O::Disabled | O::Busy(_) | O::NotApplicable(_) => Error::Unavailable(e.to_string()),
-        O::Invalid(_) | O::Bundle(_) | O::Rejected(_) => Error::InvalidArgument(e.to_string()),
-        O::NotFound(_) => Error::NotFound(e.to_string()),
-        O::Store(s) => store_error(s),
-        O::Io { .. }
-        | O::Backend(_)
-        | O::Unconfirmed(_)
-        | O::Rauc(_)
-        | O::Timeout { .. }
-        | O::Fetch(_) => {
-            log::error!("ota: {e}");
-            Error::Failed(e.to_string())
-        }
-    }
+    AppError::from(e).into()
 }
 
 pub fn sync_error(e: SyncError) -> Error {
-    match e {
-        SyncError::Disabled => Error::Unavailable(e.to_string()),
-    }
+    AppError::from(e).into()
 }
 
 /// Setting up the service.
@@ -185,7 +149,7 @@ pub struct Service {
 /// name. Returns once the name is ours, so the caller can report READY.
 pub async fn serve(
     bus: &str,
-    api: Arc<Api>,
+    api: Arc<App>,
     ex: &Arc<smol::Executor<'static>>,
 ) -> Result<Service, DbusError> {
     let setup = |source| DbusError::Setup {
@@ -274,7 +238,7 @@ fn op_str(op: ChangeOp) -> &'static str {
 /// broadcast channel drops the oldest events, and we log how many.
 async fn pump_changes(
     conn: zbus::Connection,
-    api: Arc<Api>,
+    api: Arc<App>,
     mut changes: async_broadcast::Receiver<crate::registry::Change>,
 ) {
     let emitter = match SignalEmitter::new(&conn, PATH) {

@@ -73,10 +73,10 @@ use smol::future::FutureExt;
 
 use super::{Artifacts, FirmwareError};
 use crate::clock::wall_millis;
-use crate::http::Shutdown;
 use crate::mqtt::payload::UpdateReport;
 use crate::registry::{self, Registry};
 use crate::store::{Kind, StoreError, Tx};
+use crate::support::Shutdown;
 use crate::sync::transport::{Fetcher, FETCH_RETRY};
 
 /// Offers waiting for the MQTT bridge; past this the offer is dropped and

@@ -15,8 +15,8 @@ use super::payload::{self, Inbound, PayloadError, Reason};
 use super::{paho_uri, MqttError, Settings};
 use crate::devices::{ack_json, Alert, Devices, Outcome};
 use crate::firmware::rollout::{Offer, Rollouts};
-use crate::http::Shutdown;
 use crate::metrics::{Metrics, Published};
+use crate::support::Shutdown;
 
 /// Messages applied per store transaction at most.
 pub const MAX_BATCH: usize = 1024;

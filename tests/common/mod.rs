@@ -31,6 +31,49 @@ pub struct Daemon {
     exited: Option<mpsc::Receiver<ExitStatus>>,
 }
 
+/// Gives the harness an admin token through a config drop-in, so tests
+/// written before the access policy keep driving every route over TCP.
+/// A config that has its own `acl:` section is left alone.
+pub fn grant_test_admin(dir: &Path, config: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    if text.lines().any(|l| l.starts_with("acl:")) {
+        return;
+    }
+    let token_file = dir.join("test-admin.token");
+    if !token_file.exists() {
+        let token = format!("test-admin-{:016x}", fastrand_u64());
+        std::fs::write(&token_file, token).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let dropins = config.parent().unwrap().join("config.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::write(
+        dropins.join("99-test-admin.yaml"),
+        format!(
+            "acl:\n  tokens:\n    - name: test-admin\n      file: {}\n      policies: [\"builtin:admin\"]\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// The test admin token of the daemon in `dir`, if it has one.
+pub fn admin_token(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("test-admin.token")).ok()
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// A config for tests: state in `dir`, API on an ephemeral port.
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("edge.yaml");
@@ -61,6 +104,7 @@ impl Daemon {
         if !config.exists() {
             write_config(dir, "");
         }
+        grant_test_admin(dir, &config);
         let mut cmd = Command::new(BIN);
         cmd.args([command, "--config"])
             .arg(&config)
@@ -112,6 +156,9 @@ impl Daemon {
             .and_then(|s| s.split(',').next())
             .expect("address in ready line");
         d.addr = addr.to_string();
+        if let Some(t) = admin_token(dir) {
+            TOKENS.lock().unwrap().insert(d.addr.clone(), t);
+        }
         d
     }
 
@@ -174,8 +221,14 @@ impl Daemon {
         self.wait_exit()
     }
 
+    /// A request with the test admin token (see [`grant_test_admin`]).
     pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
         request(&self.addr, method, path, body.map(str::as_bytes), &[])
+    }
+
+    /// A request without credentials: an anonymous TCP caller.
+    pub fn anon(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        request_anon(&self.addr, method, path, body.map(str::as_bytes), &[])
     }
 
     pub fn get(&self, path: &str) -> Resp {
@@ -263,8 +316,47 @@ impl Resp {
     }
 }
 
-/// One request on a fresh connection (`Connection: close`).
+/// Test admin tokens by daemon address: [`request`] sends the one of the
+/// daemon it talks to unless the test passes its own credentials.
+static TOKENS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// One request on a fresh connection (`Connection: close`), as the test
+/// admin of the daemon at `addr` when the harness started it.
 pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let own = headers.iter().any(|(k, _)| {
+        k.eq_ignore_ascii_case("authorization") || k.eq_ignore_ascii_case("x-api-key")
+    });
+    let token = TOKENS.lock().unwrap().get(addr).cloned();
+    match token {
+        Some(t) if !own => {
+            let mut all = headers.to_vec();
+            all.push(("X-API-Key", t.as_str()));
+            request_anon(addr, method, path, body, &all)
+        }
+        _ => request_anon(addr, method, path, body, headers),
+    }
+}
+
+/// The harness's credentials for the daemon at `addr` as a header line
+/// ("" when it has none), for tests that write requests by hand.
+pub fn token_header(addr: &str) -> String {
+    TOKENS
+        .lock()
+        .unwrap()
+        .get(addr)
+        .map(|t| format!("X-API-Key: {t}\r\n"))
+        .unwrap_or_default()
+}
+
+/// One request with exactly the given headers (no harness token).
+pub fn request_anon(
     addr: &str,
     method: &str,
     path: &str,

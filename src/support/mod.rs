@@ -1,0 +1,6 @@
+//! The bottom layer: small helpers every other module may use. Nothing in
+//! here imports from the rest of the crate.
+
+mod shutdown;
+
+pub use shutdown::Shutdown;
