@@ -1362,7 +1362,7 @@ impl App {
                         Ok(()) => {
                             json_resp(StatusCode::ACCEPTED, &json!({"message": "sync requested"}))
                         }
-                        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+                        Err(e) => app_error(e.into(), &self.metrics),
                     },
                     _ => method_not_allowed("POST"),
                 },

@@ -389,7 +389,7 @@ fn sync_status_tracks_the_outbox_without_a_hub() {
         std::thread::yield_now();
     }
     let r = d.req("POST", "/v1/edge/sync/now", None);
-    assert_eq!(r.status, 409, "no hub configured: {}", r.text());
+    assert_eq!(r.status, 503, "no hub configured: {}", r.text());
     assert!(r.json()["message"]
         .as_str()
         .unwrap()

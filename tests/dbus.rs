@@ -711,7 +711,7 @@ fn sync_now_without_a_hub_is_unavailable() {
 }
 
 #[test]
-fn the_bus_policy_file_lets_everyone_read_and_only_root_write() {
+fn the_bus_policy_file_lets_the_daemon_decide_and_keeps_other_interfaces_closed() {
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::start(dir.path(), Policy::System);
     bus.config(dir.path(), "");
@@ -755,7 +755,8 @@ fn the_bus_policy_file_lets_everyone_read_and_only_root_write() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // The bus itself refuses the mutation (the daemon never sees it).
+    // The bus lets the call through and the daemon's access policy (the
+    // one HTTP applies) refuses it.
     let (ok, out) = gdbus(
         &bus,
         true,
@@ -763,10 +764,16 @@ fn the_bus_policy_file_lets_everyone_read_and_only_root_write() {
         &["'k'", "'v'", "@a{sv} {}"],
     );
     assert!(
-        !ok && out.contains("org.freedesktop.DBus.Error.AccessDenied"),
+        !ok && out.contains("io.konsul.Edge1.Error.AccessDenied"),
         "{out}"
     );
     let (ok, out) = dbus_send(&bus, true, "io.konsul.Edge1.Sync.SyncNow", &[]);
+    assert!(
+        !ok && out.contains("io.konsul.Edge1.Error.AccessDenied"),
+        "{out}"
+    );
+    // An interface the file does not list stays closed at the bus.
+    let (ok, out) = dbus_send(&bus, true, "io.konsul.Edge1.Nope.Method", &[]);
     assert!(
         !ok && out.contains("org.freedesktop.DBus.Error.AccessDenied"),
         "{out}"

@@ -76,9 +76,16 @@ impl From<Denial> for AppError {
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::LimitReached { .. } | StoreError::DiskFull { .. } => {
+            // The journal gets the path; callers get the rule.
+            StoreError::LimitReached { limit, .. } => {
                 log::warn!("{e}");
-                AppError::StorageFull(e.to_string())
+                AppError::StorageFull(format!(
+                    "storage.max_size ({limit} bytes) reached; the write was not applied"
+                ))
+            }
+            StoreError::DiskFull { .. } => {
+                log::warn!("{e}");
+                AppError::StorageFull("the disk is full; the write was not applied".into())
             }
             StoreError::Closed => AppError::Unavailable("shutting down".into()),
             StoreError::Open { .. }
