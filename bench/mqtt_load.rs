@@ -195,7 +195,8 @@ fn main() {
              http: {{listen: \"127.0.0.1:{http_port}\"}}\n\
              services: {{max_local_services: {cap}}}\n\
              devices: {{max_devices: {cap}, telemetry_max_size: 64Mi}}\n\
-             mqtt: {{enabled: true, broker: \"tcp://127.0.0.1:{port}\", client_id: bench-edge, qos: 1}}\n",
+             mqtt: {{enabled: true, broker: \"tcp://127.0.0.1:{port}\", client_id: bench-edge, qos: 1}}\n\
+             acl: {{enabled: false}}\n",
             db = dir.path().join("konsul.db").display(),
             cap = devices + 10
         ),

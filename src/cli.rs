@@ -279,7 +279,8 @@ impl Client<'_> {
             || name == "org.freedesktop.DBus.Error.AccessDenied"
         {
             return CliError::Denied(format!(
-                "permission denied: {message}; run as root or as a member of group konsul"
+                "permission denied: {message}; run as root or as a member of group konsul, \
+                 or ask for rights in the daemon's acl configuration"
             ));
         }
         CliError::Rejected {
