@@ -54,6 +54,9 @@ pub enum DaemonError {
     Ota(#[from] crate::ota::OtaError),
     #[error(transparent)]
     Acl(#[from] crate::acl::AclError),
+    /// Something inside the daemon broke while it ran.
+    #[error("internal fault: {0}")]
+    Fault(String),
 }
 
 fn firmware_settings(
@@ -306,8 +309,21 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         // (booted slot, state) always follows the ready line.
         ex.spawn(ota.run()).detach();
 
-        let signal = loop {
-            match signals.next().await {
+        // Test hook: an error on the signal stream, on demand, so the
+        // fault path (and its exit code) can be checked end to end.
+        let mut injected = api.test_hooks
+            && std::env::var_os("KONSUL_TEST_FAULT").is_some_and(|v| v == "signal-stream");
+        // The signal stream cannot end or fail while we hold it; if it does
+        // anyway we cannot be stopped cleanly any more. Shut down in order,
+        // but as a fault: a non-zero exit makes systemd (Restart=on-failure)
+        // start us again, where exit 0 would leave the node down.
+        let fault = loop {
+            let next = if std::mem::take(&mut injected) {
+                Some(Err(std::io::Error::other("injected by KONSUL_TEST_FAULT")))
+            } else {
+                signals.next().await
+            };
+            match next {
                 // SIGHUP: access policies and tokens take effect without
                 // a restart; a broken file keeps the old set in force.
                 Some(Ok(Signal::Hup)) => {
@@ -317,14 +333,23 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
                         Err(e) => log::error!("SIGHUP: {e}; the previous access rules stay"),
                     }
                 }
-                Some(Ok(Signal::Int)) => break "SIGINT",
-                Some(Ok(_)) => break "SIGTERM",
-                // The signal stream cannot end while we hold it; treat an
-                // error like a stop request rather than run on unstoppable.
-                Some(Err(_)) | None => break "signal stream error",
+                Some(Ok(Signal::Int)) => {
+                    log::info!("SIGINT received; shutting down");
+                    break None;
+                }
+                Some(Ok(_)) => {
+                    log::info!("SIGTERM received; shutting down");
+                    break None;
+                }
+                Some(Err(e)) => {
+                    break Some(DaemonError::Fault(format!("signal stream failed: {e}")))
+                }
+                None => break Some(DaemonError::Fault("signal stream ended".into())),
             }
         };
-        log::info!("{signal} received; shutting down");
+        if let Some(e) = &fault {
+            log::error!("{e}; shutting down to be restarted");
+        }
         crate::systemd::stopping();
         // Give up the name first: new D-Bus clients get ServiceUnknown (or
         // activate a fresh instance) rather than calls into a closing store.
@@ -341,7 +366,7 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             // Says goodbye to the broker and applies what it had received.
             t.await;
         }
-        Ok(())
+        fault.map_or(Ok(()), Err)
     }));
     let s = store.clone();
     // Joining the store thread blocks; the executor has nothing left to run.
@@ -506,7 +531,13 @@ async fn retention(devices: Devices) {
 /// under qemu for the cross builds).
 pub fn selftest(dir: &std::path::Path) -> Result<String, DaemonError> {
     let path = dir.join("konsul-selftest.db");
-    let _ = std::fs::remove_file(&path);
+    // The identity marker goes with the file: a leftover one would make
+    // the next selftest report its fresh database as lost data.
+    let remove = |p: &std::path::Path| {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(crate::store::marker_path(p));
+    };
+    remove(&path);
     let opts = || StoreOptions {
         path: path.clone(),
         max_size: 4 << 20,
@@ -541,7 +572,7 @@ pub fn selftest(dir: &std::path::Path) -> Result<String, DaemonError> {
     })
     .map_err(|e| fail(e.to_string()))?;
     registry.store().close();
-    let _ = std::fs::remove_file(&path);
+    remove(&path);
     if service.service.port != 1 || kv.value != "value" || kv.modify_index != index {
         return Err(fail(
             "read back something other than what was written".into(),

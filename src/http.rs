@@ -813,12 +813,10 @@ impl App {
             ("health", "ready") => (
                 "/health/ready",
                 match method {
-                    Method::GET => match self.registry.store().call(|_| ()).await {
-                        Ok(()) => {
-                            ok(json!({"status": "ready", "timestamp": rfc3339(wall_millis())}))
-                        }
-                        Err(e) => store_error(e, &self.metrics),
-                    },
+                    Method::GET if self.registry.store().is_ready().await => {
+                        ok(json!({"status": "ready", "timestamp": rfc3339(wall_millis())}))
+                    }
+                    Method::GET => error(StatusCode::SERVICE_UNAVAILABLE, "store not answering"),
                     _ => method_not_allowed("GET"),
                 },
             ),

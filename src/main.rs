@@ -347,6 +347,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
     log::error!("{e}");
     let code = match &e {
         DaemonError::Store(s) => match s {
+            // Distinct messages (a wrong path vs a damaged file), one
+            // code: a restart fixes neither.
             StoreError::NotKonsul { .. }
             | StoreError::Corrupt { .. }
             | StoreError::NewerSchema { .. }
@@ -363,6 +365,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         // Unreadable TLS material or token files: the config points at them.
         DaemonError::Sync(_) | DaemonError::Tls(_) | DaemonError::ReadFile { .. } => EX_CONFIG,
         DaemonError::SelfTest(_) => EX_SOFTWARE,
+        // Not in RestartPreventExitStatus: systemd restarts the daemon.
+        DaemonError::Fault(_) => EX_SOFTWARE,
         DaemonError::Mqtt(_) => EX_CONFIG,
         // No bus, or the name is taken: a restart later may succeed.
         DaemonError::Dbus(_) => EX_UNAVAILABLE,

@@ -556,11 +556,25 @@ pub fn commit(
             let fields = crdt::restamp(live_prev.map(|p| (p.body.as_str(), &p.fields)), &b, &stamp);
             (b, fields)
         }
-        // A tombstone keeps the last body and its stamps: field-wise merge
-        // across a delete stays a join.
-        (None, Some(p)) => (p.body.clone(), p.fields.clone()),
+        // A tombstone keeps no body: a delete writes "absent" into every
+        // field it knew, with the delete's stamp. Field-wise merge stays a
+        // join (each field is still a maximum over (stamp, value)), and an
+        // older concurrent value cannot bring the body back, because the
+        // delete's stamp is newer than every stamp it replaced.
+        (None, Some(p)) => {
+            let fields = p
+                .fields
+                .keys()
+                .map(|k| (k.clone(), stamp.clone()))
+                .collect();
+            ("{}".into(), fields)
+        }
         (None, None) => ("{}".into(), Default::default()),
     };
+    if tombstone {
+        // A delete frees space: it must succeed on a full store.
+        tx.use_headroom();
+    }
     let rec = Record {
         kind,
         key: key.to_owned(),

@@ -46,8 +46,9 @@ use crate::store::{Db, Kind, StoreError, Tx};
 use health::{Health, Rules, Signal, Transition};
 
 /// Per-row overhead counted against `devices.telemetry_max_size` besides
-/// the body and the device id (rowid, seq, timestamp, b-tree cell).
-const ROW_OVERHEAD: u64 = 32;
+/// the body and the device id (rowid, seq, timestamp, b-tree cell); the
+/// store's eviction under `storage.max_size` counts the same.
+const ROW_OVERHEAD: u64 = crate::store::TELEMETRY_ROW_OVERHEAD;
 /// Events are kept at most this many (besides the age limit).
 const MAX_EVENTS: i64 = 10_000;
 /// Telemetry rows returned by a history query when no limit is given.
@@ -408,7 +409,13 @@ impl Devices {
         let settings = self.settings;
         self.registry
             .store()
-            .call(move |db| db.tx(|tx| prune(tx, settings, wall_millis())))
+            .call(move |db| {
+                db.tx(|tx| {
+                    // Pruning frees space: it must succeed on a full store.
+                    tx.use_headroom();
+                    prune(tx, settings, wall_millis())
+                })
+            })
             .await?
     }
 

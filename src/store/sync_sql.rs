@@ -333,6 +333,8 @@ impl Tx<'_> {
     /// the outbox; returns the highest modify index removed (the horizon
     /// below which a delta sync can no longer be complete).
     pub fn collect_tombstones(&mut self, cutoff_hlc: u64) -> Result<Option<u64>, StoreError> {
+        // Collection frees space: it must succeed on a full store.
+        self.use_headroom();
         let horizon: Option<i64> = self
             .inner
             .query_row(
