@@ -9,7 +9,9 @@
 //!   SQLite reporting it malformed) is `Corrupt`;
 //! - not SQLite, or another `application_id`, or an unmarked file with
 //!   tables: `NotKonsul`. Both exit 65; the messages differ because the
-//!   operator's fix differs (restore or resync, versus a wrong path).
+//!   operator's fix differs (restore or resync, versus a wrong path);
+//! - a WAL with frames next to it (after kill -9): page 1 may live in the
+//!   WAL, so SQLite's `application_id` decides instead of the file header.
 //!
 //! The identity marker (`<db>.identity`, one line: the node id) is written
 //! next to the database once it has been initialised, outside the file it
@@ -39,6 +41,10 @@ enum Found {
     Other {
         app_id: i32,
     },
+    /// A WAL with frames sits next to the file: page 1 may be newer there
+    /// (after kill -9, even the migration that marked the file), so SQLite
+    /// has to say.
+    InWal,
 }
 
 impl Db {
@@ -74,7 +80,28 @@ impl Db {
             }
             _ => false,
         };
-        let ours = matches!(found, Found::Ours);
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let app_id = match found {
+            Found::Ours => APPLICATION_ID,
+            Found::Other { app_id } => app_id,
+            Found::Nothing => 0,
+            Found::InWal => conn
+                .query_row("PRAGMA application_id", [], |r| r.get(0))
+                .map_err(|e| StoreError::NotKonsul {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?,
+        };
+        let ours = app_id == APPLICATION_ID;
         // Once the file is known to be ours, any failure to read it is
         // damage, not a stranger.
         let damaged = |op: &'static str| {
@@ -101,20 +128,10 @@ impl Db {
                 sql_err(&path, op)(e)
             }
         };
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(damaged("read user_version"))?;
-        if let Found::Other { app_id } = found {
+        if !ours {
             let tables: i64 = conn
                 .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
                 .map_err(damaged("list tables"))?;
@@ -280,10 +297,12 @@ fn write_marker(db: &Path, node_id: &str) -> std::io::Result<()> {
 
 /// Reads the header (see the module note). A file of ours that is shorter
 /// than its header says, with no WAL that could hold the rest, is
-/// truncated: corrupt.
+/// truncated: corrupt. With WAL frames present, SQLite decides.
 fn inspect(path: &Path) -> Result<Found, StoreError> {
+    let wal = std::fs::metadata(wal_path(path)).map_or(0, |m| m.len());
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && wal > 0 => return Ok(Found::InWal),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Nothing),
         Err(e) => {
             return Err(StoreError::Open {
@@ -296,7 +315,11 @@ fn inspect(path: &Path) -> Result<Found, StoreError> {
     let read = Read::by_ref(&mut f).take(100).read_to_end(&mut head);
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if read.is_err() || head.is_empty() {
-        return Ok(Found::Nothing);
+        return Ok(if wal > 0 {
+            Found::InWal
+        } else {
+            Found::Nothing
+        });
     }
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.into(),
@@ -317,6 +340,9 @@ fn inspect(path: &Path) -> Result<Found, StoreError> {
         )));
     }
     let be32 = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    if wal > 0 {
+        return Ok(Found::InWal);
+    }
     let app_id = be32(68) as i32;
     if app_id != APPLICATION_ID {
         return Ok(Found::Other { app_id });
@@ -328,8 +354,7 @@ fn inspect(path: &Path) -> Result<Found, StoreError> {
     // The header's page count is valid when its change counter matches
     // "version-valid-for" (SQLite file format, offsets 24 and 92).
     let pages = u64::from(be32(28));
-    let wal = std::fs::metadata(wal_path(path)).map_or(0, |m| m.len());
-    if be32(24) == be32(92) && wal == 0 && len < pages * page_size {
+    if be32(24) == be32(92) && len < pages * page_size {
         return Err(corrupt(format!(
             "truncated: {len} bytes, the header says {pages} pages of {page_size}"
         )));
