@@ -18,8 +18,11 @@
 //! - `crdt` (an LWW map per field): each top-level body field takes the
 //!   value with the larger field stamp, so concurrent edits to different
 //!   fields both survive; whether the record is deleted is decided by the
-//!   record-level stamp as in LWW. Tombstones keep their last body, so field
-//!   data stays a join across delete and re-create.
+//!   record-level stamp as in LWW. Tombstones keep no body: a delete
+//!   writes "absent" into every field it knew, stamped with the delete, so
+//!   field data stays a join across delete and re-create (each field is
+//!   still a maximum over (stamp, value)) and an older value cannot revive
+//!   a deleted field.
 //!
 //! Ties on equal stamps (which one replica never issues twice) are broken by
 //! comparing content, so even malformed input merges deterministically.
@@ -50,8 +53,9 @@ pub enum MergeStrategy {
 /// One version of a record, as far as merging is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Version {
-    /// Canonical JSON (sorted keys) of the record; a tombstone keeps the
-    /// last live body.
+    /// Canonical JSON (sorted keys) of the record; `{}` for a tombstone
+    /// written locally (a merged tombstone may carry fields written after
+    /// the delete's stamp).
     pub body: String,
     pub hlc: Hlc,
     pub origin: String,
@@ -232,17 +236,14 @@ mod tests {
             let mut vv = prev.as_ref().map(|p| p.vv.clone()).unwrap_or_default();
             vv.increment(&self.id);
             let s = stamp(self.clock, &self.id);
+            // As registry::commit: a tombstone keeps no body and stamps
+            // every field it knew as absent.
             let (body, tombstone) = match body {
                 Some(b) => (canonical(b).unwrap(), false),
-                None => (
-                    prev.as_ref()
-                        .map(|p| p.body.clone())
-                        .unwrap_or_else(|| "{}".into()),
-                    true,
-                ),
+                None => ("{}".to_owned(), true),
             };
             let fields = match (&prev, tombstone) {
-                (Some(p), true) => p.fields.clone(),
+                (Some(p), true) => p.fields.keys().map(|k| (k.clone(), s.clone())).collect(),
                 (p, _) => restamp(p.as_ref().map(|p| (p.body.as_str(), &p.fields)), &body, &s),
             };
             self.state.insert(

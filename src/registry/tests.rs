@@ -141,6 +141,10 @@ fn every_write_stamps_and_queues() {
             .unwrap();
         assert!(rec2.tombstone);
         assert!(rec2.hlc > rec.hlc);
+        // No body; every field the delete knew is stamped absent by it.
+        assert_eq!(rec2.body, "{}");
+        assert!(!rec2.fields.is_empty());
+        assert!(rec2.fields.values().all(|s| s.hlc == rec2.hlc.0));
         assert_eq!(rec2.vv.compare(&rec.vv), Causality::Dominates);
     });
 }
