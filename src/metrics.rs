@@ -271,7 +271,7 @@ impl Metrics {
             ),
             (
                 "konsul_edge_db_bytes",
-                "Size of the SQLite database (pages in use).",
+                "Bytes on disk of the database, its WAL and SHM (what storage.max_size bounds).",
                 stats.file_bytes,
             ),
             (

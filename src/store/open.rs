@@ -241,7 +241,7 @@ impl Db {
             Some(id) if id != self.node_id => {
                 log::warn!(
                     "{}: database belongs to node `{id}`, config says `{}`; keeping `{id}` \
-                     (version vectors name it; remove the database to re-identify)",
+                     (version vectors name it; remove the database and its .identity file to re-identify)",
                     path.display(),
                     self.node_id
                 );
