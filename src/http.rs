@@ -1104,17 +1104,14 @@ impl App {
                     if let Err(r) = may(&mut k.keys.iter(), Capability::Read) {
                         return (route, *r);
                     }
-                    let mut found = serde_json::Map::new();
-                    let mut not_found = Vec::new();
-                    for key in k.keys {
-                        match self.registry.kv_get(key.clone()).await {
-                            Ok(e) => {
-                                found.insert(key, Value::String(e.value));
-                            }
-                            Err(RegistryError::NotFound { .. }) => not_found.push(key),
-                            Err(e) => return (route, registry_error(e, &self.metrics)),
-                        }
-                    }
+                    let (entries, not_found) = match self.registry.kv_get_many(k.keys).await {
+                        Ok(r) => r,
+                        Err(e) => return (route, registry_error(e, &self.metrics)),
+                    };
+                    let found: serde_json::Map<String, Value> = entries
+                        .into_iter()
+                        .map(|e| (e.key, Value::String(e.value)))
+                        .collect();
                     ok(json!({"found": found, "not_found": not_found}))
                 }
             },

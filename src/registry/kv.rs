@@ -14,6 +14,33 @@ impl Registry {
             .await?
     }
 
+    /// Several keys in one store job (one read transaction), as Konsul's
+    /// `/batch/kv/get` promises: (found, not found), in request order.
+    pub async fn kv_get_many(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<(Vec<KvEntry>, Vec<String>), RegistryError> {
+        if keys.len() > MAX_BATCH {
+            return Err(invalid(
+                "keys",
+                format!("{} keys (max {MAX_BATCH})", keys.len()),
+            ));
+        }
+        self.store
+            .call(move |db| {
+                let mut found = Vec::new();
+                let mut missing = Vec::new();
+                for key in keys {
+                    match live(db.get(Kind::Kv, &key)?) {
+                        Some(rec) => found.push(kv_entry(&rec)?),
+                        None => missing.push(key),
+                    }
+                }
+                Ok((found, missing))
+            })
+            .await?
+    }
+
     pub async fn kv_keys(&self) -> Result<Vec<String>, RegistryError> {
         Ok(self.store.call(|db| db.keys(Kind::Kv)).await??)
     }
