@@ -267,7 +267,7 @@ fn main() -> ExitCode {
                     eprintln!("warning: {name} names no configuration key; ignored");
                 }
                 println!(
-                    "{}: OK\n  files: {}\n  environment: {}\n  mode {:?}, node {}, storage {} (max {}), API {}, mqtt {}, sync {}",
+                    "{}: OK\n  files: {}\n  environment: {}\n  mode {}, node {}, storage {} (max {}), API {}, mqtt {}, sync {}",
                     config.display(),
                     sources.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
                     if sources.env.is_empty() { "none".into() } else { sources.env.join(", ") },
@@ -337,9 +337,10 @@ fn main() -> ExitCode {
 fn config_failure(e: ConfigError) -> ExitCode {
     log::error!("configuration error: {e}");
     ExitCode::from(match e {
-        ConfigError::Read { .. } | ConfigError::Parse { .. } | ConfigError::Invalid { .. } => {
-            EX_CONFIG
-        }
+        ConfigError::Read { .. }
+        | ConfigError::Refused { .. }
+        | ConfigError::Parse { .. }
+        | ConfigError::Invalid { .. } => EX_CONFIG,
     })
 }
 

@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 use smol::io::AsyncWriteExt;
 
 use crate::clock::wall_millis;
+// The key format lives with the config that names the keys (config is the
+// lower layer); re-exported so callers keep one path.
+pub use crate::config::{base64_decode, parse_public_key};
 use crate::store::{Store, StoreError};
 
 /// Release notes longer than this are refused.
@@ -734,61 +737,6 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// SubjectPublicKeyInfo prefix of an ed25519 key (RFC 8410): what a PEM
-/// `PUBLIC KEY` block holds before the 32 key bytes.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
-/// An ed25519 public key: base64 of the 32 raw bytes, or a PEM `PUBLIC
-/// KEY` block (as `openssl pkey -pubout` writes).
-pub fn parse_public_key(s: &str) -> Result<[u8; 32], String> {
-    let s = s.trim();
-    let b64: String = if s.starts_with("-----BEGIN") {
-        s.lines()
-            .filter(|l| !l.starts_with("-----"))
-            .map(str::trim)
-            .collect()
-    } else {
-        s.to_owned()
-    };
-    let raw = base64_decode(&b64).ok_or("not base64 (or a PEM PUBLIC KEY block)")?;
-    let key = match raw.len() {
-        32 => raw.as_slice(),
-        44 if raw[..12] == ED25519_SPKI_PREFIX => &raw[12..],
-        n => return Err(format!("{n} bytes is not an ed25519 public key (32 raw bytes or a 44-byte SubjectPublicKeyInfo)")),
-    };
-    let mut out = [0u8; 32];
-    out.copy_from_slice(key);
-    Ok(out)
-}
-
-/// Standard or URL-safe base64, padding optional. Small enough not to be
-/// worth a crate.
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 pub fn base64_encode(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
@@ -830,7 +778,7 @@ mod tests {
         let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
         let pub_raw = kp.public_key().as_ref().to_vec();
         let key = parse_public_key(&base64_encode(&pub_raw)).unwrap();
-        let mut spki = ED25519_SPKI_PREFIX.to_vec();
+        let mut spki = crate::config::ED25519_SPKI_PREFIX.to_vec();
         spki.extend_from_slice(&pub_raw);
         let pem = format!(
             "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
