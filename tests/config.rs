@@ -244,3 +244,76 @@ fn usage_errors_exit_64() {
     let v = Command::new(BIN).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("konsul-edge "));
 }
+
+/// `konsul-edge init` and every `board-configs/*/edge.yaml` give a device
+/// the same local access: the Unix-socket listener, D-Bus on, ACLs on with
+/// the shipped policies written out, and a (commented) token example.
+#[test]
+fn init_and_every_board_config_ship_the_same_local_access() {
+    use serde_norway::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["init", "--cloud-address", "https://hub.example:8500"])
+        .args(["--mqtt-broker", "tcp://localhost:1883", "--node-id", "n1"])
+        .args(["-o", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init_path = dir.path().join("init.yaml");
+    std::fs::write(&init_path, &out.stdout).unwrap();
+
+    let sections = |path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).unwrap();
+        let out = check(path, &[]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_norway::from_str(&text).unwrap();
+        assert!(
+            text.contains("#     file: /etc/konsul-edge/tokens/app.token")
+                && text.contains("install -m 0640 -o app -g konsul /dev/null"),
+            "{}: a commented token example with the command that creates its file",
+            path.display()
+        );
+        (
+            v["dbus"].clone(),
+            v["acl"].clone(),
+            v["http"]["unix_socket"].clone(),
+        )
+    };
+    let (dbus, acl, socket) = sections(&init_path);
+    assert_eq!(dbus["enabled"], Value::Bool(true));
+    assert_eq!(acl["enabled"], Value::Bool(true));
+    assert_eq!(acl["anonymous_policy"].as_str(), Some("builtin:anonymous"));
+    assert_eq!(acl["local_policy"].as_str(), Some("builtin:anonymous"));
+    assert_eq!(socket.as_str(), Some("/run/konsul-edge/api.sock"));
+
+    let boards = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("board-configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(boards).unwrap() {
+        let path = entry.unwrap().path().join("edge.yaml");
+        if !path.exists() {
+            continue;
+        }
+        let (b_dbus, b_acl, b_socket) = sections(&path);
+        assert_eq!(b_dbus, dbus, "{}: dbus as init writes it", path.display());
+        assert_eq!(b_acl, acl, "{}: acl as init writes it", path.display());
+        assert_eq!(b_socket, socket, "{}: http.unix_socket", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 4, "every board directory has an edge.yaml");
+
+    // The README's development config: the socket next to its database.
+    let dev = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples/dev.yaml");
+    let out = check(&dev, &[]);
+    assert!(out.status.success());
+    let v: Value = serde_norway::from_str(&std::fs::read_to_string(&dev).unwrap()).unwrap();
+    assert_eq!(v["http"]["unix_socket"].as_str(), Some("./data/api.sock"));
+}
