@@ -23,12 +23,12 @@ use super::ConfigError;
 
 /// The largest config file or drop-in read. The fullest real config is
 /// under 10 KB.
-pub const MAX_FILE_SIZE: u64 = 1 << 20;
+pub(super) const MAX_FILE_SIZE: u64 = 1 << 20;
 
 /// The deepest nesting of sections, lists and flow collections accepted.
 /// The schema needs 4 (`acl.users.<name>: [...]`); the pre-scan may count
 /// a level or two more than the parser would, hence the margin.
-pub const MAX_DEPTH: usize = 32;
+pub(super) const MAX_DEPTH: usize = 32;
 
 /// Reads one config file: a regular file of at most [`MAX_FILE_SIZE`]
 /// bytes of UTF-8.

@@ -31,7 +31,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use guard::{MAX_DEPTH, MAX_FILE_SIZE};
 pub use init::render_init;
 #[cfg(test)]
 pub(crate) use keys::ED25519_SPKI_PREFIX;
