@@ -81,8 +81,6 @@ impl Tally {
 }
 
 #[test]
-#[ignore = "issue 12 item 2: the WAL is not counted in storage.max_size and DELETE answers 507 \
-            once the store is full (fix in progress on branch store-durability)"]
 fn disk_full_refuses_state_writes_lets_deletes_through_and_recovers() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
