@@ -41,9 +41,12 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
 step "cargo test"
+rm -f target/tmp/faults-summary.txt
 cargo test --locked 2>&1 | tee target/test-output.txt
 # Fail loudly if the harness ran nothing at all.
 grep -q "test result: ok" target/test-output.txt
+# The fault harness's line of counts per scenario (tests/faults/).
+cat target/tmp/faults-summary.txt 2>/dev/null || true
 
 if ! $quick && [ -x scripts/ci-packaging.sh ]; then
   step "packaging checks (scripts/ci-packaging.sh)"

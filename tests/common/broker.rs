@@ -12,6 +12,8 @@ pub struct Broker {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// More mosquitto.conf lines (see [`Broker::start_with`]).
+    extra: String,
 }
 
 pub fn free_port() -> u16 {
@@ -30,11 +32,17 @@ impl Broker {
     /// A mosquitto with persistence in `dir`, on a free port (another
     /// port is tried if the one picked was taken in the meantime).
     pub fn start(dir: &Path) -> Broker {
+        Self::start_with(dir, "")
+    }
+
+    /// [`Broker::start`] with more mosquitto.conf lines (newline-ended).
+    pub fn start_with(dir: &Path, extra: &str) -> Broker {
         for _ in 0..5 {
             let mut b = Broker {
                 child: None,
                 port: free_port(),
                 dir: dir.to_path_buf(),
+                extra: extra.to_owned(),
             };
             if b.spawn() {
                 return b;
@@ -56,6 +64,7 @@ impl Broker {
             // Otherwise it drops to user mosquitto and cannot write here.
             text.push_str("user root\n");
         }
+        text.push_str(&self.extra);
         std::fs::write(&conf, text).unwrap();
         let _ = std::fs::remove_file(self.dir.join("mosquitto.log"));
         let mut child = Command::new("mosquitto")
