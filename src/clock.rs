@@ -8,11 +8,58 @@
 //! made after seeing a remote write always orders after it. Timestamps order
 //! concurrent writes for last-write-wins; version vectors decide whether two
 //! writes are concurrent at all.
+//!
+//! Absorbing remote timestamps is also the clock's weak spot: one stamp from
+//! the year 3000 would carry this node's clock there for good, and every
+//! peer would then refuse what it writes. So every timestamp that arrives
+//! from another node (a sync request's or response's clock, each update's
+//! stamp and field stamps) goes through [`check_remote`] first: at most
+//! [`MAX_AHEAD_MS`] ahead of the local wall clock. The bound is measured from
+//! the wall clock, not from this clock, so accepted stamps cannot ratchet it
+//! forward. A clock that got ahead anyway (an older release, a wall clock
+//! that was wrong when a stamp was made) is reported at start-up (see
+//! [`HlcClock::new`]) and reset offline with `konsul-edge repair-clock`.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// How far ahead of the local wall clock a timestamp from another node may
+/// be. Generous (a year and a day) so that nodes whose wall clocks disagree
+/// by hours or days still sync; what it stops is a clock carried decades
+/// ahead.
+pub const MAX_AHEAD_MS: u64 = 366 * 86_400_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClockError {
+    #[error(
+        "{what} {} is more than {} days ahead of this node's clock ({}); refused",
+        rfc3339(*.remote_ms), MAX_AHEAD_MS / 86_400_000, rfc3339(*.wall_ms)
+    )]
+    Ahead {
+        what: String,
+        remote_ms: u64,
+        wall_ms: u64,
+    },
+}
+
+/// Refuses `remote` (named by `what` in the error) when it is more than
+/// [`MAX_AHEAD_MS`] ahead of `wall_ms`, the local wall clock.
+pub fn check_remote(
+    what: impl FnOnce() -> String,
+    remote: Hlc,
+    wall_ms: u64,
+) -> Result<(), ClockError> {
+    if remote.millis() > wall_ms.saturating_add(MAX_AHEAD_MS) {
+        return Err(ClockError::Ahead {
+            what: what(),
+            remote_ms: remote.millis(),
+            wall_ms,
+        });
+    }
+    Ok(())
+}
 
 const LOGICAL_BITS: u32 = 16;
 const LOGICAL_MASK: u64 = (1 << LOGICAL_BITS) - 1;
@@ -75,7 +122,20 @@ pub fn rfc3339(millis: u64) -> String {
 
 impl HlcClock {
     /// Starts after `persisted`, the last timestamp this node ever issued.
+    /// Logs an error when that is further ahead of the wall clock than peers
+    /// accept: they would refuse every write this node makes.
     pub fn new(persisted: Hlc) -> Self {
+        let wall = wall_millis();
+        if check_remote(String::new, persisted, wall).is_err() {
+            log::error!(
+                "the persisted clock reads {}, {} days ahead of the wall clock ({}): peers refuse \
+                 what this node writes. If the wall clock is right, stop the daemon and run \
+                 `konsul-edge repair-clock --config FILE`; if it is wrong, set the system time",
+                rfc3339(persisted.millis()),
+                (persisted.millis() - wall) / 86_400_000,
+                rfc3339(wall)
+            );
+        }
         Self::with_wall(persisted, Box::new(wall_millis))
     }
 
@@ -191,6 +251,22 @@ mod tests {
             HlcClock::with_wall(Hlc::default(), Box::new(move || w.load(AO::SeqCst))),
             wall,
         )
+    }
+
+    #[test]
+    fn remote_stamps_may_be_ahead_by_at_most_the_bound() {
+        let wall = 1_795_832_158_123;
+        let ok = Hlc::new(wall + MAX_AHEAD_MS, u16::MAX);
+        assert_eq!(check_remote(|| "x".into(), ok, wall), Ok(()));
+        let far = Hlc::new(32_503_680_000_000, 0);
+        let e = check_remote(|| "sync request clock".into(), far, wall).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sync request clock 3000-01-01T00:00:00.000Z is more than 366 days ahead of \
+             this node's clock (2026-11-28T02:15:58.123Z); refused"
+        );
+        // Behind is always fine: the receiving clock simply stays ahead.
+        assert!(check_remote(String::new, Hlc(0), wall).is_ok());
     }
 
     #[test]

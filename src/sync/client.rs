@@ -10,6 +10,14 @@
 //! and index as they were; the retry carries the same batch id (a content
 //! hash), which the hub recognises, so nothing is lost or applied twice.
 //!
+//! A request stays within what a hub accepts (`wire`'s limits): at most
+//! [`wire::MAX_UPDATES`] updates and [`wire::UPDATE_BYTES`] of them (or
+//! `sync.max_batch_bytes` if smaller), at most [`wire::MAX_TELEMETRY`]
+//! points and [`wire::TELEMETRY_BYTES`] of them. The hub's answer is
+//! trusted no more than an edge's request: its clock and every stamp in it
+//! must be within `clock::MAX_AHEAD_MS` of our wall clock, or the round
+//! fails with nothing applied and the clock untouched.
+//!
 //! Scheduling: every `cloud.sync_interval`, at once on `SyncNow`, and while
 //! the hub is unreachable with exponential backoff and jitter (1 s doubling
 //! up to the interval), so the first round after the link returns drains
@@ -21,7 +29,7 @@ use std::time::Duration;
 use prost::Message;
 use smol::future::FutureExt;
 
-use crate::clock::{wall_millis, Hlc};
+use crate::clock::{check_remote, wall_millis, Hlc};
 use crate::config::{Config, RetryBackoff, SyncMode};
 use crate::crdt::MergeStrategy;
 use crate::registry::{ChangeOp, Registry};
@@ -32,8 +40,9 @@ use super::transport::{Client, Endpoint, TransportError};
 use super::wire::{self, EdgeSyncRequest, EdgeSyncResponse, WireError, CONTENT_TYPE};
 use super::SyncHandle;
 
-/// Outbox rows read per batch before the byte bound applies.
-const MAX_BATCH_ROWS: usize = 1000;
+/// Outbox rows read per batch before the byte bound applies: as many as a
+/// hub takes in one request.
+const MAX_BATCH_ROWS: usize = wire::MAX_UPDATES;
 /// Rounds in one sync before yielding to the schedule (bounds one sync's
 /// duration when changes keep arriving).
 const MAX_ROUNDS: usize = 10_000;
@@ -122,7 +131,7 @@ impl SyncClient {
             compress: config.sync.compression,
             always_full: config.sync.mode == SyncMode::Full,
             strategy: strategy(config),
-            max_batch_bytes: config.sync.max_batch_bytes.0 as usize,
+            max_batch_bytes: (config.sync.max_batch_bytes.0 as usize).min(wire::UPDATE_BYTES),
             queue_limit: c.offline_queue_size,
             tombstone_retention_ms: config.sync.tombstone_retention.0.as_millis() as u64,
         })
@@ -337,6 +346,10 @@ impl SyncClient {
         full: bool,
         telemetry_last: Option<u64>,
     ) -> Result<Vec<(Kind, String, ChangeOp)>, ClientError> {
+        // Before anything observes a stamp: a refused answer leaves the
+        // clock where it was.
+        check_remote(|| "hub response clock".into(), Hlc(resp.hlc), wall_millis())
+            .map_err(WireError::from)?;
         let mut incoming = Vec::with_capacity(resp.cloud_updates.len());
         for (i, u) in resp.cloud_updates.into_iter().enumerate() {
             incoming.push(wire::from_update(i, u)?);
@@ -403,11 +416,14 @@ impl SyncClient {
 }
 
 /// Telemetry points per request: append-only history, shipped oldest first.
-const TELEMETRY_BATCH: usize = 500;
+const TELEMETRY_BATCH: usize = wire::MAX_TELEMETRY;
 
-/// Telemetry recorded since the last acknowledged point, and the rowid to
+/// Telemetry recorded since the last acknowledged point (at most `limit`
+/// points and [`wire::TELEMETRY_BYTES`] encoded), and the rowid to
 /// remember once the hub has it (the hub stores each (device, seq) once, so
-/// a resend after a crash is harmless).
+/// a resend after a crash is harmless). A point that alone exceeds the byte
+/// bound could never be sent: it is skipped with a warning rather than
+/// holding up every later one.
 fn read_telemetry(
     db: &mut crate::store::Db,
     limit: usize,
@@ -416,17 +432,35 @@ fn read_telemetry(
         .meta_get("telemetry_sent")?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let rows = db.telemetry_after(after, limit)?;
-    let last = rows.last().map(|r| r.rowid);
-    let points = rows
-        .into_iter()
-        .map(|r| wire::pb::TelemetryPoint {
+    let mut points = Vec::new();
+    let mut last = None;
+    let mut used = 0;
+    for r in db.telemetry_after(after, limit)? {
+        let p = wire::pb::TelemetryPoint {
             device_id: r.device,
             seq: r.seq,
             ts_ms: r.ts_ms,
             payload: r.body.into_bytes(),
-        })
-        .collect();
+        };
+        let len = p.encoded_len() + 4;
+        if len > wire::TELEMETRY_BYTES {
+            log::warn!(
+                "telemetry point {} of {} ({len} bytes) is over the {}-byte request bound; \
+                 not sent",
+                p.seq,
+                p.device_id,
+                wire::TELEMETRY_BYTES
+            );
+            last = Some(r.rowid);
+            continue;
+        }
+        if used + len > wire::TELEMETRY_BYTES {
+            break;
+        }
+        used += len;
+        last = Some(r.rowid);
+        points.push(p);
+    }
     Ok((points, last))
 }
 

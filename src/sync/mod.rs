@@ -7,6 +7,10 @@
 //! "sync now" trigger. In standalone mode (no `cloud.server_address`) the
 //! handle still tracks the outbox depth, so operators see what would be
 //! sent once a hub is configured.
+//!
+//! What a hub takes from the wire is bounded (per-request limits, clocks
+//! at most a year ahead: see `wire` and `server`); `repair` fixes, offline,
+//! a clock that an older release let run ahead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,9 +36,9 @@ pub mod testing {
     /// update, as the hub and the client do; never panics.
     pub fn decode_untrusted(data: &[u8]) {
         for compressed in [false, true] {
-            if let Ok(req) = wire::decode::<wire::EdgeSyncRequest>(data, compressed, "request") {
-                for (i, u) in req.pending_updates.into_iter().enumerate() {
-                    let _ = wire::from_update(i, u);
+            if let Ok(req) = wire::decode_request(data, compressed) {
+                for u in req.updates() {
+                    let _ = u;
                 }
             }
             if let Ok(resp) = wire::decode::<wire::EdgeSyncResponse>(data, compressed, "response") {
@@ -75,6 +79,56 @@ pub mod testing {
             ..Default::default()
         };
         wire::encode(&req, compress)
+    }
+
+    /// A request from `edge` whose clock (`hlc`) reads `clock_ms`, carrying
+    /// `n` KV updates stamped now: `distinct` gives each its own key
+    /// (`{key}-{i}`) and a value of `value_len` bytes; otherwise all `n`
+    /// are the same small update, which snappy shrinks about twentyfold
+    /// (what a hostile sender would use to pack a request).
+    pub fn kv_request(
+        edge: &str,
+        clock_ms: u64,
+        n: usize,
+        distinct: bool,
+        value_len: usize,
+        compress: bool,
+    ) -> Vec<u8> {
+        let now = crate::clock::Hlc::new(crate::clock::wall_millis(), 0).0;
+        let value = "x".repeat(value_len);
+        let updates: Vec<wire::ServiceUpdate> = (0..n)
+            .map(|i| wire::ServiceUpdate {
+                kind: wire::RecordKind::Kv as i32,
+                key: if distinct {
+                    format!("{edge}/k-{i}")
+                } else {
+                    format!("{edge}/k")
+                },
+                body: format!(r#"{{"value":"{value}"}}"#).into_bytes(),
+                hlc: now,
+                origin: edge.into(),
+                vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
+                ..Default::default()
+            })
+            .collect();
+        let req = wire::EdgeSyncRequest {
+            edge_id: edge.into(),
+            batch_id: wire::batch_id(edge, &updates),
+            pending_updates: updates,
+            hlc: crate::clock::Hlc::new(clock_ms, 0).0,
+            ..Default::default()
+        };
+        wire::encode(&req, compress)
+    }
+
+    /// An empty response whose clock reads `clock_ms` (a hub that lost
+    /// track of time, for edge tests).
+    pub fn response_with_clock(clock_ms: u64, compress: bool) -> Vec<u8> {
+        let resp = wire::EdgeSyncResponse {
+            hlc: crate::clock::Hlc::new(clock_ms, 0).0,
+            ..Default::default()
+        };
+        wire::encode(&resp, compress)
     }
 
     /// (updates, current_index, more) of an encoded response.

@@ -7,18 +7,27 @@
 //! last index, paged by encoded size. Because apply and answer share the
 //! transaction, the answer reflects the batch, and a crash before commit
 //! leaves neither.
+//!
+//! Hostile input: the request is decoded within `wire`'s limits (4 MiB
+//! decoded, 1000 updates, 500 telemetry points) and its updates are walked
+//! twice, one decoded update at a time: once to validate them all, once to
+//! apply them. Holding them all decoded would cost a hub hundreds of bytes
+//! per update. The request's clock is checked like every stamp (at most
+//! `clock::MAX_AHEAD_MS` ahead of the hub's wall clock) before anything is
+//! observed, so a refused request moves neither the clock in memory nor
+//! the persisted one.
 
 use std::collections::BTreeMap;
 
 use prost::Message;
 
-use crate::clock::{wall_millis, Hlc};
+use crate::clock::{check_remote, wall_millis, Hlc};
 use crate::crdt::MergeStrategy;
 use crate::registry::{ChangeOp, Registry};
 use crate::store::StoreError;
 
 use super::engine::{self, Direction};
-use super::wire::{self, EdgeSyncRequest, EdgeSyncResponse, WireError};
+use super::wire::{self, EdgeSyncResponse, WireError};
 
 /// Smallest and default page of a response (encoded bytes).
 const MIN_PAGE: usize = 4 << 10;
@@ -79,25 +88,36 @@ impl Hub {
 
     /// Handles one sync request body; returns the encoded response.
     pub async fn handle(&self, body: &[u8], compressed: bool) -> Result<Vec<u8>, ServeError> {
-        let req: EdgeSyncRequest = wire::decode(body, compressed, "EdgeSyncRequest")?;
+        let mut request = wire::decode_request(body, compressed)?;
+        let req = &request.head;
         if !valid_edge_id(&req.edge_id) {
-            return Err(ServeError::BadEdge(req.edge_id));
+            return Err(ServeError::BadEdge(req.edge_id.clone()));
         }
-        let mut incoming = Vec::with_capacity(req.pending_updates.len());
-        for (i, u) in req.pending_updates.iter().cloned().enumerate() {
-            incoming.push(wire::from_update(i, u)?);
+        let remote_hlc = Hlc(req.hlc);
+        check_remote(
+            || format!("sync request clock from {}", req.edge_id),
+            remote_hlc,
+            wall_millis(),
+        )
+        .map_err(WireError::from)?;
+        // Validate every update before the store sees any: a bad one
+        // refuses the batch before the clock observes its neighbours.
+        for u in request.updates() {
+            u?;
         }
-        let telemetry: Vec<(String, u64, i64, Vec<u8>)> = req
+        let telemetry: Vec<(String, u64, i64, Vec<u8>)> = request
+            .head
             .telemetry
-            .as_ref()
+            .take()
             .map(|t| {
                 t.points
-                    .iter()
+                    .into_iter()
                     .filter(|p| !p.device_id.is_empty() && p.device_id.len() <= 128)
-                    .map(|p| (p.device_id.clone(), p.seq, p.ts_ms, p.payload.clone()))
+                    .map(|p| (p.device_id, p.seq, p.ts_ms, p.payload))
                     .collect()
             })
             .unwrap_or_default();
+        let req = &request.head;
         let page = match req.max_response_bytes as usize {
             0 => DEFAULT_PAGE,
             n => n.clamp(MIN_PAGE, MAX_PAGE),
@@ -105,7 +125,7 @@ impl Hub {
         log::debug!(
             "sync from {}: {} updates, {} telemetry points, batch {:?}, since {}",
             req.edge_id,
-            incoming.len(),
+            request.update_count,
             telemetry.len(),
             req.batch_id,
             req.last_sync_index
@@ -116,7 +136,6 @@ impl Hub {
         let batch = req.batch_id.clone();
         let since = req.last_sync_index.max(0) as u64;
         let full = req.full_sync || since == 0;
-        let remote_hlc = Hlc(req.hlc);
         let (resp, changed) = self
             .registry
             .store()
@@ -128,7 +147,8 @@ impl Hub {
                     let mut changed = Vec::new();
                     let replay = !batch.is_empty() && tx.batch_seen(&edge, &batch)?;
                     if !replay {
-                        for inc in incoming {
+                        for inc in request.updates() {
+                            let inc = inc?;
                             let (kind, key) = (inc.kind, inc.key.clone());
                             let a =
                                 engine::apply(tx, inc, strategy, &Direction::FromEdge(&edge), now)?;
@@ -175,7 +195,7 @@ impl Hub {
                     resp.server_vector_clock
                         .insert(tx.node_id().to_owned(), own);
                     resp.hlc = tx.now().0;
-                    Ok::<_, StoreError>((resp, changed))
+                    Ok::<_, ServeError>((resp, changed))
                 })
             })
             .await??;

@@ -1,10 +1,24 @@
 //! Wire format: the prost types generated from `proto/`, snappy framing,
 //! size limits, and conversion to and from the store's [`Record`]. The
 //! protobuf types never leave the sync module.
+//!
+//! A hub decodes a request in bounded memory whatever it carries: snappy's
+//! length header is checked against [`MAX_REQUEST_DECODED`] before anything
+//! is decompressed; the decoded bytes are walked once, without allocating,
+//! to count updates and telemetry points against [`MAX_UPDATES`] and
+//! [`MAX_TELEMETRY`]; then only the request's head is decoded, and the
+//! updates one at a time as they are validated and applied
+//! ([`Request::updates`]). So one request costs the hub its body, its
+//! decoded bytes (at most 4 MiB) and one update, not the 100-odd bytes of
+//! heap per update that decoding a whole `EdgeSyncRequest` takes (a 1 MB
+//! snappy body of 381,300 tiny updates cost 433 MB that way). The sync
+//! client pages its outbox within the same limits, so a legitimate edge
+//! never meets them. Every clock and stamp from the wire goes through
+//! `clock::check_remote`.
 
 use prost::Message;
 
-use crate::clock::{Hlc, VersionVector};
+use crate::clock::{check_remote, ClockError, Hlc, VersionVector};
 use crate::crdt::{self, FieldStamps, Stamp};
 use crate::store::{Kind, Record};
 
@@ -17,9 +31,25 @@ pub(crate) use pb::{EdgeSyncRequest, EdgeSyncResponse, FieldStamp, RecordKind, S
 
 /// Largest compressed body either side accepts.
 pub const MAX_COMPRESSED: usize = 8 << 20;
-/// Largest decompressed message (snappy states it up front, so this is
-/// checked before allocating).
+/// Largest decompressed response (snappy states it up front, so this is
+/// checked before allocating). Responses are paged by the hub to at most
+/// 4 MiB plus one record.
 pub const MAX_DECODED: usize = 32 << 20;
+/// Largest decoded request a hub accepts: what one request may cost it.
+/// The client's batches ([`UPDATE_BYTES`] + [`TELEMETRY_BYTES`] + the head)
+/// always fit.
+pub const MAX_REQUEST_DECODED: usize = 4 << 20;
+/// Updates per request. The client sends at most this many per round and
+/// pages the rest (it did so before there was a limit).
+pub const MAX_UPDATES: usize = 1000;
+/// Telemetry points per request (the client's batch).
+pub const MAX_TELEMETRY: usize = 500;
+/// Encoded bytes of updates the client puts in one request, whatever
+/// `sync.max_batch_bytes` says; one update larger than that (a record
+/// body may be 512 KiB) still goes alone.
+pub const UPDATE_BYTES: usize = 2 << 20;
+/// Encoded bytes of telemetry the client puts in one request.
+pub const TELEMETRY_BYTES: usize = 512 << 10;
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 
 #[derive(Debug, thiserror::Error)]
@@ -28,13 +58,26 @@ pub enum WireError {
     TooLarge(usize),
     #[error("sync body is not snappy-compressed data: {0}")]
     Snappy(String),
-    #[error("sync body decompresses to {0} bytes, over the {MAX_DECODED}-byte limit")]
-    Bomb(usize),
+    #[error("sync body decodes to {len} bytes, over the {max}-byte limit")]
+    Bomb { len: usize, max: usize },
     #[error("sync body is not a valid {what}: {source}")]
     Decode {
         what: &'static str,
         source: prost::DecodeError,
     },
+    #[error("sync body is not a valid EdgeSyncRequest: malformed field at byte {at}")]
+    Malformed { at: usize },
+    #[error(
+        "sync request carries {count} {what}, over the limit of {max} per request \
+         (edges send their outbox in batches within it)"
+    )]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error(transparent)]
+    Clock(#[from] ClockError),
     #[error("update {index}: {detail}")]
     BadUpdate { index: usize, detail: String },
 }
@@ -52,23 +95,192 @@ pub fn decode<M: Message + Default>(
     compressed: bool,
     what: &'static str,
 ) -> Result<M, WireError> {
+    let bytes = decompress(body, compressed, MAX_DECODED)?;
+    M::decode(&bytes[..]).map_err(|source| WireError::Decode { what, source })
+}
+
+/// The message bytes of `body`, at most `max` of them: a compressed body's
+/// length header is checked before anything is allocated.
+fn decompress(
+    body: &[u8],
+    compressed: bool,
+    max: usize,
+) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
     if body.len() > MAX_COMPRESSED {
         return Err(WireError::TooLarge(body.len()));
     }
-    let raw;
-    let bytes = if compressed {
-        let len = snap::raw::decompress_len(body).map_err(|e| WireError::Snappy(e.to_string()))?;
-        if len > MAX_DECODED {
-            return Err(WireError::Bomb(len));
+    if !compressed {
+        if body.len() > max {
+            return Err(WireError::Bomb {
+                len: body.len(),
+                max,
+            });
         }
-        raw = snap::raw::Decoder::new()
-            .decompress_vec(body)
-            .map_err(|e| WireError::Snappy(e.to_string()))?;
-        &raw[..]
-    } else {
-        body
-    };
-    M::decode(bytes).map_err(|source| WireError::Decode { what, source })
+        return Ok(body.into());
+    }
+    let len = snap::raw::decompress_len(body).map_err(|e| WireError::Snappy(e.to_string()))?;
+    if len > max {
+        return Err(WireError::Bomb { len, max });
+    }
+    snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .map(Into::into)
+        .map_err(|e| WireError::Snappy(e.to_string()))
+}
+
+/// `EdgeSyncRequest` without its updates (field 3) and vector clock (4,
+/// unused): prost skips those without allocating.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct RequestHead {
+    #[prost(string, tag = "1")]
+    pub edge_id: String,
+    #[prost(int64, tag = "2")]
+    pub last_sync_index: i64,
+    #[prost(string, tag = "5")]
+    pub batch_id: String,
+    #[prost(bool, tag = "6")]
+    pub full_sync: bool,
+    #[prost(uint32, tag = "7")]
+    pub max_response_bytes: u32,
+    #[prost(message, optional, tag = "8")]
+    pub telemetry: Option<pb::TelemetryBatch>,
+    #[prost(uint64, tag = "9")]
+    pub hlc: u64,
+}
+
+const UPDATES_FIELD: u32 = 3;
+const TELEMETRY_FIELD: u32 = 8;
+const POINTS_FIELD: u32 = 1;
+
+/// A decoded request whose updates are decoded on demand, one at a time.
+pub(crate) struct Request {
+    pub head: RequestHead,
+    raw: Vec<u8>,
+    /// How many updates it carries (at most [`MAX_UPDATES`]).
+    pub update_count: usize,
+}
+
+/// Decodes a request within the limits above (see the module note).
+pub(crate) fn decode_request(body: &[u8], compressed: bool) -> Result<Request, WireError> {
+    let raw = decompress(body, compressed, MAX_REQUEST_DECODED)?.into_owned();
+    let (mut updates, mut points) = (0, 0);
+    for field in Fields::new(&raw) {
+        let (number, payload) = field?;
+        match number {
+            UPDATES_FIELD => updates += 1,
+            TELEMETRY_FIELD => {
+                for f in Fields::new(payload) {
+                    points += usize::from(f?.0 == POINTS_FIELD);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (what, count, max) in [
+        ("updates", updates, MAX_UPDATES),
+        ("telemetry points", points, MAX_TELEMETRY),
+    ] {
+        if count > max {
+            return Err(WireError::TooMany { what, count, max });
+        }
+    }
+    let head = RequestHead::decode(&raw[..]).map_err(|source| WireError::Decode {
+        what: "EdgeSyncRequest",
+        source,
+    })?;
+    Ok(Request {
+        head,
+        raw,
+        update_count: updates,
+    })
+}
+
+impl Request {
+    /// The updates in order, each decoded and validated ([`from_update`])
+    /// as it is reached.
+    pub fn updates(&self) -> impl Iterator<Item = Result<Incoming, WireError>> + '_ {
+        Fields::new(&self.raw)
+            .filter(|f| !matches!(f, Ok((n, _)) if *n != UPDATES_FIELD))
+            .enumerate()
+            .map(|(i, f)| {
+                let (_, payload) = f?;
+                let u = ServiceUpdate::decode(payload).map_err(|source| WireError::Decode {
+                    what: "ServiceUpdate",
+                    source,
+                })?;
+                from_update(i, u)
+            })
+    }
+}
+
+/// The top-level fields of an encoded message: (field number, payload of
+/// a length-delimited field, else empty). Allocates nothing; stops after
+/// the first malformed field, which it reports.
+struct Fields<'a> {
+    buf: &'a [u8],
+    at: usize,
+    failed: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Fields {
+            buf,
+            at: 0,
+            failed: false,
+        }
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self.buf.get(self.at)?;
+            self.at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn skip(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len())?;
+        let out = &self.buf[self.at..end];
+        self.at = end;
+        Some(out)
+    }
+
+    fn field(&mut self) -> Option<(u32, &'a [u8])> {
+        let key = self.varint()?;
+        let number = u32::try_from(key >> 3).ok()?;
+        let payload = match key & 7 {
+            0 => self.varint().map(|_| &[][..])?,
+            1 => self.skip(8).map(|_| &[][..])?,
+            2 => {
+                let n = usize::try_from(self.varint()?).ok()?;
+                self.skip(n)?
+            }
+            5 => self.skip(4).map(|_| &[][..])?,
+            // Groups (3, 4) are deprecated; nothing of ours uses them.
+            _ => return None,
+        };
+        Some((number, payload))
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u32, &'a [u8]), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.at >= self.buf.len() {
+            return None;
+        }
+        let start = self.at;
+        let field = self.field();
+        self.failed = field.is_none();
+        Some(field.ok_or(WireError::Malformed { at: start }))
+    }
 }
 
 pub fn kind_to_wire(k: Kind) -> RecordKind {
@@ -162,9 +374,18 @@ pub fn from_update(index: usize, u: ServiceUpdate) -> Result<Incoming, WireError
             u.body.len()
         )));
     }
-    if Hlc(u.hlc).millis() > crate::clock::wall_millis() + 366 * 86_400_000 {
-        // A stamp a year ahead would pin every later write behind it.
-        return Err(bad(format!("{}: HLC timestamp far in the future", u.key)));
+    // A stamp from the far future would pin every later write behind it,
+    // and carry the receiving clock there.
+    let wall = crate::clock::wall_millis();
+    check_remote(|| format!("{}: stamp", u.key), Hlc(u.hlc), wall)
+        .map_err(|e| bad(e.to_string()))?;
+    for (name, s) in &u.fields {
+        check_remote(
+            || format!("{}: stamp of field {name:?}", u.key),
+            Hlc(s.hlc),
+            wall,
+        )
+        .map_err(|e| bad(e.to_string()))?;
     }
     let text =
         String::from_utf8(u.body).map_err(|_| bad(format!("{}: body is not UTF-8", u.key)))?;
@@ -296,7 +517,7 @@ mod tests {
         let bomb = [0x80, 0x80, 0x80, 0x80, 0x04, 0x00];
         assert!(matches!(
             decode::<EdgeSyncRequest>(&bomb, true, "r"),
-            Err(WireError::Bomb(_))
+            Err(WireError::Bomb { .. })
         ));
         assert!(matches!(
             decode::<EdgeSyncRequest>(&vec![0; MAX_COMPRESSED + 1], true, "r"),
@@ -324,6 +545,105 @@ mod tests {
         let mut u = update(r#"{"value":"v"}"#);
         u.hlc = Hlc::new(crate::clock::wall_millis() + 400 * 86_400_000, 0).0;
         assert!(from_update(0, u).is_err());
+        let mut u = update(r#"{"value":"v"}"#);
+        let far = Hlc::new(crate::clock::wall_millis() + 400 * 86_400_000, 0).0;
+        u.fields.insert(
+            "value".into(),
+            FieldStamp {
+                hlc: far,
+                origin: "edge-a".into(),
+            },
+        );
+        let e = from_update(0, u).unwrap_err().to_string();
+        assert!(e.contains("field \"value\"") && e.contains("ahead"), "{e}");
+    }
+
+    fn request(updates: usize, points: usize) -> EdgeSyncRequest {
+        EdgeSyncRequest {
+            edge_id: "e".into(),
+            pending_updates: (0..updates)
+                .map(|i| {
+                    let mut u = update(r#"{"value":"v"}"#);
+                    u.key = format!("k{i}");
+                    u
+                })
+                .collect(),
+            telemetry: (points > 0).then(|| pb::TelemetryBatch {
+                points: vec![
+                    pb::TelemetryPoint {
+                        device_id: "d".into(),
+                        ..Default::default()
+                    };
+                    points
+                ],
+            }),
+            vector_clock: [("e".to_string(), 3)].into_iter().collect(),
+            hlc: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_request_decoded_update_by_update_is_the_whole_message() {
+        let req = request(MAX_UPDATES, MAX_TELEMETRY);
+        for compress in [true, false] {
+            let r = decode_request(&encode(&req, compress), compress).unwrap();
+            assert_eq!(
+                (r.update_count, r.head.hlc, r.head.edge_id.as_str()),
+                (MAX_UPDATES, 7, "e")
+            );
+            assert_eq!(
+                r.head.telemetry.as_ref().unwrap().points.len(),
+                MAX_TELEMETRY
+            );
+            let keys: Vec<String> = r.updates().map(|u| u.unwrap().key).collect();
+            let want: Vec<String> = req.pending_updates.iter().map(|u| u.key.clone()).collect();
+            assert_eq!(keys, want);
+        }
+    }
+
+    #[test]
+    fn requests_over_a_limit_are_refused_before_they_are_decoded() {
+        let too_many = |r: Result<Request, WireError>, want: &str| match r {
+            Err(WireError::TooMany { what, .. }) => assert_eq!(what, want),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted"),
+        };
+        too_many(
+            decode_request(&encode(&request(MAX_UPDATES + 1, 0), true), true),
+            "updates",
+        );
+        too_many(
+            decode_request(&encode(&request(0, MAX_TELEMETRY + 1), false), false),
+            "telemetry points",
+        );
+        // Snappy's header is read first: a body claiming 5 MiB decoded is
+        // refused without decompressing it.
+        let claims_5mib = [0x80, 0x80, 0xc0, 0x02, 0x00];
+        assert!(matches!(
+            decode_request(&claims_5mib, true),
+            Err(WireError::Bomb { len, max: MAX_REQUEST_DECODED }) if len == 5 << 20
+        ));
+        assert!(matches!(
+            decode_request(&vec![0; MAX_REQUEST_DECODED + 1], false),
+            Err(WireError::Bomb { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        for bad in [
+            &[0x1a, 0x05, 0x00][..], // update field longer than the body
+            &[0x1b][..],             // a group
+            &[0x08][..],             // a varint cut short
+            &[0x42, 0x02, 0x0a][..], // telemetry holding a cut-short point
+        ] {
+            assert!(decode_request(bad, false).is_err(), "{bad:?}");
+        }
+        // An update that is not a valid ServiceUpdate is refused by
+        // walking the updates, as the hub does before applying any.
+        let r = decode_request(&[0x0a, 0x01, b'e', 0x1a, 0x01, 0xff], false).unwrap();
+        assert!(r.updates().any(|u| u.is_err()));
     }
 
     #[test]
