@@ -19,6 +19,7 @@ const EX_SOFTWARE: u8 = 70;
 const EX_CANTCREAT: u8 = 73;
 const EX_NOPERM: u8 = 77;
 const EX_IOERR: u8 = 74;
+const EX_TEMPFAIL: u8 = 75;
 const EX_CONFIG: u8 = 78;
 
 const USAGE: &str = "\
@@ -33,6 +34,10 @@ USAGE:
                                             write a commented config
                                             (default /etc/konsul-edge/edge.yaml; - for stdout)
     konsul-edge selftest --data-dir DIR     open a store in DIR, write, read back
+    konsul-edge repair-clock --config FILE | --data-dir DIR
+                                            with the daemon stopped: reset a clock
+                                            that was carried into the future
+                                            (DIR: the directory of konsul.db)
     konsul-edge --version | --help
 
   Talking to the running daemon over D-Bus (options: --json, --bus BUS):
@@ -80,6 +85,10 @@ enum Command {
     },
     SelfTest {
         dir: PathBuf,
+    },
+    RepairClock {
+        config: Option<PathBuf>,
+        dir: Option<PathBuf>,
     },
     Client {
         cmd: cli::Command,
@@ -131,7 +140,8 @@ fn parse_args() -> Result<Command, lexopt::Error> {
             ("init", Long("node-id")) => node_id = Some(p.value()?.string()?),
             ("init", Long("output") | Short('o')) => output = p.value()?.into(),
             ("init", Long("force")) => force = true,
-            ("selftest", Long("data-dir")) => dir = Some(p.value()?.into()),
+            ("selftest" | "repair-clock", Long("data-dir")) => dir = Some(p.value()?.into()),
+            ("repair-clock", Long("config") | Short('c')) => config = Some(p.value()?.into()),
             (_, other) => return Err(other.unexpected()),
         }
     }
@@ -154,6 +164,10 @@ fn parse_args() -> Result<Command, lexopt::Error> {
         "selftest" => Command::SelfTest {
             dir: dir.ok_or_else(|| missing("--data-dir DIR"))?,
         },
+        "repair-clock" if config.is_some() == dir.is_some() => {
+            return Err(missing("--config FILE or --data-dir DIR (one of them)"))
+        }
+        "repair-clock" => Command::RepairClock { config, dir },
         other => return Err(format!("unknown command `{other}`").into()),
     })
 }
@@ -314,6 +328,7 @@ fn main() -> ExitCode {
             }
             Err(e) => daemon_failure(e),
         },
+        Command::RepairClock { config, dir } => repair_clock(config, dir),
         Command::Run { config, hub } => {
             let (mut config, sources) = match Config::load(&config) {
                 Ok(c) => c,
@@ -380,6 +395,29 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::Acl(_) => EX_CONFIG,
     };
     ExitCode::from(code)
+}
+
+fn repair_clock(config: Option<PathBuf>, dir: Option<PathBuf>) -> ExitCode {
+    use konsul_edge::sync::repair::RepairError;
+    let db = match (config, dir) {
+        (Some(c), _) => match Config::load(&c) {
+            Ok((c, _)) => c.storage.path,
+            Err(e) => return config_failure(e),
+        },
+        (None, Some(d)) => d.join("konsul.db"),
+        (None, None) => return ExitCode::from(EX_USAGE),
+    };
+    match konsul_edge::sync::repair::repair_clock(&db) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(RepairError::Store(e)) => daemon_failure(DaemonError::Store(e)),
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(EX_TEMPFAIL)
+        }
+    }
 }
 
 fn init(

@@ -67,7 +67,7 @@ mod open;
 mod schema;
 mod sync_sql;
 mod tx;
-pub use sync_sql::{ConflictRow, EdgeRow, ReceivedPoint, TelemetryRow};
+pub use sync_sql::{reset_clock, ClockReset, ConflictRow, EdgeRow, ReceivedPoint, TelemetryRow};
 
 /// How many jobs may wait for the store thread before senders block.
 const QUEUE_DEPTH: usize = 256;

@@ -7,6 +7,8 @@ use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::{row_to_record, sql_err, Db, Kind, Record, StoreError, Tx};
+use crate::clock::Hlc;
+use std::path::Path;
 
 /// A recorded conflict, as operators list it.
 #[derive(Debug, Clone, Serialize)]
@@ -402,4 +404,125 @@ impl Tx<'_> {
             .map_err(self.err("touch"))?;
         Ok(())
     }
+}
+
+/// What [`reset_clock`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockReset {
+    /// The persisted clock it found.
+    pub was: Hlc,
+    /// The persisted clock it left (`was` when nothing was ahead).
+    pub now: Hlc,
+    /// Records stamped after the wall clock, given fresh stamps.
+    pub restamped: u64,
+}
+
+/// Offline repair of a clock carried ahead of `wall_ms` (`konsul-edge
+/// repair-clock`): records stamped after `wall_ms` get fresh stamps from
+/// `wall_ms` on, in their old order (field stamps ahead of it too), and
+/// the persisted clock is set to the last stamp issued, or to `wall_ms`.
+/// Such records would otherwise win every merge and be refused by peers.
+/// Their modify index is kept: the peers that refused them have not moved
+/// past it. Nothing is written when nothing is ahead.
+///
+/// Takes the database exclusively, so it fails (SQLITE_BUSY) while a
+/// daemon has it open rather than changing the clock under it.
+pub fn reset_clock(path: &Path, wall_ms: u64) -> Result<ClockReset, StoreError> {
+    use crate::clock::HlcClock;
+    use crate::crdt::FieldStamps;
+    use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+    // No CREATE: a missing file is an error, not a new database. What the
+    // file is, SQLite and the application_id below say.
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Open {
+        path: path.into(),
+        source,
+    })?;
+    let err = |op| sql_err(path, op);
+    conn.busy_timeout(std::time::Duration::ZERO)
+        .map_err(err("busy_timeout"))?;
+    // Before the first access: a WAL database then takes the file lock
+    // itself instead of sharing memory with other connections.
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .map_err(err("set locking_mode"))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Exclusive)
+        .map_err(err("lock the database"))?;
+    let app_id: i32 = tx
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(err("read application_id"))?;
+    if app_id != super::APPLICATION_ID {
+        return Err(StoreError::NotKonsul {
+            path: path.into(),
+            detail: format!("application_id {app_id:#x}"),
+        });
+    }
+    let was: String = tx
+        .query_row("SELECT value FROM meta WHERE key = 'hlc'", [], |r| r.get(0))
+        .map_err(err("read hlc"))?;
+    let was = Hlc(was.parse().unwrap_or(0));
+    let ceiling = Hlc::new(wall_ms, u16::MAX).0;
+    let ahead: Vec<(String, String, String)> = {
+        let mut stmt = tx
+            .prepare(
+                "SELECT kind, key, fields FROM records WHERE hlc > ?1 ORDER BY hlc, modify_index",
+            )
+            .map_err(err("prepare records ahead"))?;
+        let rows = stmt
+            .query_map([ceiling as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(err("records ahead"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(err("records ahead"))?
+    };
+    if was.0 <= ceiling && ahead.is_empty() {
+        return Ok(ClockReset {
+            was,
+            now: was,
+            restamped: 0,
+        });
+    }
+    // Never below a stamp that stays: the clock must stay past them all.
+    let kept: Option<i64> = tx
+        .query_row(
+            "SELECT max(hlc) FROM records WHERE hlc <= ?1",
+            [ceiling as i64],
+            |r| r.get(0),
+        )
+        .map_err(err("newest record"))?;
+    let floor = Hlc(kept.unwrap_or(0) as u64).max(Hlc::new(wall_ms, 0));
+    let mut clock = HlcClock::with_wall(floor, Box::new(move || wall_ms));
+    let mut last = floor;
+    for (kind, key, fields) in &ahead {
+        let stamp = clock.now();
+        last = stamp;
+        let mut stamps: FieldStamps = serde_json::from_str(fields).unwrap_or_default();
+        for s in stamps.values_mut().filter(|s| s.hlc > ceiling) {
+            s.hlc = stamp.0;
+        }
+        let fields = serde_json::to_string(&stamps).map_err(|e| StoreError::BadRecord {
+            kind: kind.clone(),
+            key: key.clone(),
+            detail: e.to_string(),
+        })?;
+        tx.execute(
+            "UPDATE records SET hlc = ?3, fields = ?4 WHERE kind = ?1 AND key = ?2",
+            params![kind, key, stamp.0 as i64, fields],
+        )
+        .map_err(err("restamp record"))?;
+    }
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'hlc'",
+        [last.0.to_string()],
+    )
+    .map_err(err("write hlc"))?;
+    tx.commit().map_err(err("commit"))?;
+    Ok(ClockReset {
+        was,
+        now: last,
+        restamped: ahead.len() as u64,
+    })
 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 pub mod client;
 mod engine;
+pub mod repair;
 pub mod server;
 pub mod transport;
 pub(crate) mod wire;
