@@ -496,3 +496,53 @@ fn read_batch(db: &mut crate::store::Db, max_bytes: usize) -> Result<Batch, Stor
     }
     Ok((since, batch, seqs, full))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+
+    /// Telemetry history with bodies of these sizes, then what one request
+    /// would carry: (seqs sent, rowid remembered).
+    fn batch_of(sizes: &[usize]) -> (Vec<u64>, Option<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreOptions {
+            path: dir.path().join("t.db"),
+            max_size: 64 << 20,
+            node_id: "edge-a".into(),
+        })
+        .unwrap();
+        let sizes = sizes.to_vec();
+        let out = smol::block_on(store.call(move |db| {
+            db.tx(|tx| {
+                for (i, n) in sizes.iter().enumerate() {
+                    tx.conn()
+                        .execute(
+                            "INSERT INTO telemetry (device, seq, ts_ms, body) VALUES ('d', ?1, 0, ?2)",
+                            rusqlite::params![i as i64 + 1, "x".repeat(*n)],
+                        )
+                        .map_err(|e| tx.sql_error("insert", e))?;
+                }
+                Ok::<_, StoreError>(())
+            })?;
+            read_telemetry(db, TELEMETRY_BATCH)
+        }))
+        .unwrap()
+        .unwrap();
+        store.close();
+        (out.0.iter().map(|p| p.seq).collect(), out.1)
+    }
+
+    #[test]
+    fn telemetry_batches_fit_what_a_hub_accepts() {
+        // 100 KiB points: five fit in the byte bound, the sixth waits.
+        assert_eq!(batch_of(&[100 << 10; 8]), (vec![1, 2, 3, 4, 5], Some(5)));
+        // A point that could never fit is passed over, not sent forever.
+        let huge = wire::TELEMETRY_BYTES + 1;
+        assert_eq!(batch_of(&[10, huge, 10]), (vec![1, 3], Some(3)));
+        assert_eq!(batch_of(&[huge]), (vec![], Some(1)));
+        // Small points: the count bound.
+        let (sent, _) = batch_of(&[10; wire::MAX_TELEMETRY + 5]);
+        assert_eq!(sent.len(), wire::MAX_TELEMETRY);
+    }
+}
