@@ -513,7 +513,10 @@ where
             .map_err(http)?;
     let driver = async {
         let detail = match conn.await {
-            Ok(()) => "connection closed before the response".to_owned(),
+            // A server that closes after a complete response (Connection:
+            // close, a proxy) ends the connection cleanly: the exchange
+            // still finishes, or reports the early close itself.
+            Ok(()) => std::future::pending::<String>().await,
             Err(e) => {
                 let mut text = e.to_string();
                 let mut src = std::error::Error::source(&e);
