@@ -7,11 +7,11 @@ use std::net::IpAddr;
 use hyper::body::Incoming;
 use hyper::{Method, Request};
 
-use super::query::percent_decode;
+use super::query::decoded;
 use crate::acl::{Capability, Resource};
 
 /// Who is on the other end of a connection, as the socket knows it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Peer {
     Tcp(IpAddr),
     /// A Unix-socket peer; the kernel vouches for the uid (SO_PEERCRED).
@@ -50,13 +50,13 @@ pub(crate) fn route_access(method: &Method, path: &str) -> Option<(Resource, Cap
     let write_or = |cap_read| if read { cap_read } else { Write };
     Some(match (head, rest) {
         ("register", "") | ("batch", _) => return None,
-        ("deregister", id) => (Resource::Service(percent_decode(id)), Deregister),
-        ("heartbeat", id) => (Resource::Service(percent_decode(id)), Register),
+        ("deregister", id) => (Resource::Service(decoded(id)), Deregister),
+        ("heartbeat", id) => (Resource::Service(decoded(id)), Register),
         ("services", "") => (Resource::Service("*".into()), List),
-        ("services", name) => (Resource::Service(percent_decode(name)), Read),
+        ("services", name) => (Resource::Service(decoded(name)), Read),
         ("kv", "") => (Resource::Kv("*".into()), List),
         ("kv", key) => (
-            Resource::Kv(percent_decode(key)),
+            Resource::Kv(decoded(key)),
             match *method {
                 Method::GET | Method::HEAD => Read,
                 Method::DELETE => Delete,
@@ -69,7 +69,7 @@ pub(crate) fn route_access(method: &Method, path: &str) -> Option<(Resource, Cap
             let rest = rest.strip_prefix("edge/")?;
             let mut parts = rest.splitn(3, '/');
             let what = parts.next().unwrap_or("");
-            let id = parts.next().map(percent_decode);
+            let id = parts.next().map(decoded);
             match (what, id) {
                 ("sync", None) if *method == Method::POST => return None,
                 ("sync", Some(_)) => (edge("sync"), Write),

@@ -16,7 +16,7 @@ use super::errors::{
     store_error,
 };
 use super::konsul::service_entry_json;
-use super::query::{percent_decode, Query};
+use super::query::{decoded, Query};
 use super::{Body, Resp};
 use crate::acl::Principal;
 use crate::app::{App, AppError};
@@ -67,7 +67,7 @@ impl App {
             ),
             "edge/ota/rollouts" => self.ota_rollouts(req, method, None).await,
             r if r.starts_with("edge/ota/rollouts/") => {
-                let id = percent_decode(&r["edge/ota/rollouts/".len()..]);
+                let id = decoded(&r["edge/ota/rollouts/".len()..]);
                 self.ota_rollouts(req, method, Some(id)).await
             }
             "edge/sync" => (
@@ -155,11 +155,15 @@ impl App {
             "edge/sync/now" => (
                 "/v1/edge/sync/now",
                 match method {
-                    Method::POST => match self.sync.sync_now() {
-                        Ok(()) => {
-                            json_resp(StatusCode::ACCEPTED, &json!({"message": "sync requested"}))
-                        }
-                        Err(e) => app_error(e.into(), &self.metrics),
+                    Method::POST => match self.no_body(req).await {
+                        Err(r) => *r,
+                        Ok(()) => match self.sync.sync_now() {
+                            Ok(()) => json_resp(
+                                StatusCode::ACCEPTED,
+                                &json!({"message": "sync requested"}),
+                            ),
+                            Err(e) => app_error(e.into(), &self.metrics),
+                        },
                     },
                     _ => method_not_allowed("POST"),
                 },
@@ -360,8 +364,8 @@ impl App {
         query: &Query,
     ) -> (&'static str, Resp) {
         let (id, sub) = match rest.split_once('/') {
-            Some((id, sub)) => (percent_decode(id), Some(sub)),
-            None => (percent_decode(rest), None),
+            Some((id, sub)) => (decoded(id), Some(sub)),
+            None => (decoded(rest), None),
         };
         match sub {
             None => (

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -39,12 +39,33 @@ pub(super) fn ok(v: Value) -> Resp {
 }
 
 pub(super) fn method_not_allowed(allow: &'static str) -> Resp {
+    // HEAD is served wherever GET is (the router answers it as a GET and
+    // hyper leaves the body out).
+    let allow = if allow.contains("GET") && !allow.contains("HEAD") {
+        allow.replacen("GET", "GET, HEAD", 1)
+    } else {
+        allow.to_owned()
+    };
     let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("method not allowed; use {allow}"),
     );
-    r.headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        r.headers_mut().insert(ALLOW, v);
+    }
+    r
+}
+
+/// The answer on a connection past the peer's or the listener's budget
+/// (see `admission`): only health probes are served there.
+pub(super) fn overloaded() -> Resp {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many connections: this one may only ask for /health; retry later",
+    );
+    let h = r.headers_mut();
+    h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
     r
 }
 

@@ -2,14 +2,14 @@
 //! artifact store, images served whole or by one byte range (Range,
 //! If-Range, If-None-Match against the digest as ETag).
 
-use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use super::errors::{error, firmware_error, json_resp, method_not_allowed, ok};
-use super::query::{percent_decode, Query};
+use super::incoming::TimedBody;
+use super::query::{decoded, Query};
 use super::{Body, Resp};
 use crate::app::App;
 use crate::firmware::FirmwareError;
@@ -85,7 +85,7 @@ impl App {
                 },
             ),
             ["edge", "firmware", reference] => {
-                let reference = percent_decode(reference);
+                let reference = decoded(reference);
                 (
                     "/v1/edge/firmware/:ref",
                     match method {
@@ -120,7 +120,7 @@ impl App {
             ["edge", "rollouts", id] => (
                 "/v1/edge/rollouts/:id",
                 match method {
-                    Method::GET => match rollouts.get(percent_decode(id)).await {
+                    Method::GET => match rollouts.get(decoded(id)).await {
                         Ok((r, devices)) => {
                             let mut v = json!(r);
                             v["device_states"] = json!(devices);
@@ -149,9 +149,12 @@ impl App {
                 (
                     "/v1/edge/rollouts/:id/:cmd",
                     match method {
-                        Method::POST => match rollouts.command(percent_decode(id), cmd).await {
-                            Ok(r) => ok(json!(r)),
-                            Err(e) => firmware_error(e, m),
+                        Method::POST => match self.no_body(req).await {
+                            Err(r) => *r,
+                            Ok(()) => match rollouts.command(decoded(id), cmd).await {
+                                Ok(r) => ok(json!(r)),
+                                Err(e) => firmware_error(e, m),
+                            },
                         },
                         _ => method_not_allowed("POST"),
                     },
@@ -192,19 +195,16 @@ impl App {
             Ok(u) => u,
             Err(e) => return firmware_error(e, &self.metrics),
         };
-        let mut body = req.into_body();
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Ok(data) = f.into_data() {
-                        if let Err(e) = up.write(&data).await {
-                            return firmware_error(e, &self.metrics);
-                        }
+        let mut body = TimedBody::new(req.into_body());
+        loop {
+            match body.chunk().await {
+                Ok(Some(data)) => {
+                    if let Err(e) = up.write(&data).await {
+                        return firmware_error(e, &self.metrics);
                     }
                 }
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"));
-                }
+                Ok(None) => break,
+                Err(e) => return self.body_error(e),
             }
         }
         match artifacts.finish_upload(up, meta).await {

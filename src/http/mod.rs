@@ -3,19 +3,24 @@
 //! `/v1/edge/...`, on TCP (optionally TLS) and on a Unix socket.
 //!
 //! hyper 1 over smol through smol-hyper: HTTP/1.1 only (clients on a device
-//! talk to 127.0.0.1), a header read timeout against idle sockets, and a cap
-//! on open connections. This file owns the listeners and connections; a
-//! request's way through the access check and the routes is in `router`.
+//! talk to 127.0.0.1). Against slow and hostile clients (issue 13): a
+//! header timeout that is also the keep-alive idle timeout, a body rate
+//! rule (`incoming`), and connection budgets per listener and per peer with
+//! a reserve that keeps health probes answered through a flood
+//! (`admission`). This file owns the listeners and connections; a request's
+//! way through the access check and the routes is in `router`.
 //!
 //! Shutdown is graceful: the accept loop stops, each connection finishes
 //! the request it is serving (so an acknowledged write is a committed
 //! write) and closes.
 
 mod access;
+mod admission;
 mod body;
 mod edge;
 mod errors;
 mod firmware;
+mod incoming;
 mod konsul;
 mod query;
 mod router;
@@ -28,17 +33,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_io::Async;
-use hyper::Response;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
 use smol::future::FutureExt;
 
 use crate::app::App;
 use crate::support::Shutdown;
 pub use access::Peer;
+use admission::{Admission, Slot, LIMITS};
 pub use body::{Body, FileBody};
 
-/// Open connections beyond this wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 128;
+/// The time a client has to send a request's head, and to start the next
+/// one on a keep-alive connection.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same on a reserve connection: a probe sends its request at once.
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -173,31 +182,33 @@ impl Server {
         shutdown: Shutdown,
         drain: Duration,
     ) {
-        let slots = Arc::new(smol::lock::Semaphore::new(MAX_CONNECTIONS));
+        let admission = Admission::new(LIMITS);
         loop {
-            let accept = async {
-                let permit = slots.acquire_arc().await;
-                Some((self.accept().await, permit))
-            };
+            let accept = async { Some(self.accept().await) };
             let stop = async {
                 shutdown.wait().await;
                 None
             };
-            let Some((accepted, permit)) = accept.or(stop).await else {
+            let Some(accepted) = accept.or(stop).await else {
                 break;
             };
             let (stream, peer) = match accepted {
                 Ok(Accepted::Tcp(stream, ip)) => (stream, Peer::Tcp(ip)),
                 Ok(Accepted::Unix(stream, uid)) => {
+                    let peer = Peer::Unix { uid };
+                    let slot = admission.admit(peer);
                     self.inflight.open.fetch_add(1, Ordering::SeqCst);
                     let guard = ConnGuard(self.inflight.clone());
                     let (api, shutdown) = (api.clone(), shutdown.clone());
                     ex.spawn(async move {
-                        serve_connection(stream, Peer::Unix { uid }, api, shutdown).await;
-                        drop(permit);
+                        serve_connection(stream, peer, slot, api, shutdown).await;
                         drop(guard);
                     })
                     .detach();
+                    // Accepting never waits for a slot, so a stream of
+                    // connections would keep this loop busy for good: let
+                    // the connections it accepted run.
+                    smol::future::yield_now().await;
                     continue;
                 }
                 Err(e) => {
@@ -207,6 +218,7 @@ impl Server {
                     continue;
                 }
             };
+            let slot = admission.admit(peer);
             self.inflight.open.fetch_add(1, Ordering::SeqCst);
             let guard = ConnGuard(self.inflight.clone());
             let api = api.clone();
@@ -214,24 +226,25 @@ impl Server {
             let tls = self.tls.clone();
             ex.spawn(async move {
                 match tls {
-                    None => serve_connection(stream, peer, api, shutdown).await,
+                    None => serve_connection(stream, peer, slot, api, shutdown).await,
                     Some(acceptor) => {
+                        let limit = header_timeout(&slot);
                         let handshake = async { Some(acceptor.accept(stream).await) };
                         let timeout = async {
-                            async_io::Timer::after(HEADER_READ_TIMEOUT).await;
+                            async_io::Timer::after(limit).await;
                             None
                         };
                         match handshake.or(timeout).await {
-                            Some(Ok(s)) => serve_connection(s, peer, api, shutdown).await,
+                            Some(Ok(s)) => serve_connection(s, peer, slot, api, shutdown).await,
                             Some(Err(e)) => log::debug!("TLS handshake failed: {e}"),
                             None => log::debug!("TLS handshake timed out"),
                         }
                     }
                 }
-                drop(permit);
                 drop(guard);
             })
             .detach();
+            smol::future::yield_now().await;
         }
         let wait_drained = async {
             loop {
@@ -262,33 +275,81 @@ impl Server {
     }
 }
 
-async fn serve_connection<S>(stream: S, peer: Peer, api: Arc<App>, shutdown: Shutdown)
+fn header_timeout(slot: &Slot) -> Duration {
+    match slot {
+        Slot::Full(_) => HEADER_READ_TIMEOUT,
+        Slot::Reserve(_) => RESERVE_HEADER_TIMEOUT,
+    }
+}
+
+/// A health probe, the one request a reserve connection serves.
+fn is_probe(req: &Request<Incoming>) -> bool {
+    let path = req.uri().path();
+    matches!(*req.method(), Method::GET | Method::HEAD)
+        && (path == "/health" || path.starts_with("/health/"))
+}
+
+async fn serve_connection<S>(stream: S, peer: Peer, slot: Slot, api: Arc<App>, shutdown: Shutdown)
 where
     S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = smol_hyper::rt::FuturesIo::new(stream);
-    let service = hyper::service::service_fn(move |req| {
+    let (reserve, evicted) = match &slot {
+        Slot::Full(_) => (false, None),
+        Slot::Reserve(r) => (true, Some(r.evicted.clone())),
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let api = api.clone();
-        async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
+        async move {
+            if reserve && !is_probe(&req) {
+                api.metrics.request("overloaded", 503);
+                return Ok::<_, Infallible>(errors::overloaded());
+            }
+            Ok(api.handle(req, peer).await)
+        }
     });
+    // hyper restarts the header timer as soon as a keep-alive connection
+    // goes idle, so the header timeout is also the idle timeout.
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(smol_hyper::rt::SmolTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout(&slot))
+        .keep_alive(!reserve)
         .serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
-    let finished = async { Some(conn.as_mut().await) };
+    let finished = async { Ended::Finished(conn.as_mut().await) };
     let stop = async {
         shutdown.wait().await;
-        None
+        Ended::Stop
     };
-    let result = match finished.or(stop).await {
-        Some(r) => r,
-        None => {
+    let evict = async {
+        match &evicted {
+            // Closed when a newer reserve connection took the place.
+            Some(rx) => {
+                let _ = rx.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+        Ended::Evicted
+    };
+    let result = match finished.or(stop).or(evict).await {
+        Ended::Finished(r) => r,
+        Ended::Stop => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        Ended::Evicted => {
+            log::debug!("http: reserve connection from {peer:?} closed for a newer one");
+            Ok(())
         }
     };
     if let Err(e) = result {
         log::debug!("http connection ended: {e}");
     }
+    drop(slot);
+}
+
+enum Ended {
+    Finished(hyper::Result<()>),
+    Stop,
+    Evicted,
 }

@@ -1,21 +1,23 @@
 //! One request: who the caller is, the access check, then the route.
 //! Routing is a match on method and path segments: a few dozen routes do
-//! not need a router crate. Bodies are read here, through a hard size
-//! limit, before any parsing.
+//! not need a router crate. A target with an invalid percent-escape is
+//! refused before anything routes on it. Bodies are read here, through a
+//! hard size limit and a minimum rate, before any parsing; every JSON body
+//! is an object.
 
 use std::sync::atomic::Ordering;
 
-use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::access::{bearer_token, route_access, Peer};
 use super::errors::{app_error, error, method_not_allowed, ok, registry_error, store_error};
+use super::incoming::{ReadError, TimedBody};
 use super::konsul::service_entry_json;
-use super::query::{percent_decode, query_pairs, Query};
+use super::query::{check_target, decoded, query_pairs, Query};
 use super::{Body, Resp};
 use crate::acl::Caller;
 use crate::app::App;
@@ -23,6 +25,10 @@ use crate::clock::{rfc3339, wall_millis};
 
 impl App {
     pub async fn handle(&self, mut req: Request<Incoming>, peer: Peer) -> Resp {
+        if let Err(e) = check_target(req.uri()) {
+            self.metrics.request("other", 400);
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
         let caller = match peer {
             Peer::Unix { uid } => Caller::Local { uid },
             Peer::Tcp(_) => Caller::Tcp {
@@ -60,6 +66,15 @@ impl App {
         req: Request<Incoming>,
     ) -> Result<T, Box<Resp>> {
         let bytes = self.raw_body(req).await?;
+        // Every body here is an object: serde would fill a struct from an
+        // array by position, where Konsul (Go's encoding/json) refuses it.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "Invalid JSON body: expected a JSON object",
+            )));
+        }
         serde_json::from_slice(&bytes).map_err(|e| {
             self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
             Box::new(error(
@@ -70,48 +85,65 @@ impl App {
     }
 
     /// The body, refused with 413 past `http.max_body_size` (from the
-    /// declared length when there is one, before reading anything).
+    /// declared length when there is one, before reading anything) and
+    /// with 408 when it does not arrive in time (see `incoming`).
     pub(super) async fn raw_body(&self, req: Request<Incoming>) -> Result<Bytes, Box<Resp>> {
-        let too_large = || {
-            self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body exceeds http.max_body_size ({} bytes)",
-                    self.max_body
-                ),
-            )
-        };
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            return Err(Box::new(too_large()));
-        }
-        let bytes = match Limited::new(req.into_body(), self.max_body as usize)
-            .collect()
+        TimedBody::new(req.into_body())
+            .collect(self.max_body)
             .await
-        {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(Box::new(too_large()))
+            .map_err(|e| Box::new(self.body_error(e)))
+    }
+
+    pub(super) fn body_error(&self, e: ReadError) -> Resp {
+        match e {
+            ReadError::TooLarge { .. } => {
+                self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body exceeds http.max_body_size ({} bytes)",
+                        self.max_body
+                    ),
+                )
             }
-            Err(e) => {
-                return Err(Box::new(error(
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot read body: {e}"),
-                )))
+            ReadError::TimedOut { .. } => {
+                self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+                let mut r = error(StatusCode::REQUEST_TIMEOUT, e.to_string());
+                // The rest of the body may still come: the connection
+                // cannot carry another request.
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                r
             }
-        };
-        Ok(bytes)
+            ReadError::Read(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    }
+
+    /// For routes that take no body: one would be all unknown fields, so
+    /// only an empty body or `{}` passes.
+    pub(super) async fn no_body(&self, req: Request<Incoming>) -> Result<(), Box<Resp>> {
+        let bytes = self.raw_body(req).await?;
+        let empty = bytes.iter().all(u8::is_ascii_whitespace)
+            || serde_json::from_slice::<serde_json::Map<String, Value>>(&bytes)
+                .is_ok_and(|m| m.is_empty());
+        if empty {
+            return Ok(());
+        }
+        self.metrics.rejected_bodies.fetch_add(1, Ordering::Relaxed);
+        Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "this route takes no body (unknown fields are refused on /v1/edge routes)",
+        )))
     }
 
     pub(super) async fn route(&self, req: Request<Incoming>) -> (&'static str, Resp) {
         let path = req.uri().path().to_owned();
         let query = Query(query_pairs(req.uri().query()));
-        let method = req.method().clone();
+        // HEAD is answered as GET; hyper sends the head without the body.
+        let method = match req.method() {
+            &Method::HEAD => Method::GET,
+            m => m.clone(),
+        };
         let segs: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
         let head = segs.first().copied().unwrap_or("");
         let rest = segs.get(1).copied().unwrap_or("");
@@ -126,9 +158,7 @@ impl App {
             ("deregister", id) if !id.is_empty() => (
                 "/deregister/:id",
                 match method {
-                    Method::DELETE | Method::PUT => {
-                        self.deregister(percent_decode(id), &query).await
-                    }
+                    Method::DELETE | Method::PUT => self.deregister(decoded(id), &query).await,
                     _ => method_not_allowed("DELETE"),
                 },
             ),
@@ -136,7 +166,7 @@ impl App {
                 "/heartbeat/:id",
                 match method {
                     Method::PUT | Method::POST => {
-                        match self.registry.heartbeat(percent_decode(id)).await {
+                        match self.registry.heartbeat(decoded(id)).await {
                             Ok(s) => ok(json!({"message": "heartbeat updated", "service": s.name})),
                             Err(e) => registry_error(e, &self.metrics),
                         }
@@ -159,7 +189,7 @@ impl App {
             ("services", name) => (
                 "/services/:name",
                 match method {
-                    Method::GET => match self.registry.service(percent_decode(name)).await {
+                    Method::GET => match self.registry.service(decoded(name)).await {
                         Ok(e) if query.flag("metadata") => ok(service_entry_json(&e)),
                         Ok(e) => ok(json!(e.service)),
                         Err(e) => registry_error(e, &self.metrics),
@@ -177,10 +207,7 @@ impl App {
                     _ => method_not_allowed("GET"),
                 },
             ),
-            ("kv", key) => (
-                "/kv/:key",
-                self.kv(req, method, percent_decode(key), &query).await,
-            ),
+            ("kv", key) => ("/kv/:key", self.kv(req, method, decoded(key), &query).await),
             ("health", "") => (
                 "/health",
                 match method {
