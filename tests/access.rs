@@ -794,3 +794,34 @@ fn the_daemon_reads_no_file_for_a_caller_who_cannot() {
     );
     assert_eq!(r.status, 401);
 }
+
+#[test]
+fn a_second_daemon_does_not_take_the_first_ones_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = shipped_bus(dir.path());
+    let d = start(dir.path(), &bus, "", "");
+    let sock = d.dir.join("api.sock");
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(
+        other.path().join("edge.yaml"),
+        format!(
+            "node_id: second\nstorage:\n  path: {}\nhttp:\n  listen: 127.0.0.1:0\n  unix_socket: {}\n",
+            other.path().join("k.db").display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(other.path().join("edge.yaml"))
+        .env_remove("NOTIFY_SOCKET"));
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another process is serving this socket"));
+    let (status, _) = unix_http(&sock, false, "GET", "/health/live", None);
+    assert_eq!(status, 200, "the first daemon still serves its socket");
+}

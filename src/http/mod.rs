@@ -121,7 +121,17 @@ impl Server {
             source,
         };
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(bind_err)?,
+            // A socket someone still answers on is a running daemon: take
+            // nothing from it. One nobody answers is left over from a crash.
+            Ok(m) if m.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(bind_err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another process is serving this socket",
+                    )));
+                }
+                std::fs::remove_file(path).map_err(bind_err)?
+            }
             Ok(_) => {
                 return Err(bind_err(std::io::Error::new(
                     std::io::ErrorKind::AlreadyExists,
