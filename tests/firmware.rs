@@ -704,6 +704,43 @@ fn wrong_digest_or_bad_signature_is_refused_and_range_serving() {
     assert_eq!(cached.status, 304);
 }
 
+/// `DELETE /v1/edge/firmware/{ref}` takes what `GET` takes, a sha256 or a
+/// version; a version stored for two device types is refused (nothing is
+/// deleted) rather than guessed.
+#[test]
+fn delete_takes_a_version_as_get_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Signer::new();
+    config(dir.path(), None, &signer, "127.0.0.1:0");
+    let d = Daemon::start(dir.path());
+    let count = |d: &Daemon| d.get("/v1/edge/firmware").json().as_array().unwrap().len();
+    let img = image(1000, 5);
+    let (sha, _) = signer.sign(&img);
+    assert_eq!(upload(&d, &signer, &img, "1.0.0").status, 201);
+    assert_eq!(d.get("/v1/edge/firmware/1.0.0").status, 200);
+    let r = d.req("DELETE", "/v1/edge/firmware/1.0.0", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.get(&format!("/v1/edge/firmware/{sha}")).status, 404);
+    assert!(!dir.path().join(format!("firmware/{sha}.bin")).exists());
+    assert_eq!(count(&d), 0);
+
+    let a = image(1000, 6);
+    assert_eq!(upload(&d, &signer, &a, "1.1.0").status, 201);
+    let b = image(1000, 7);
+    let (sha_b, sig_b) = signer.sign(&b);
+    let put = format!(
+        "/v1/edge/firmware?device_type=gateway&version=1.1.0&sha256={sha_b}&signature={sig_b}"
+    );
+    let r = request(&d.addr, "PUT", &put, Some(&b), &[]);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = d.req("DELETE", "/v1/edge/firmware/1.1.0", None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(count(&d), 2);
+    let r = d.req("DELETE", &format!("/v1/edge/firmware/{sha_b}"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(count(&d), 1);
+}
+
 #[test]
 fn kill_9_mid_rollout_resumes_where_it_was() {
     let dir = tempfile::tempdir().unwrap();

@@ -113,13 +113,59 @@ impl Artifacts {
         })
     }
 
-    /// Deletes an artifact no rollout needs.
-    pub(crate) async fn delete(&self, sha256: String) -> Result<(), FirmwareError> {
-        let sha = sha256.clone();
-        let deleted = self
+    /// Deletes an artifact no rollout needs, named as `GET` names it: by
+    /// digest, or by version.
+    pub(crate) async fn delete(&self, reference: String) -> Result<(), FirmwareError> {
+        self.delete_ref(reference, None).await
+    }
+
+    /// Deletes an artifact no rollout needs: by digest, or by version
+    /// (`device_type` narrows it). Unlike [`Artifacts::resolve`], a version
+    /// stored for several device types is refused rather than taken as the
+    /// newest: a delete cannot be undone, so the caller names the digest.
+    /// Lookup, pin check and delete are one transaction.
+    pub(crate) async fn delete_ref(
+        &self,
+        reference: String,
+        device_type: Option<String>,
+    ) -> Result<(), FirmwareError> {
+        let r = reference.clone();
+        let sha = self
             .store
             .call(move |db| {
                 db.tx(|tx| {
+                    let c = tx.conn();
+                    let found = if is_sha256(&r.to_ascii_lowercase()) {
+                        get_by_sha(c, &r.to_ascii_lowercase()).map(|a| a.into_iter().collect())
+                    } else {
+                        c.prepare(&format!(
+                            "SELECT {COLS} FROM firmware WHERE version = ?1
+                             AND (?2 IS NULL OR device_type = ?2) ORDER BY device_type"
+                        ))
+                        .and_then(|mut s| {
+                            s.query_map(params![r, device_type], row)?
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                    }
+                    .map_err(|e| tx.sql_error("read firmware", e))?;
+                    let sha = match found.as_slice() {
+                        [] => {
+                            return Err(FirmwareError::NotFound {
+                                what: format!("firmware {r}"),
+                            })
+                        }
+                        [a] => a.sha256.clone(),
+                        several => {
+                            let types: Vec<&str> =
+                                several.iter().map(|a| a.device_type.as_str()).collect();
+                            return Err(FirmwareError::Conflict {
+                                what: format!(
+                                    "firmware {r} is stored for several device types ({}); delete it by sha256",
+                                    types.join(", ")
+                                ),
+                            });
+                        }
+                    };
                     if rollout::pinned_artifacts(tx)?.contains(&sha) {
                         return Err(FirmwareError::Conflict {
                             what: format!(
@@ -129,16 +175,12 @@ impl Artifacts {
                     }
                     tx.conn()
                         .execute("DELETE FROM firmware WHERE sha256 = ?1", [&sha])
-                        .map_err(|e| FirmwareError::Store(tx.sql_error("delete firmware", e)))
+                        .map_err(|e| FirmwareError::Store(tx.sql_error("delete firmware", e)))?;
+                    Ok(sha)
                 })
             })
             .await??;
-        if deleted == 0 {
-            return Err(FirmwareError::NotFound {
-                what: format!("firmware {sha256}"),
-            });
-        }
-        let _ = std::fs::remove_file(self.path_of(&sha256));
+        let _ = std::fs::remove_file(self.path_of(&sha));
         Ok(())
     }
 
