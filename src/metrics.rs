@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::devices::health::Health;
 use crate::mqtt::payload::Reason;
 use crate::store::{Kind, Stats};
 
@@ -203,14 +202,16 @@ impl Metrics {
     }
 
     /// MQTT counters and device counts by health (read at scrape time).
-    pub fn render_devices(&self, counts: &[(Health, u64)], out: &mut String) {
+    /// A state is anything that reads as its label (`AsRef<str>`), so this
+    /// module needs none of the devices' types.
+    pub fn render_devices<L: AsRef<str>>(&self, counts: &[(L, u64)], out: &mut String) {
         family(
             out,
             "gauge",
             "konsul_edge_devices",
             "Registered devices by health.",
             "state",
-            counts.iter().map(|(h, n)| (h.as_str(), *n)),
+            counts.iter().map(|(h, n)| (h.as_ref(), *n)),
         );
         self.mqtt.render(out);
     }

@@ -25,20 +25,20 @@ use smol::future::FutureExt;
 use crate::clock::wall_millis;
 
 /// Battery must rise this many points above the threshold to clear.
-pub const BATTERY_HYSTERESIS: u8 = 5;
+pub(crate) const BATTERY_HYSTERESIS: u8 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Health {
+pub(crate) enum Health {
     Online,
     Stale,
     Offline,
 }
 
 impl Health {
-    pub const ALL: [Health; 3] = [Health::Online, Health::Stale, Health::Offline];
+    pub(crate) const ALL: [Health; 3] = [Health::Online, Health::Stale, Health::Offline];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Health::Online => "online",
             Health::Stale => "stale",
@@ -46,7 +46,7 @@ impl Health {
         }
     }
 
-    pub fn parse(s: &str) -> Health {
+    pub(crate) fn parse(s: &str) -> Health {
         match s {
             "stale" => Health::Stale,
             "offline" => Health::Offline,
@@ -56,15 +56,15 @@ impl Health {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rules {
-    pub stale_after_missed: u32,
-    pub offline_after_missed: u32,
-    pub low_battery_percent: u8,
+pub(crate) struct Rules {
+    pub(crate) stale_after_missed: u32,
+    pub(crate) offline_after_missed: u32,
+    pub(crate) low_battery_percent: u8,
 }
 
 impl Rules {
     /// Health by silence alone.
-    pub fn health_at(&self, last_seen_ms: u64, interval_ms: u64, now_ms: u64) -> Health {
+    pub(crate) fn health_at(&self, last_seen_ms: u64, interval_ms: u64, now_ms: u64) -> Health {
         let silent = now_ms.saturating_sub(last_seen_ms);
         if silent >= interval_ms.saturating_mul(self.offline_after_missed as u64) {
             Health::Offline
@@ -76,7 +76,7 @@ impl Rules {
     }
 
     /// When `health` next changes if the device stays silent.
-    pub fn next_deadline(
+    pub(crate) fn next_deadline(
         &self,
         last_seen_ms: u64,
         interval_ms: u64,
@@ -96,7 +96,7 @@ impl Rules {
     }
 
     /// Whether the low-battery alert should be active, given whether it is.
-    pub fn battery_low(&self, battery: u8, active: bool) -> bool {
+    pub(crate) fn battery_low(&self, battery: u8, active: bool) -> bool {
         if active {
             battery < self.low_battery_percent.saturating_add(BATTERY_HYSTERESIS)
         } else {
@@ -107,7 +107,7 @@ impl Rules {
 
 /// What the ingest path tells the monitor.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Signal {
+pub(crate) enum Signal {
     /// The device was heard at `at_ms` (any accepted message).
     Seen {
         device: String,
@@ -121,7 +121,7 @@ pub enum Signal {
 
 /// A change the monitor decided; the devices module persists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     Health {
         device: String,
         from: Health,
@@ -136,24 +136,24 @@ pub enum Transition {
 
 /// A device as the monitor tracks it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tracked {
-    pub last_seen_ms: u64,
-    pub interval_ms: u64,
-    pub health: Health,
-    pub low_battery: bool,
+pub(crate) struct Tracked {
+    pub(crate) last_seen_ms: u64,
+    pub(crate) interval_ms: u64,
+    pub(crate) health: Health,
+    pub(crate) low_battery: bool,
 }
 
 /// The monitor's state machine, separate from its timer so the rules can be
 /// tested without time passing.
 #[derive(Debug)]
-pub struct Machine {
+pub(crate) struct Machine {
     rules: Rules,
     devices: HashMap<String, Tracked>,
     deadlines: BTreeSet<(u64, String)>,
 }
 
 impl Machine {
-    pub fn new(rules: Rules) -> Machine {
+    pub(crate) fn new(rules: Rules) -> Machine {
         Machine {
             rules,
             devices: HashMap::new(),
@@ -161,7 +161,8 @@ impl Machine {
         }
     }
 
-    pub fn get(&self, device: &str) -> Option<&Tracked> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, device: &str) -> Option<&Tracked> {
         self.devices.get(device)
     }
 
@@ -183,15 +184,15 @@ impl Machine {
     }
 
     /// Loads a device as stored (at start-up).
-    pub fn load(&mut self, device: &str, t: Tracked) {
+    pub(crate) fn load(&mut self, device: &str, t: Tracked) {
         self.set(device, t);
     }
 
-    pub fn earliest(&self) -> Option<u64> {
+    pub(crate) fn earliest(&self) -> Option<u64> {
         self.deadlines.first().map(|(d, _)| *d)
     }
 
-    pub fn signal(&mut self, s: Signal, out: &mut Vec<Transition>) {
+    pub(crate) fn signal(&mut self, s: Signal, out: &mut Vec<Transition>) {
         match s {
             Signal::Seen {
                 device,
@@ -245,7 +246,7 @@ impl Machine {
     }
 
     /// Applies every deadline at or before `now_ms`.
-    pub fn expire(&mut self, now_ms: u64, out: &mut Vec<Transition>) {
+    pub(crate) fn expire(&mut self, now_ms: u64, out: &mut Vec<Transition>) {
         while let Some((d, device)) = self.deadlines.first().cloned() {
             if d > now_ms {
                 break;
@@ -286,7 +287,7 @@ impl Machine {
 
 /// Runs the monitor: waits for signals or the next deadline, and hands each
 /// batch of transitions to `apply` (which persists and publishes them).
-pub async fn run<F, Fut>(
+pub(crate) async fn run<F, Fut>(
     mut machine: Machine,
     signals: async_channel::Receiver<Vec<Signal>>,
     mut apply: F,

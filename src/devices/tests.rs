@@ -1,6 +1,7 @@
+use super::health::{Health, Rules, Signal, Transition};
 use super::*;
-use crate::mqtt::payload::parse;
-use crate::registry::Limits;
+use crate::mqtt::payload::{parse, Inbound};
+use crate::registry::{Limits, ServiceInput};
 use crate::store::{Store, StoreOptions};
 
 fn setup(dir: &std::path::Path, max_devices: u64, max_history_bytes: u64) -> (Devices, Channels) {
