@@ -65,6 +65,10 @@ pub struct MqttMetrics {
     rejected: [AtomicU64; Reason::ALL.len()],
     published: [AtomicU64; Published::ALL.len()],
     pub publish_failed: AtomicU64,
+    /// Acks and errors dropped because the publish queue was full.
+    pub replies_dropped: AtomicU64,
+    /// Rejection log lines not written (rate limit).
+    pub log_lines_suppressed: AtomicU64,
     /// Store transactions that applied messages.
     pub batches: AtomicU64,
 }
@@ -115,6 +119,16 @@ impl MqttMetrics {
                 "konsul_edge_mqtt_publish_failures_total",
                 "Publishes paho refused to queue.",
                 &self.publish_failed,
+            ),
+            (
+                "konsul_edge_mqtt_replies_dropped_total",
+                "Acks and errors to devices dropped because the publish queue was full.",
+                &self.replies_dropped,
+            ),
+            (
+                "konsul_edge_mqtt_log_lines_suppressed_total",
+                "MQTT rejection log lines not written (rate limit; every rejection is counted by reason).",
+                &self.log_lines_suppressed,
             ),
             (
                 "konsul_edge_mqtt_batches_total",

@@ -1,38 +1,38 @@
 //! The paho side of the bridge (cargo feature `mqtt`): the client, its
-//! callbacks, the connection loop and ingest. See the module docs of
-//! [`crate::mqtt`] for the design.
+//! callbacks and the connection loop. See the module docs of
+//! [`crate::mqtt`] for the threading. Every call into Paho made here runs
+//! on a blocking thread (`smol::unblock`) and only its token is awaited:
+//! Paho's calls take the mutex its receive thread holds while our message
+//! callback waits for ingest, which runs on the executor.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use paho_mqtt as paho;
-use serde_json::json;
 use smol::future::FutureExt;
 
-use super::payload::{self, Inbound, PayloadError, Reason};
+use super::ingest::Ingest;
+use super::outbox::Outbox;
+use super::rejections::LogBudget;
 use super::{paho_uri, MqttError, Settings};
-use crate::devices::{ack_json, Alert, Devices, Outcome};
+use crate::devices::{Alert, Devices};
 use crate::firmware::rollout::{Offer, Rollouts};
 use crate::metrics::{Metrics, Published};
 use crate::support::Shutdown;
 
-/// Messages applied per store transaction at most.
-pub const MAX_BATCH: usize = 1024;
 /// Messages paho may hand us before its thread waits for ingest.
 const QUEUE: usize = 2048;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
-/// Bad input from one device is logged at most this often.
-const LOG_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for the offline status and the disconnect.
 const GOODBYE: Duration = Duration::from_secs(2);
 
 pub struct Bridge {
     client: paho::AsyncClient,
+    outbox: Outbox,
     settings: Settings,
     connect: paho::ConnectOptions,
     devices: Devices,
@@ -110,8 +110,14 @@ impl Bridge {
         client.set_connection_lost_callback(move |_| {
             let _ = lost_tx.try_send(());
         });
+        let outbox =
+            Outbox::start(client.clone(), metrics.clone()).map_err(|e| MqttError::Client {
+                url: settings.url.clone(),
+                message: format!("cannot start the publish thread: {e}"),
+            })?;
         Ok(Bridge {
             client,
+            outbox,
             settings,
             connect: opts.finalize(),
             devices,
@@ -129,11 +135,11 @@ impl Bridge {
     pub async fn run(self, shutdown: Shutdown) {
         let stop_ingest = Shutdown::default();
         let ingest = Ingest {
-            client: self.client.clone(),
+            outbox: self.outbox.clone(),
             devices: self.devices.clone(),
             metrics: self.metrics.clone(),
             max_payload: self.settings.max_payload,
-            logged: HashMap::new(),
+            budget: LogBudget::new(),
             rollouts: self.rollouts.as_ref().map(|(r, _)| r.clone()),
         };
         let connection = async {
@@ -151,12 +157,12 @@ impl Bridge {
                     .await;
                 let Some(a) = next else { return };
                 let body = serde_json::to_vec(&a).unwrap_or_default();
-                publish(
-                    &self.client,
-                    &self.metrics,
-                    Published::Alert,
-                    paho::Message::new(format!("alerts/{}", a.device_id), body, 1),
-                );
+                self.outbox
+                    .send(
+                        Published::Alert,
+                        paho::Message::new(format!("alerts/{}", a.device_id), body, 1),
+                    )
+                    .await;
             }
         };
         let offers = async {
@@ -171,12 +177,9 @@ impl Bridge {
                     })
                     .await;
                 let Some(o) = next else { return };
-                publish(
-                    &self.client,
-                    &self.metrics,
-                    Published::Offer,
-                    paho::Message::new(o.topic, o.payload, 1),
-                );
+                self.outbox
+                    .send(Published::Offer, paho::Message::new(o.topic, o.payload, 1))
+                    .await;
             }
         };
         smol::future::zip(
@@ -184,6 +187,19 @@ impl Bridge {
             ingest.run(self.messages.clone(), stop_ingest.clone()),
         )
         .await;
+        // Paho's callback may be waiting to hand us one more message while
+        // holding Paho's mutex: closing the channel releases it. Paho's
+        // destroy (the last clone's drop) takes that mutex, so it runs off
+        // the executor: here on a blocking thread, or on the publish thread,
+        // which drops its clone once its queue closes. Bounded all the same.
+        self.messages.close();
+        let Bridge { client, outbox, .. } = self;
+        drop(outbox);
+        smol::unblock(move || drop(client))
+            .or(async {
+                async_io::Timer::after(GOODBYE).await;
+            })
+            .await;
     }
 
     async fn connection(&self, shutdown: &Shutdown) {
@@ -200,16 +216,19 @@ impl Bridge {
             // Paho enforces CONNECT_TIMEOUT itself; the outer bound is a
             // guard against a token that never completes, which would
             // otherwise leave the bridge waiting forever.
-            let connected = async { Some(Some(self.client.connect(self.connect.clone()).await)) }
-                .or(async {
-                    async_io::Timer::after(CONNECT_TIMEOUT * 2).await;
-                    Some(None)
-                })
-                .or(async {
-                    shutdown.wait().await;
-                    None
-                })
-                .await;
+            let connected = async {
+                let (c, opts) = (self.client.clone(), self.connect.clone());
+                Some(Some(smol::unblock(move || c.connect(opts)).await.await))
+            }
+            .or(async {
+                async_io::Timer::after(CONNECT_TIMEOUT * 2).await;
+                Some(None)
+            })
+            .or(async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
             let result = match connected {
                 None => return,
                 Some(Some(r)) => r,
@@ -220,7 +239,8 @@ impl Bridge {
                         CONNECT_TIMEOUT * 2
                     );
                     // Abandon the attempt; the token is not awaited (it may never end).
-                    drop(self.client.disconnect(None));
+                    let c = self.client.clone();
+                    smol::unblock(move || drop(c.disconnect(None))).detach();
                     if !self.backoff(&mut attempt, shutdown).await {
                         return;
                     }
@@ -230,14 +250,16 @@ impl Bridge {
             match result {
                 Ok(rsp) => {
                     let session = rsp.connect_response().is_some_and(|c| c.session_present);
-                    let subscribed =
-                        async { Some(self.client.subscribe_many(&topics, &qos).await) }
-                            .or(async {
-                                async_io::Timer::after(CONNECT_TIMEOUT).await;
-                                None
-                            })
-                            .await
-                            .unwrap_or(Err(paho::Error::General("subscribe timed out")));
+                    let subscribed = async {
+                        let (c, t, q) = (self.client.clone(), topics.clone(), qos.clone());
+                        Some(smol::unblock(move || c.subscribe_many(&t, &q)).await.await)
+                    }
+                    .or(async {
+                        async_io::Timer::after(CONNECT_TIMEOUT).await;
+                        None
+                    })
+                    .await
+                    .unwrap_or(Err(paho::Error::General("subscribe timed out")));
                     match subscribed {
                         Ok(rsp) => {
                             let granted = rsp.subscribe_many_response().unwrap_or_default();
@@ -249,17 +271,21 @@ impl Bridge {
                         }
                         Err(e) => {
                             log::warn!("subscribe failed: {e}; reconnecting");
-                            let _ = self.client.disconnect(None).await;
+                            let c = self.client.clone();
+                            async {
+                                let _ = smol::unblock(move || c.disconnect(None)).await.await;
+                            }
+                            .or(async {
+                                async_io::Timer::after(GOODBYE).await;
+                            })
+                            .await;
                             self.backoff(&mut attempt, shutdown).await;
                             continue;
                         }
                     }
-                    publish(
-                        &self.client,
-                        &self.metrics,
-                        Published::Status,
-                        status_message(&self.settings, true),
-                    );
+                    self.outbox
+                        .send(Published::Status, status_message(&self.settings, true))
+                        .await;
                     self.metrics.mqtt.connected.store(1, Ordering::Relaxed);
                     self.metrics.mqtt.connects.fetch_add(1, Ordering::Relaxed);
                     log::info!(
@@ -323,10 +349,8 @@ impl Bridge {
     /// status is published by hand first.
     async fn goodbye(&self) {
         let sent = async {
-            let _ = self
-                .client
-                .publish(status_message(&self.settings, false))
-                .await;
+            let (c, msg) = (self.client.clone(), status_message(&self.settings, false));
+            let _ = smol::unblock(move || c.publish(msg)).await.await;
         };
         sent.or(async {
             async_io::Timer::after(GOODBYE).await;
@@ -336,7 +360,8 @@ impl Bridge {
             .timeout(GOODBYE)
             .finalize();
         let done = async {
-            let _ = self.client.disconnect(opts).await;
+            let c = self.client.clone();
+            let _ = smol::unblock(move || c.disconnect(opts)).await.await;
         };
         done.or(async {
             async_io::Timer::after(GOODBYE * 2).await;
@@ -357,207 +382,6 @@ pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
         .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
         .min(BACKOFF_MAX);
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-}
-
-fn publish(client: &paho::AsyncClient, metrics: &Metrics, what: Published, msg: paho::Message) {
-    // try_publish only queues (the send happens on paho's thread); the
-    // delivery token is dropped: nothing on our side waits for a PUBACK.
-    match client.try_publish(msg) {
-        Ok(_) => metrics.mqtt.published(what),
-        Err(e) => {
-            metrics.mqtt.publish_failed.fetch_add(1, Ordering::Relaxed);
-            log::debug!("publish failed: {e}");
-        }
-    }
-}
-
-struct Ingest {
-    client: paho::AsyncClient,
-    devices: Devices,
-    metrics: Arc<Metrics>,
-    max_payload: usize,
-    /// device -> when its last rejection was logged.
-    logged: HashMap<String, Instant>,
-    rollouts: Option<Rollouts>,
-}
-
-impl Ingest {
-    async fn run(mut self, messages: async_channel::Receiver<paho::Message>, stop: Shutdown) {
-        loop {
-            let first = async { messages.recv().await.ok() }
-                .or(async {
-                    stop.wait().await;
-                    None
-                })
-                .await;
-            let Some(first) = first else { break };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match messages.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            self.process(batch).await;
-        }
-        // Disconnected: apply what was received before the disconnect.
-        let rest: Vec<paho::Message> = std::iter::from_fn(|| messages.try_recv().ok()).collect();
-        for chunk in rest.chunks(MAX_BATCH) {
-            self.process(chunk.to_vec()).await;
-        }
-    }
-
-    async fn process(&mut self, batch: Vec<paho::Message>) {
-        let mut parsed = Vec::with_capacity(batch.len());
-        let mut reports = Vec::new();
-        for m in &batch {
-            let topic = m.topic();
-            self.metrics.mqtt.received(topic);
-            match payload::parse(topic, m.payload(), self.max_payload) {
-                Ok(Inbound::Ignored) => {}
-                Ok(Inbound::UpdateStatus { device, report }) => reports.push((device, report)),
-                Ok(inbound) => parsed.push(inbound),
-                Err(e) => self.reject_payload(&e),
-            }
-        }
-        if let Some(r) = &self.rollouts {
-            if !reports.is_empty() {
-                if let Err(e) = r.report(reports).await {
-                    log::warn!("firmware status reports not recorded: {e}");
-                }
-            }
-        }
-        // A device seen again may be owed an offer, or may report the new
-        // version: the engine looks once this batch is committed.
-        let seen = parsed.iter().any(|m| {
-            matches!(
-                m,
-                Inbound::Register { .. } | Inbound::Heartbeat { .. } | Inbound::Status { .. }
-            )
-        });
-        if parsed.is_empty() {
-            return;
-        }
-        self.metrics.mqtt.batches.fetch_add(1, Ordering::Relaxed);
-        let count = parsed.len();
-        let first_device = parsed[0].device().unwrap_or_default().to_owned();
-        let outcomes = match self.devices.apply(parsed).await {
-            Ok(o) => o,
-            Err(e) if count > 1 => {
-                log::warn!("a batch of {count} messages failed ({e}); applying them one by one");
-                // Parsed again rather than cloned up front: this path is
-                // rare, the clone was paid on every batch. Rejections were
-                // already reported on the first pass.
-                let again = batch.iter().filter_map(|m| {
-                    match payload::parse(m.topic(), m.payload(), self.max_payload) {
-                        Ok(Inbound::Ignored | Inbound::UpdateStatus { .. }) | Err(_) => None,
-                        Ok(inbound) => Some(inbound),
-                    }
-                });
-                let mut out = Vec::with_capacity(count);
-                for m in again.collect::<Vec<_>>() {
-                    let device = m.device().unwrap_or_default().to_owned();
-                    out.push(match self.devices.apply(vec![m]).await {
-                        Ok(mut o) => o.pop().unwrap_or(Outcome::Ignored),
-                        Err(e) => store_rejection(device, &e),
-                    });
-                }
-                out
-            }
-            Err(e) => vec![store_rejection(first_device, &e)],
-        };
-        for o in outcomes {
-            match o {
-                Outcome::Registered {
-                    device,
-                    modify_index,
-                    created,
-                } => {
-                    if created {
-                        log::info!("device {device} registered (index {modify_index})");
-                    }
-                    publish(
-                        &self.client,
-                        &self.metrics,
-                        Published::Ack,
-                        paho::Message::new(
-                            format!("devices/{device}/ack"),
-                            ack_json(&device, modify_index, created),
-                            1,
-                        ),
-                    );
-                }
-                Outcome::Rejected {
-                    device,
-                    reason,
-                    message,
-                } => self.reject(Some(&device), reason, &message, None),
-                Outcome::Stored | Outcome::Ignored => {}
-            }
-        }
-        if let (true, Some(r)) = (seen, &self.rollouts) {
-            r.wake();
-        }
-    }
-
-    fn reject_payload(&mut self, e: &PayloadError) {
-        let topic = match e {
-            PayloadError::TooLarge { topic, .. }
-            | PayloadError::MalformedJson { topic, .. }
-            | PayloadError::WrongType { topic, .. }
-            | PayloadError::IdMismatch { topic, .. }
-            | PayloadError::UnknownTopic { topic, .. }
-            | PayloadError::InvalidId { topic, .. }
-            | PayloadError::Invalid { topic, .. } => topic.clone(),
-        };
-        self.reject(e.device(), e.reason(), &e.to_string(), Some(&topic));
-    }
-
-    /// Counts, explains on `devices/{id}/error`, and logs (at most once per
-    /// device per minute).
-    fn reject(&mut self, device: Option<&str>, reason: Reason, message: &str, topic: Option<&str>) {
-        self.metrics.mqtt.rejected(reason);
-        let key = device.unwrap_or("").to_owned();
-        let now = Instant::now();
-        let due = self
-            .logged
-            .get(&key)
-            .is_none_or(|t| now.duration_since(*t) >= LOG_EVERY);
-        if due {
-            log::warn!(
-                "rejected ({}): {message} (further rejections for this device are not logged for {}s)",
-                reason.as_str(),
-                LOG_EVERY.as_secs()
-            );
-            if self.logged.len() >= 4096 {
-                // Bound the map against a flood of made-up ids.
-                self.logged
-                    .retain(|_, t| now.duration_since(*t) < LOG_EVERY);
-            }
-            self.logged.insert(key, now);
-        }
-        if let Some(d) = device {
-            let body = json!({
-                "error": reason.as_str(),
-                "message": message,
-                "topic": topic,
-            });
-            publish(
-                &self.client,
-                &self.metrics,
-                Published::Error,
-                paho::Message::new(format!("devices/{d}/error"), body.to_string(), 1),
-            );
-        }
-    }
-}
-
-fn store_rejection(device: String, e: &crate::store::StoreError) -> Outcome {
-    Outcome::Rejected {
-        device,
-        reason: Reason::Store,
-        message: format!("not stored, try again later: {e}"),
-    }
 }
 
 #[cfg(test)]

@@ -2,18 +2,34 @@
 //! schemas ([`payload`]).
 //!
 //! Eclipse Paho (C library, bundled) through paho-mqtt; why, and how TLS is
-//! linked, is in `docs/decisions/0020-paho-mqtt.md`. Paho runs its own
-//! threads and calls us back on them; the bridge crosses into smol through
-//! bounded channels only, so the executor never blocks on paho:
-//! - messages: paho's callback does a blocking send into a bounded channel.
-//!   When ingest falls behind, paho's receive thread waits, TCP reads stop,
-//!   and the broker holds the messages: back-pressure instead of memory
-//!   growth or drops. (Paho's own `get_stream` drops messages when full.)
-//! - connection lost: a signal into a capacity-1 channel.
-//! - calls into paho (connect, subscribe, publish) return futures that
-//!   resolve when paho answers; publishes of acks and errors are never
-//!   awaited on the ingest path, so a blocked receive thread cannot
-//!   deadlock against us.
+//! linked, is in `docs/decisions/0020-paho-mqtt.md`.
+//!
+//! Threads. Paho runs two threads of its own (receive and send) and calls
+//! us back on the receive thread *while holding Paho's process-wide
+//! mutex*; every Paho call (connect, subscribe, publish, disconnect,
+//! destroy) takes that same mutex. So:
+//! - messages: the callback does a blocking send into a bounded channel
+//!   (`QUEUE` in `bridge`). When ingest falls behind, the receive thread
+//!   waits there, TCP reads stop and the broker holds the messages:
+//!   back-pressure instead of memory growth or drops. (Paho's own
+//!   `get_stream` drops messages when full.) While it waits it holds the
+//!   mutex: Paho's send thread waits too (no keep-alive pings go out), and
+//!   so would anything else that calls into Paho.
+//! - therefore nothing on the executor calls into Paho. Publishes go
+//!   through [`outbox`]: a bounded queue and a thread of its own; acks and
+//!   errors are dropped and counted when the queue is full instead of
+//!   waiting (a flood of bad input cannot stall ingest), statuses, alerts
+//!   and offers wait asynchronously for room. Connect, subscribe and
+//!   disconnect run on blocking threads (`smol::unblock`) and the executor
+//!   awaits their tokens with timeouts. The chain receive thread -> ingest
+//!   channel -> executor -> store thread never leads back to the mutex, so
+//!   it cannot close into a cycle. (Before this, the executor published
+//!   acks itself: a flood of messages needing replies filled the channel
+//!   with the receive thread waiting on it holding the mutex, and the
+//!   executor waiting for the mutex: HTTP, D-Bus and SIGTERM froze.)
+//! - connection lost: a signal into a capacity-1 channel (`try_send`).
+//! - shutdown: the ingest channel is closed (a waiting callback returns)
+//!   and the client is dropped on a blocking thread.
 //!
 //! Session: `clean_session = false` with a stable client id
 //! (`mqtt.client_id`, else `konsul-edge-{node_id}`), so the broker keeps
@@ -29,22 +45,34 @@
 //! connected and `{"status":"offline"}` retained as our last will (and
 //! published before a clean disconnect, which fires no will).
 //!
-//! Ingest: messages are taken in batches (what is queued, up to
-//! [`MAX_BATCH`]) and applied in one store transaction; acks are published
-//! after that transaction commits. A registration therefore is acked only
-//! once it is durable; a message lost between paho's MQTT-level ack and our
-//! commit (kill -9) gets no ack, and the device re-sends it.
+//! Ingest ([`ingest`]): messages are taken in batches (what is queued, up
+//! to [`MAX_BATCH`]) and applied in one store transaction; device acks are
+//! queued after that transaction commits. A registration therefore is acked
+//! to the device only once it is durable. Paho, however, acknowledges QoS
+//! 1/2 to the broker (PUBACK/PUBREC) as soon as our callback returns, before
+//! the commit; see `docs/decisions/0021-mqtt-acks-after-commit.md`.
+//!
+//! Rejections are counted by reason, explained to the device and logged
+//! within a budget ([`rejections`]).
 
 #[cfg(feature = "mqtt")]
 mod bridge;
+#[cfg(feature = "mqtt")]
+mod ingest;
+#[cfg(feature = "mqtt")]
+mod outbox;
 pub mod payload;
+#[cfg(feature = "mqtt")]
+mod rejections;
 
 use std::path::PathBuf;
 
 use serde_json::json;
 
 #[cfg(feature = "mqtt")]
-pub use bridge::{backoff_delay, Bridge, MAX_BATCH};
+pub use bridge::{backoff_delay, Bridge};
+#[cfg(feature = "mqtt")]
+pub use ingest::MAX_BATCH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
