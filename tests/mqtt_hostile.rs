@@ -181,6 +181,10 @@ fn a_reply_flood_does_not_freeze_http_dbus_or_sigterm() {
         + metric_sum(&d, "konsul_edge_mqtt_published_total{kind=\"ack\"}")
         + metric_sum(&d, "konsul_edge_mqtt_replies_dropped_total");
     assert!(replied > 0, "no replies published or dropped");
+    eprintln!(
+        "flood of {FLOOD}: worst probe {worst:?}, replies published or dropped {replied}, dropped {}",
+        metric_sum(&d, "konsul_edge_mqtt_replies_dropped_total")
+    );
 
     // SIGTERM still works (wait_exit fails the test after DEADLINE).
     let t = Instant::now();
@@ -231,6 +235,10 @@ fn a_flood_of_made_up_ids_costs_a_bounded_number_of_log_lines() {
         .into_iter()
         .filter(|l| l.contains("made-up-") || l.contains("not logged"))
         .collect();
+    eprintln!(
+        "{IDS} made-up ids: {} log lines, {suppressed} suppressed",
+        lines.len()
+    );
     assert!(
         lines.len() <= 40,
         "{} log lines for {IDS} made-up ids; first: {:?}",
