@@ -465,10 +465,6 @@ fn broker_restarts_while_devices_register_lose_nothing_acknowledged() {
 /// daemon ingests, with no other fault: the daemon must keep up or push
 /// back, and lose nothing the broker acknowledged.
 #[test]
-#[ignore = "the bridge deadlocks when its ingest queue is full: paho's receive thread blocks in \
-            the message callback holding paho's mutex, and ingest, on the executor thread, \
-            blocks on that mutex in try_publish for a device ack, so the whole daemon \
-            (HTTP included) stops (found by this harness)"]
 fn overload_loses_nothing_and_does_not_wedge_the_daemon() {
     let n = runs(1, 10);
     let mut tally = Tally::default();
