@@ -20,17 +20,21 @@
 //! unbootable (LEFT=0 / OK=0) and moved last in the order: a power cut in
 //! the middle of the write can never boot half an image.
 //!
-//! Every external command runs on the blocking pool.
+//! Every external command and file access runs on the blocking pool as a
+//! counted job (`writer`), never on the executor: the coordinator waits for
+//! a timed-out step's jobs before it moves on, so two writers of a slot or
+//! of the environment never overlap.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::Arc;
 
 use smol::stream::StreamExt;
 use zbus::zvariant::OwnedValue;
 
 use super::bundle::{self, Manifest};
+use super::writer::{self, Jobs};
 use super::OtaError;
 use crate::config::{Ota as OtaConfig, OtaBackend};
 
@@ -56,6 +60,7 @@ pub struct EnvBackend {
     cmdline: PathBuf,
     attempts: u32,
     keys: Vec<Vec<u8>>,
+    jobs: Arc<Jobs>,
 }
 
 pub struct Rauc {
@@ -64,7 +69,11 @@ pub struct Rauc {
 }
 
 impl Backend {
-    pub fn from_config(c: &OtaConfig) -> Result<Option<Backend>, OtaError> {
+    /// Blocking (reads the public keys): call it on the blocking pool.
+    pub(crate) fn from_config(
+        c: &OtaConfig,
+        jobs: &Arc<Jobs>,
+    ) -> Result<Option<Backend>, OtaError> {
         let env = |flavor, env: &Option<PathBuf>| -> Result<Backend, OtaError> {
             Ok(Backend::Env(EnvBackend {
                 flavor,
@@ -73,6 +82,7 @@ impl Backend {
                 cmdline: c.cmdline.clone(),
                 attempts: c.boot_attempts,
                 keys: bundle::load_keys(&c.public_keys)?,
+                jobs: jobs.clone(),
             }))
         };
         Ok(match c.backend {
@@ -107,8 +117,7 @@ impl Backend {
     pub async fn booted(&self) -> Result<String, OtaError> {
         match self {
             Backend::Env(e) => {
-                let path = e.cmdline.clone();
-                let text = smol::unblock(move || std::fs::read_to_string(&path))
+                let text = smol::fs::read_to_string(&e.cmdline)
                     .await
                     .map_err(|source| OtaError::Io {
                         what: format!("reading {}", e.cmdline.display()),
@@ -187,8 +196,8 @@ impl Backend {
                 e.apply(e.prepare_vars(booted, &target)).await?;
                 let image = staged.to_path_buf();
                 let p = progress.clone();
-                smol::unblock(move || {
-                    bundle::write_slot(&image, &dev, &m, |done, total| {
+                writer::run(&e.jobs, move |cancel| {
+                    bundle::write_slot(&image, &dev, &m, cancel, |done, total| {
                         p((done * 100 / total.max(1)).min(99) as u8, "writing");
                     })
                 })
@@ -254,6 +263,25 @@ impl Backend {
                 if primary != good {
                     return Err(OtaError::Unconfirmed(format!(
                         "after rollback, RAUC's primary is {primary}, not {good}"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// After an install failed or timed out: the booted slot is the one
+    /// booted next, whatever the install got to; verified.
+    pub async fn restore_booted(&self, booted: &str) -> Result<(), OtaError> {
+        match self {
+            Backend::Env(e) => e.apply(e.rollback_vars(&e.other(booted)?, booted)).await,
+            Backend::Rauc(r) => {
+                let _: (String, String) = r.call("Mark", &("active", "booted")).await?;
+                let slots = r.slots().await?;
+                let primary = r.primary_bootname(&slots).await?;
+                if primary != booted {
+                    return Err(OtaError::Unconfirmed(format!(
+                        "after Mark active booted, RAUC's primary is {primary}, not {booted}"
                     )));
                 }
                 Ok(())
@@ -404,17 +432,20 @@ impl EnvBackend {
 
     /// Every variable of the environment.
     async fn read(&self) -> Result<BTreeMap<String, String>, OtaError> {
-        let env = self.env.clone();
-        let flavor = self.flavor;
-        let out = smol::unblock(move || match flavor {
-            Flavor::Uboot => Command::new("fw_printenv").arg("-c").arg(&env).output(),
-            Flavor::Grub => Command::new("grub-editenv").arg(&env).arg("list").output(),
-        })
-        .await
-        .map_err(|source| OtaError::Io {
-            what: "running the environment reader".into(),
-            source,
-        })?;
+        let mut cmd = match self.flavor {
+            Flavor::Uboot => Command::new("fw_printenv"),
+            Flavor::Grub => Command::new("grub-editenv"),
+        };
+        match self.flavor {
+            Flavor::Uboot => cmd.arg("-c").arg(&self.env),
+            Flavor::Grub => cmd.arg(&self.env).arg("list"),
+        };
+        let out = writer::run(&self.jobs, move |_| run_tools(vec![cmd]))
+            .await
+            .map_err(|source| OtaError::Io {
+                what: "running the environment reader".into(),
+                source,
+            })?;
         if !out.status.success() {
             return Err(OtaError::Backend(format!(
                 "reading the boot environment failed ({}): {}",
@@ -431,42 +462,36 @@ impl EnvBackend {
 
     /// Sets `vars` (in order), then reads back and compares.
     async fn apply(&self, vars: Vars) -> Result<(), OtaError> {
-        let env = self.env.clone();
-        let flavor = self.flavor;
-        let list = vars.clone();
-        let out = smol::unblock(move || match flavor {
-            Flavor::Uboot => {
-                // One fw_setenv per variable, in the listed order, which
-                // keeps every intermediate environment safe to boot (see
-                // the *_vars builders). Not a script: u-boot-tools wants
-                // "name value" lines, libubootenv "name=value", and
-                // libubootenv silently ignores the other form.
-                let mut last = None;
-                for (k, v) in &list {
-                    let out = Command::new("fw_setenv")
-                        .arg("-c")
-                        .arg(&env)
-                        .args([k, v.as_str()])
-                        .output()?;
-                    let failed = !out.status.success();
-                    last = Some(out);
-                    if failed {
-                        break;
-                    }
-                }
-                last.ok_or_else(|| std::io::Error::other("no variables to set"))
+        let cmds = match self.flavor {
+            // One fw_setenv per variable, in the listed order, which keeps
+            // every intermediate environment safe to boot (see the *_vars
+            // builders). Not a script: u-boot-tools wants "name value"
+            // lines, libubootenv "name=value", and libubootenv silently
+            // ignores the other form.
+            Flavor::Uboot => vars
+                .iter()
+                .map(|(k, v)| {
+                    let mut c = Command::new("fw_setenv");
+                    c.arg("-c").arg(&self.env).args([k, v.as_str()]);
+                    c
+                })
+                .collect(),
+            Flavor::Grub => {
+                let mut c = Command::new("grub-editenv");
+                c.arg(&self.env)
+                    .arg("set")
+                    .args(vars.iter().map(|(k, v)| format!("{k}={v}")));
+                vec![c]
             }
-            Flavor::Grub => Command::new("grub-editenv")
-                .arg(&env)
-                .arg("set")
-                .args(list.iter().map(|(k, v)| format!("{k}={v}")))
-                .output(),
-        })
-        .await
-        .map_err(|source| OtaError::Io {
-            what: format!("running {}", self.tool()),
-            source,
-        })?;
+        };
+        // Not cancelled once begun: every prefix of the list is a safe
+        // environment, but a half-run list is not what was verified.
+        let out = writer::run(&self.jobs, move |_| run_tools(cmds))
+            .await
+            .map_err(|source| OtaError::Io {
+                what: format!("running {}", self.tool()),
+                source,
+            })?;
         if !out.status.success() {
             return Err(OtaError::Backend(format!(
                 "{} failed ({}): {}",
@@ -486,6 +511,24 @@ impl EnvBackend {
         }
         Ok(())
     }
+}
+
+/// Runs `cmds` in order, stopping at the first that fails; the last
+/// output.
+// Runs on the blocking pool as a counted job (`EnvBackend::read`/`apply`
+// through `writer::run`), never on the executor.
+#[allow(clippy::disallowed_methods)]
+fn run_tools(cmds: Vec<Command>) -> std::io::Result<Output> {
+    let mut last = None;
+    for mut c in cmds {
+        let out = c.output()?;
+        let failed = !out.status.success();
+        last = Some(out);
+        if failed {
+            break;
+        }
+    }
+    last.ok_or_else(|| std::io::Error::other("no variables to set"))
 }
 
 fn intern(s: String) -> &'static str {
@@ -658,6 +701,7 @@ mod tests {
             cmdline: PathBuf::new(),
             attempts: 3,
             keys: Vec::new(),
+            jobs: Arc::default(),
         };
         assert_eq!(
             e.activate_vars("A", "B"),
