@@ -289,6 +289,33 @@ impl Backend {
         }
     }
 
+    /// After a fallback to `good` (the bootloader's or a rollback a power
+    /// cut interrupted): as `rollback`, but writes nothing when the
+    /// environment already says so, since this runs at every start.
+    pub async fn settle_rollback(&self, bad: &str, good: &str) -> Result<(), OtaError> {
+        match self {
+            Backend::Env(e) => {
+                let vars = e.read().await?;
+                let wanted = e.rollback_vars(bad, good);
+                if wanted.iter().all(|(k, v)| vars.get(*k) == Some(v)) {
+                    return Ok(());
+                }
+                e.apply(wanted).await
+            }
+            Backend::Rauc(r) => {
+                let slots = r.slots().await?;
+                let primary = r.primary_bootname(&slots).await?;
+                let marked = slots
+                    .iter()
+                    .any(|s| s.bootname == bad && s.boot_status == "bad");
+                if primary == good && marked {
+                    return Ok(());
+                }
+                self.rollback(bad, good).await
+            }
+        }
+    }
+
     /// On an ordinary boot (no deployment in flight): the booted, committed
     /// slot gets its try counter back, as `rauc-mark-good.service` does.
     pub async fn keep_good(&self, booted: &str) -> Result<(), OtaError> {
@@ -462,7 +489,7 @@ impl EnvBackend {
 
     /// Sets `vars` (in order), then reads back and compares.
     async fn apply(&self, vars: Vars) -> Result<(), OtaError> {
-        let cmds = match self.flavor {
+        let job = match self.flavor {
             // One fw_setenv per variable, in the listed order, which keeps
             // every intermediate environment safe to boot (see the *_vars
             // builders). Not a script: u-boot-tools wants "name value"
@@ -475,23 +502,24 @@ impl EnvBackend {
                     c.arg("-c").arg(&self.env).args([k, v.as_str()]);
                     c
                 })
-                .collect(),
-            Flavor::Grub => {
-                let mut c = Command::new("grub-editenv");
-                c.arg(&self.env)
-                    .arg("set")
-                    .args(vars.iter().map(|(k, v)| format!("{k}={v}")));
-                vec![c]
-            }
+                .collect::<Vec<_>>()
+                .into(),
+            Flavor::Grub => EnvJob::Grub {
+                env: self.env.clone(),
+                set: vars.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            },
         };
         // Not cancelled once begun: every prefix of the list is a safe
         // environment, but a half-run list is not what was verified.
-        let out = writer::run(&self.jobs, move |_| run_tools(cmds))
-            .await
-            .map_err(|source| OtaError::Io {
-                what: format!("running {}", self.tool()),
-                source,
-            })?;
+        let out = writer::run(&self.jobs, move |_| match job {
+            EnvJob::Tools(cmds) => run_tools(cmds),
+            EnvJob::Grub { env, set } => grub_set(&env, &set),
+        })
+        .await
+        .map_err(|source| OtaError::Io {
+            what: format!("running {}", self.tool()),
+            source,
+        })?;
         if !out.status.success() {
             return Err(OtaError::Backend(format!(
                 "{} failed ({}): {}",
@@ -511,6 +539,49 @@ impl EnvBackend {
         }
         Ok(())
     }
+}
+
+/// An environment write, as run on the blocking pool.
+enum EnvJob {
+    Tools(Vec<Command>),
+    Grub { env: PathBuf, set: Vec<String> },
+}
+
+impl From<Vec<Command>> for EnvJob {
+    fn from(cmds: Vec<Command>) -> EnvJob {
+        EnvJob::Tools(cmds)
+    }
+}
+
+/// `grub-editenv set` made atomic. grub-editenv rewrites the file in place
+/// (open with O_TRUNC, then write): a power cut between the two leaves an
+/// empty, invalid block, and GRUB then boots with no variables at all. So
+/// a copy is edited (grub-editenv fsyncs it) and renamed over the original,
+/// and the directory is synced: after a power cut the file is the old
+/// environment or the new one.
+// Runs on the blocking pool as a counted job (`EnvBackend::apply`).
+#[allow(clippy::disallowed_methods)]
+fn grub_set(env: &Path, set: &[String]) -> std::io::Result<Output> {
+    let mut name = env.file_name().unwrap_or_default().to_owned();
+    name.push(".konsul-new");
+    let tmp = env.with_file_name(name);
+    std::fs::copy(env, &tmp)?;
+    let out = Command::new("grub-editenv")
+        .arg(&tmp)
+        .arg("set")
+        .args(set)
+        .output()?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(out);
+    }
+    std::fs::rename(&tmp, env)?;
+    let dir = env
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(out)
 }
 
 /// Runs `cmds` in order, stopping at the first that fails; the last

@@ -74,6 +74,10 @@ impl Ota {
         if let Err(e) = self.recover(backend, &booted).await {
             log::error!("ota: recovery after start: {e}");
         }
+        log::info!(
+            "ota: start-up checks done (state {})",
+            self.deployment().state.as_str()
+        );
         let mut gate_begun = false;
         loop {
             let listener = self.inner.wake.listen();
@@ -139,6 +143,7 @@ impl Ota {
                 .await?;
             }
             State::PendingReboot if rebooted => {
+                self.fell_back(backend, &d.target_slot, booted).await;
                 self.save(
                     Deployment {
                         state: State::RolledBack,
@@ -153,6 +158,7 @@ impl Ota {
                 .await?;
             }
             State::BootedPendingCommit if booted != d.target_slot => {
+                self.fell_back(backend, &d.target_slot, booted).await;
                 self.save(
                     Deployment {
                         state: State::RolledBack,
@@ -205,6 +211,13 @@ impl Ota {
                 log::warn!("ota: rolled back but still on slot {booted}: rebooting again");
                 self.run_reboot().await;
             }
+            State::Failed | State::RolledBack
+                if !d.target_slot.is_empty() && booted != d.target_slot =>
+            {
+                // A rollback whose environment write a power cut stopped is
+                // finished here; a no-op (nothing written) when complete.
+                self.fell_back(backend, &d.target_slot, booted).await;
+            }
             State::Idle
             | State::Committed
             | State::Failed
@@ -216,6 +229,16 @@ impl Ota {
             }
         }
         Ok(())
+    }
+
+    /// The bootloader fell back to `booted` (or a rollback ended there):
+    /// the update's slot is marked bad and `booted` is the one booted next,
+    /// so a later boot whose try flags are spent (a power cut before this
+    /// daemon refilled them) cannot pick the rolled-back slot again.
+    async fn fell_back(&self, backend: &Backend, bad: &str, booted: &str) {
+        if let Err(e) = backend.settle_rollback(bad, booted).await {
+            log::warn!("ota: could not mark slot {bad} bad after the fallback to {booted}: {e}");
+        }
     }
 
     async fn step(&self, backend: &Backend, booted: &str, gate_begun: &mut bool) -> Wait {
