@@ -208,7 +208,12 @@ impl Ota {
                 }
             }
             State::RolledBack if booted == d.target_slot && booted != d.from_slot => {
+                // The bootloader chose the rolled-back slot again (its try
+                // flags spent by a power cut before the old slot's daemon
+                // refilled them): the environment is put right before the
+                // reboot, or this would repeat at every boot.
                 log::warn!("ota: rolled back but still on slot {booted}: rebooting again");
+                self.fell_back(backend, booted, &d.from_slot).await;
                 self.run_reboot().await;
             }
             State::Failed | State::RolledBack
