@@ -377,6 +377,8 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
 
 /// The listeners (TCP with TLS when configured, the Unix socket) and, in
 /// hub mode, the hub.
+// Set-up, before the executor runs (no watchdog yet).
+#[allow(clippy::disallowed_methods)]
 fn prepare(
     config: &Config,
     registry: &Registry,
@@ -529,6 +531,8 @@ async fn retention(devices: Devices) {
 /// Opens a store in `dir`, writes, reads back, closes, reopens and checks:
 /// a quick proof that SQLite and the write path work on this target (run
 /// under qemu for the cross builds).
+// A CLI command: no executor, nothing else to stall.
+#[allow(clippy::disallowed_methods)]
 pub fn selftest(dir: &std::path::Path) -> Result<String, DaemonError> {
     let path = dir.join("konsul-selftest.db");
     // The identity marker goes with the file: a leftover one would make

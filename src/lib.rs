@@ -4,6 +4,9 @@
 //! later D-Bus and sync) -> [`registry`] -> [`store`] (+ outbox) -> sync.
 //! See `docs/architecture.md` for the module map.
 
+// No blocking call on the executor (clippy.toml lists them; tests may block).
+#![cfg_attr(not(test), warn(clippy::disallowed_methods))]
+
 pub mod acl;
 pub mod app;
 pub mod cli;

@@ -55,6 +55,8 @@ fn priority(l: Level) -> u8 {
 }
 
 /// True when stderr is connected to the journal.
+// Start-up only (logging set-up in main); /proc, not a disk.
+#[allow(clippy::disallowed_methods)]
 pub fn stderr_is_journal() -> bool {
     let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
         return false;

@@ -23,6 +23,9 @@ pub struct Artifacts {
 impl Artifacts {
     /// Creates the directory, removes stale temp files and files without a
     /// row (a crash between rename and insert).
+    // Start-up only (`smol::block_on` in daemon set-up, before the executor
+    // and the watchdog run).
+    #[allow(clippy::disallowed_methods)]
     pub(crate) async fn open(store: Store, settings: Settings) -> Result<Artifacts, FirmwareError> {
         let dir = settings.dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, "create directory", e))?;
@@ -180,7 +183,7 @@ impl Artifacts {
                 })
             })
             .await??;
-        let _ = std::fs::remove_file(self.path_of(&sha));
+        let _ = smol::fs::remove_file(self.path_of(&sha)).await;
         Ok(())
     }
 
@@ -188,6 +191,8 @@ impl Artifacts {
     /// rollout does before it offers the artifact to anyone.
     pub(crate) async fn verify_stored(&self, a: &Artifact) -> Result<(), FirmwareError> {
         let path = self.path_of(&a.sha256);
+        // The closure runs on the blocking pool.
+        #[allow(clippy::disallowed_methods)]
         let computed = smol::unblock(move || {
             use std::io::Read;
             let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, "open", e))?;

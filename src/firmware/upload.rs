@@ -49,7 +49,10 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         if !self.tmp.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.tmp);
+            let tmp = std::mem::take(&mut self.tmp);
+            // Drop runs on the executor: the unlink goes to the blocking pool.
+            #[allow(clippy::disallowed_methods)]
+            smol::unblock(move || std::fs::remove_file(tmp)).detach();
         }
     }
 }
@@ -162,6 +165,8 @@ impl Artifacts {
         let tmp = std::mem::take(&mut up.tmp);
         let dir = self.settings.dir.clone();
         let dest2 = dest.clone();
+        // The closure runs on the blocking pool.
+        #[allow(clippy::disallowed_methods)]
         smol::unblock(move || {
             std::fs::rename(&tmp, &dest2).map_err(|e| {
                 let _ = std::fs::remove_file(&tmp);
@@ -256,7 +261,7 @@ impl Artifacts {
             .await??;
         for sha in evicted {
             log::info!("firmware {sha} evicted to stay under firmware.max_size");
-            let _ = std::fs::remove_file(self.path_of(&sha));
+            let _ = smol::fs::remove_file(self.path_of(&sha)).await;
         }
         Ok(())
     }
@@ -284,6 +289,8 @@ impl Artifacts {
             .await?;
         // Hash what is on disk (the file may have been resumed).
         let path = part.clone();
+        // The closure runs on the blocking pool.
+        #[allow(clippy::disallowed_methods)]
         let (ctx, file_len) = smol::unblock(move || {
             use std::io::Read;
             let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, "open", e))?;

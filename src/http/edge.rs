@@ -204,6 +204,8 @@ impl App {
                 match method {
                     Method::POST => {
                         let ms: u64 = query.get("ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
+                        // The job runs on the store thread, which it wedges on purpose.
+                        #[allow(clippy::disallowed_methods)]
                         let queued = self.registry.store().spawn_job(move |_| {
                             std::thread::sleep(Duration::from_millis(ms));
                         });

@@ -114,6 +114,8 @@ impl Server {
     /// may connect (mode 0666): who they are comes from the kernel
     /// (SO_PEERCRED), and the access policy decides what they may do. A
     /// stale socket from a crash is replaced; any other file is not.
+    // Set-up, before the executor runs.
+    #[allow(clippy::disallowed_methods)]
     pub fn bind_unix(path: &std::path::Path) -> Result<Server, HttpError> {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};
         let bind_err = |source| HttpError::Bind {
@@ -279,8 +281,7 @@ impl Server {
             );
         }
         if let Listener::Unix(_, path) = &self.listener {
-            // Blocking, but once, at shutdown, on a tmpfs path.
-            let _ = std::fs::remove_file(path);
+            let _ = smol::fs::remove_file(path).await;
         }
     }
 }

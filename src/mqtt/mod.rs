@@ -108,6 +108,8 @@ pub struct Settings {
 }
 
 impl Settings {
+    // Set-up, before the executor runs.
+    #[allow(clippy::disallowed_methods)]
     pub fn from_config(c: &crate::config::Config, node_id: &str) -> Result<Settings, MqttError> {
         let m = &c.mqtt;
         let password = match &m.password_file {

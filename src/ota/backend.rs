@@ -20,17 +20,21 @@
 //! unbootable (LEFT=0 / OK=0) and moved last in the order: a power cut in
 //! the middle of the write can never boot half an image.
 //!
-//! Every external command runs on the blocking pool.
+//! Every external command and file access runs on the blocking pool as a
+//! counted job (`writer`), never on the executor: the coordinator waits for
+//! a timed-out step's jobs before it moves on, so two writers of a slot or
+//! of the environment never overlap.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::Arc;
 
 use smol::stream::StreamExt;
 use zbus::zvariant::OwnedValue;
 
 use super::bundle::{self, Manifest};
+use super::writer::{self, Jobs};
 use super::OtaError;
 use crate::config::{Ota as OtaConfig, OtaBackend};
 
@@ -56,6 +60,7 @@ pub struct EnvBackend {
     cmdline: PathBuf,
     attempts: u32,
     keys: Vec<Vec<u8>>,
+    jobs: Arc<Jobs>,
 }
 
 pub struct Rauc {
@@ -64,7 +69,11 @@ pub struct Rauc {
 }
 
 impl Backend {
-    pub fn from_config(c: &OtaConfig) -> Result<Option<Backend>, OtaError> {
+    /// Blocking (reads the public keys): call it on the blocking pool.
+    pub(crate) fn from_config(
+        c: &OtaConfig,
+        jobs: &Arc<Jobs>,
+    ) -> Result<Option<Backend>, OtaError> {
         let env = |flavor, env: &Option<PathBuf>| -> Result<Backend, OtaError> {
             Ok(Backend::Env(EnvBackend {
                 flavor,
@@ -73,6 +82,7 @@ impl Backend {
                 cmdline: c.cmdline.clone(),
                 attempts: c.boot_attempts,
                 keys: bundle::load_keys(&c.public_keys)?,
+                jobs: jobs.clone(),
             }))
         };
         Ok(match c.backend {
@@ -107,8 +117,7 @@ impl Backend {
     pub async fn booted(&self) -> Result<String, OtaError> {
         match self {
             Backend::Env(e) => {
-                let path = e.cmdline.clone();
-                let text = smol::unblock(move || std::fs::read_to_string(&path))
+                let text = smol::fs::read_to_string(&e.cmdline)
                     .await
                     .map_err(|source| OtaError::Io {
                         what: format!("reading {}", e.cmdline.display()),
@@ -187,8 +196,8 @@ impl Backend {
                 e.apply(e.prepare_vars(booted, &target)).await?;
                 let image = staged.to_path_buf();
                 let p = progress.clone();
-                smol::unblock(move || {
-                    bundle::write_slot(&image, &dev, &m, |done, total| {
+                writer::run(&e.jobs, move |cancel| {
+                    bundle::write_slot(&image, &dev, &m, cancel, |done, total| {
                         p((done * 100 / total.max(1)).min(99) as u8, "writing");
                     })
                 })
@@ -257,6 +266,52 @@ impl Backend {
                     )));
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// After an install failed or timed out: the booted slot is the one
+    /// booted next, whatever the install got to; verified.
+    pub async fn restore_booted(&self, booted: &str) -> Result<(), OtaError> {
+        match self {
+            Backend::Env(e) => e.apply(e.rollback_vars(&e.other(booted)?, booted)).await,
+            Backend::Rauc(r) => {
+                let _: (String, String) = r.call("Mark", &("active", "booted")).await?;
+                let slots = r.slots().await?;
+                let primary = r.primary_bootname(&slots).await?;
+                if primary != booted {
+                    return Err(OtaError::Unconfirmed(format!(
+                        "after Mark active booted, RAUC's primary is {primary}, not {booted}"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// After a fallback to `good` (the bootloader's or a rollback a power
+    /// cut interrupted): as `rollback`, but writes nothing when the
+    /// environment already says so, since this runs at every start.
+    pub async fn settle_rollback(&self, bad: &str, good: &str) -> Result<(), OtaError> {
+        match self {
+            Backend::Env(e) => {
+                let vars = e.read().await?;
+                let wanted = e.rollback_vars(bad, good);
+                if wanted.iter().all(|(k, v)| vars.get(*k) == Some(v)) {
+                    return Ok(());
+                }
+                e.apply(wanted).await
+            }
+            Backend::Rauc(r) => {
+                let slots = r.slots().await?;
+                let primary = r.primary_bootname(&slots).await?;
+                let marked = slots
+                    .iter()
+                    .any(|s| s.bootname == bad && s.boot_status == "bad");
+                if primary == good && marked {
+                    return Ok(());
+                }
+                self.rollback(bad, good).await
             }
         }
     }
@@ -404,17 +459,20 @@ impl EnvBackend {
 
     /// Every variable of the environment.
     async fn read(&self) -> Result<BTreeMap<String, String>, OtaError> {
-        let env = self.env.clone();
-        let flavor = self.flavor;
-        let out = smol::unblock(move || match flavor {
-            Flavor::Uboot => Command::new("fw_printenv").arg("-c").arg(&env).output(),
-            Flavor::Grub => Command::new("grub-editenv").arg(&env).arg("list").output(),
-        })
-        .await
-        .map_err(|source| OtaError::Io {
-            what: "running the environment reader".into(),
-            source,
-        })?;
+        let mut cmd = match self.flavor {
+            Flavor::Uboot => Command::new("fw_printenv"),
+            Flavor::Grub => Command::new("grub-editenv"),
+        };
+        match self.flavor {
+            Flavor::Uboot => cmd.arg("-c").arg(&self.env),
+            Flavor::Grub => cmd.arg(&self.env).arg("list"),
+        };
+        let out = writer::run(&self.jobs, move |_| run_tools(vec![cmd]))
+            .await
+            .map_err(|source| OtaError::Io {
+                what: "running the environment reader".into(),
+                source,
+            })?;
         if !out.status.success() {
             return Err(OtaError::Backend(format!(
                 "reading the boot environment failed ({}): {}",
@@ -431,36 +489,31 @@ impl EnvBackend {
 
     /// Sets `vars` (in order), then reads back and compares.
     async fn apply(&self, vars: Vars) -> Result<(), OtaError> {
-        let env = self.env.clone();
-        let flavor = self.flavor;
-        let list = vars.clone();
-        let out = smol::unblock(move || match flavor {
-            Flavor::Uboot => {
-                // One fw_setenv per variable, in the listed order, which
-                // keeps every intermediate environment safe to boot (see
-                // the *_vars builders). Not a script: u-boot-tools wants
-                // "name value" lines, libubootenv "name=value", and
-                // libubootenv silently ignores the other form.
-                let mut last = None;
-                for (k, v) in &list {
-                    let out = Command::new("fw_setenv")
-                        .arg("-c")
-                        .arg(&env)
-                        .args([k, v.as_str()])
-                        .output()?;
-                    let failed = !out.status.success();
-                    last = Some(out);
-                    if failed {
-                        break;
-                    }
-                }
-                last.ok_or_else(|| std::io::Error::other("no variables to set"))
-            }
-            Flavor::Grub => Command::new("grub-editenv")
-                .arg(&env)
-                .arg("set")
-                .args(list.iter().map(|(k, v)| format!("{k}={v}")))
-                .output(),
+        let job = match self.flavor {
+            // One fw_setenv per variable, in the listed order, which keeps
+            // every intermediate environment safe to boot (see the *_vars
+            // builders). Not a script: u-boot-tools wants "name value"
+            // lines, libubootenv "name=value", and libubootenv silently
+            // ignores the other form.
+            Flavor::Uboot => vars
+                .iter()
+                .map(|(k, v)| {
+                    let mut c = Command::new("fw_setenv");
+                    c.arg("-c").arg(&self.env).args([k, v.as_str()]);
+                    c
+                })
+                .collect::<Vec<_>>()
+                .into(),
+            Flavor::Grub => EnvJob::Grub {
+                env: self.env.clone(),
+                set: vars.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            },
+        };
+        // Not cancelled once begun: every prefix of the list is a safe
+        // environment, but a half-run list is not what was verified.
+        let out = writer::run(&self.jobs, move |_| match job {
+            EnvJob::Tools(cmds) => run_tools(cmds),
+            EnvJob::Grub { env, set } => grub_set(&env, &set),
         })
         .await
         .map_err(|source| OtaError::Io {
@@ -486,6 +539,67 @@ impl EnvBackend {
         }
         Ok(())
     }
+}
+
+/// An environment write, as run on the blocking pool.
+enum EnvJob {
+    Tools(Vec<Command>),
+    Grub { env: PathBuf, set: Vec<String> },
+}
+
+impl From<Vec<Command>> for EnvJob {
+    fn from(cmds: Vec<Command>) -> EnvJob {
+        EnvJob::Tools(cmds)
+    }
+}
+
+/// `grub-editenv set` made atomic. grub-editenv rewrites the file in place
+/// (open with O_TRUNC, then write): a power cut between the two leaves an
+/// empty, invalid block, and GRUB then boots with no variables at all. So
+/// a copy is edited (grub-editenv fsyncs it) and renamed over the original,
+/// and the directory is synced: after a power cut the file is the old
+/// environment or the new one.
+// Runs on the blocking pool as a counted job (`EnvBackend::apply`).
+#[allow(clippy::disallowed_methods)]
+fn grub_set(env: &Path, set: &[String]) -> std::io::Result<Output> {
+    let mut name = env.file_name().unwrap_or_default().to_owned();
+    name.push(".konsul-new");
+    let tmp = env.with_file_name(name);
+    std::fs::copy(env, &tmp)?;
+    let out = Command::new("grub-editenv")
+        .arg(&tmp)
+        .arg("set")
+        .args(set)
+        .output()?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(out);
+    }
+    std::fs::rename(&tmp, env)?;
+    let dir = env
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(out)
+}
+
+/// Runs `cmds` in order, stopping at the first that fails; the last
+/// output.
+// Runs on the blocking pool as a counted job (`EnvBackend::read`/`apply`
+// through `writer::run`), never on the executor.
+#[allow(clippy::disallowed_methods)]
+fn run_tools(cmds: Vec<Command>) -> std::io::Result<Output> {
+    let mut last = None;
+    for mut c in cmds {
+        let out = c.output()?;
+        let failed = !out.status.success();
+        last = Some(out);
+        if failed {
+            break;
+        }
+    }
+    last.ok_or_else(|| std::io::Error::other("no variables to set"))
 }
 
 fn intern(s: String) -> &'static str {
@@ -658,6 +772,7 @@ mod tests {
             cmdline: PathBuf::new(),
             attempts: 3,
             keys: Vec::new(),
+            jobs: Arc::default(),
         };
         assert_eq!(
             e.activate_vars("A", "B"),

@@ -16,9 +16,18 @@
 //! offset) and honours the bandwidth cap. A hub rollout's bundle is
 //! downloaded into the same staged file the same way (HTTP Range from its
 //! length, `sync::transport::Fetcher`), then verified by the same code.
+//!
+//! Everything here blocks and runs on the blocking pool (through
+//! `writer::run` or `smol::unblock`); the copy and the slot writer check
+//! their cancel flag per chunk, so a timed-out step stops them within one
+//! chunk.
+// Blocking-pool code only (module note): the executor's lint against
+// blocking calls does not apply here.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ring::digest::{Context, SHA256};
@@ -44,6 +53,8 @@ pub enum BundleError {
     Digest { expected: String, actual: String },
     #[error("image size mismatch: manifest says {expected} bytes, image has {actual}")]
     Size { expected: u64, actual: u64 },
+    #[error("{path}: writing stopped (cancelled after {done} bytes)")]
+    Cancelled { path: PathBuf, done: u64 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
@@ -178,6 +189,7 @@ pub fn stage(
     src: &Path,
     dst: &Path,
     rate: u64,
+    cancel: &AtomicBool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, BundleError> {
     let mut from = std::fs::File::open(src).map_err(io(src))?;
@@ -203,6 +215,12 @@ pub fn stage(
     let mut done = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(BundleError::Cancelled {
+                path: dst.to_path_buf(),
+                done: have + done,
+            });
+        }
         let n = from.read(&mut buf).map_err(io(src))?;
         if n == 0 {
             break;
@@ -257,12 +275,14 @@ pub fn check_image(path: &Path, m: &Manifest) -> Result<(), BundleError> {
 }
 
 /// Writes `image` to the slot device `dev`, syncs, and reads the written
-/// bytes back against the manifest digest: a device that drops writes is
-/// caught here, not at the next boot. Blocking.
+/// bytes back from the medium against the manifest digest ([`read_back`]):
+/// a device that drops writes is caught here, not at the next boot. Stops
+/// at the next chunk once `cancel` is set. Blocking.
 pub fn write_slot(
     image: &Path,
     dev: &Path,
     m: &Manifest,
+    cancel: &AtomicBool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), BundleError> {
     let mut from = std::fs::File::open(image).map_err(io(image))?;
@@ -274,6 +294,12 @@ pub fn write_slot(
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(BundleError::Cancelled {
+                path: dev.to_path_buf(),
+                done,
+            });
+        }
         let n = from.read(&mut buf).map_err(io(image))?;
         if n == 0 {
             break;
@@ -289,7 +315,25 @@ pub fn write_slot(
     }
     to.sync_all().map_err(io(dev))?;
     drop(to);
-    let (digest, n) = sha256_file(dev, Some(m.size))?;
+    read_back(dev, m)
+}
+
+/// The first `m.size` bytes of the slot `dev` against the manifest, read
+/// from the medium: after `sync_all` the page cache still holds what was
+/// written, and a device that dropped the writes would read back fine from
+/// there. So the cache is dropped (`BLKFLSBUF` for a block device, whose
+/// cache the kernel keeps while anyone else has it open, and
+/// `posix_fadvise(DONTNEED)`; its pages are clean after the sync), and the
+/// bytes are read with `O_DIRECT` where the filesystem has it. Blocking.
+pub fn read_back(dev: &Path, m: &Manifest) -> Result<(), BundleError> {
+    drop_cache(dev)?;
+    let (digest, n) = match sha256_direct(dev, m.size) {
+        Ok(r) => r,
+        // No O_DIRECT here (some filesystems refuse it): a buffered read,
+        // of a cache dropped just now.
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => sha256_file(dev, Some(m.size))?,
+        Err(e) => return Err(io(dev)(e)),
+    };
     if n != m.size || digest != m.sha256 {
         return Err(BundleError::Digest {
             expected: m.sha256.clone(),
@@ -297,6 +341,63 @@ pub fn write_slot(
         });
     }
     Ok(())
+}
+
+// BLKFLSBUF (linux/fs.h: _IO(0x12, 97)): flush and drop a block device's
+// buffer cache.
+nix::ioctl_none!(blkflsbuf, 0x12, 97);
+
+/// Drops what the kernel caches of `dev` (see [`read_back`]).
+fn drop_cache(dev: &Path) -> Result<(), BundleError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let f = std::fs::File::open(dev).map_err(io(dev))?;
+    if f.metadata().map_err(io(dev))?.file_type().is_block_device() {
+        // SAFETY: BLKFLSBUF takes no argument, and `f` stays open for the call.
+        if let Err(e) = unsafe { blkflsbuf(f.as_raw_fd()) } {
+            // Needs CAP_SYS_ADMIN; without it O_DIRECT still reads the medium.
+            log::debug!("ota: BLKFLSBUF on {}: {e}", dev.display());
+        }
+    }
+    // Advice only: O_DIRECT below does not depend on it.
+    if let Err(e) = nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    ) {
+        log::debug!("ota: posix_fadvise on {}: {e}", dev.display());
+    }
+    Ok(())
+}
+
+/// SHA-256 of the first `len` bytes of `path` read with `O_DIRECT`
+/// (aligned buffer, aligned offsets), and the number of bytes read.
+fn sha256_direct(path: &Path, len: u64) -> std::io::Result<(String, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Covers the logical block size of every device we write slots to.
+    const ALIGN: usize = 4096;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)?;
+    let mut raw = vec![0u8; CHUNK + ALIGN];
+    let off = raw.as_ptr().align_offset(ALIGN);
+    let buf = &mut raw[off..off + CHUNK];
+    let mut ctx = Context::new(&SHA256);
+    let mut total = 0u64;
+    while total < len {
+        let n = f.read(buf)?;
+        let take = n.min(usize::try_from(len - total).unwrap_or(usize::MAX));
+        ctx.update(&buf[..take]);
+        total += take as u64;
+        if n < CHUNK {
+            // The end (a file's last, short read): the next offset would
+            // not be aligned anyway.
+            break;
+        }
+    }
+    Ok((to_hex(ctx.finish().as_ref()), total))
 }
 
 #[cfg(test)]
@@ -346,7 +447,7 @@ mod tests {
         std::fs::write(&src, &data).unwrap();
         let dst = dir.path().join("staged");
         std::fs::write(&dst, &data[..70_000]).unwrap();
-        let n = stage(&src, &dst, 0, |_, _| {}).unwrap();
+        let n = stage(&src, &dst, 0, &AtomicBool::new(false), |_, _| {}).unwrap();
         assert_eq!(n, data.len() as u64);
         assert_eq!(std::fs::read(&dst).unwrap(), data);
         let (sha, _) = sha256_file(&src, None).unwrap();

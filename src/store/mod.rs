@@ -29,6 +29,10 @@
 //! reads), `tx` (the write transaction), `budget` (the size budget),
 //! `schema`, `sync_sql` (SQL behind sync).
 
+// Blocking by design: the database and its files are touched on the store's
+// own thread, and in `Store::open` before the executor runs.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
