@@ -16,7 +16,7 @@ quick=false
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use; installed only when missing.
-packages=(cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl
+packages=(python3 cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl
           u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools)
 missing=()
 for p in "${packages[@]}"; do
@@ -36,6 +36,9 @@ started=$(date +%s)
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "structure: no import cycle, no file over 800 lines, every module documented"
+python3 scripts/check-structure.py
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings

@@ -99,7 +99,7 @@ fn bus_label(bus: &str) -> String {
 /// Runs one command; returns what to print on stdout.
 pub fn run(cmd: &Command, opts: &Options) -> Result<String, CliError> {
     smol::block_on(async {
-        let conn = crate::dbus::builder(&opts.bus)
+        let conn = crate::support::bus::builder(&opts.bus)
             .map(|b| b.method_timeout(CALL_TIMEOUT))
             .map_err(|e| not_reachable(&opts.bus, e))?
             .build()

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::mqtt::payload::Reason;
+use crate::devices::payload::Reason;
 use crate::store::{Kind, Stats};
 
 /// What the MQTT bridge publishes, for the published counter.
@@ -338,50 +338,6 @@ impl Metrics {
     }
 }
 
-/// The OTA coordinator: one 0/1 series per state (so alerts can match
-/// `state="rolled-back"`), progress, and the gate's counters.
-pub fn render_ota(s: &crate::ota::Status, enabled: bool, out: &mut String) {
-    family(
-        out,
-        "gauge",
-        "konsul_edge_ota_state",
-        "A/B update state (1 = current).",
-        "state",
-        crate::ota::State::ALL
-            .into_iter()
-            .map(|st| (st.as_str(), u64::from(enabled && s.deployment.state == st))),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP konsul_edge_ota_info Backend, slots and the deployment (rollout: the hub rollout it carries out, empty for a local install).\n# TYPE konsul_edge_ota_info gauge\n\
-         konsul_edge_ota_info{{backend=\"{}\",booted_slot=\"{}\",target_slot=\"{}\",version=\"{}\",rollout=\"{}\"}} 1",
-        s.backend,
-        escape(&s.booted_slot),
-        escape(&s.deployment.target_slot),
-        escape(&s.deployment.version),
-        escape(&s.deployment.rollout)
-    );
-    for (name, help, v) in [
-        (
-            "konsul_edge_ota_progress_percent",
-            "Progress of the current OTA step.",
-            u64::from(s.progress),
-        ),
-        (
-            "konsul_edge_ota_gate_crashes",
-            "Daemon crashes during the current health gate.",
-            u64::from(s.deployment.crashes),
-        ),
-        (
-            "konsul_edge_ota_gate_interrupted_boots",
-            "Reboots during the current health gate (power cuts, resets).",
-            u64::from(s.deployment.boots),
-        ),
-    ] {
-        sample(out, "gauge", name, help, v);
-    }
-}
-
 /// One unlabelled sample with its HELP and TYPE lines.
 pub fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: u64) {
     let _ = writeln!(
@@ -391,7 +347,7 @@ pub fn sample(out: &mut String, kind: &str, name: &str, help: &str, value: u64) 
 }
 
 /// A metric with one label: HELP and TYPE, then a sample per label value.
-fn family<'a>(
+pub(crate) fn family<'a>(
     out: &mut String,
     kind: &str,
     name: &str,
@@ -405,7 +361,7 @@ fn family<'a>(
     }
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

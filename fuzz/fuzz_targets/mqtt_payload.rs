@@ -3,7 +3,7 @@
 //! accepted message satisfies the invariants the store relies on.
 #![no_main]
 
-use konsul_edge::mqtt::payload::{self, Inbound};
+use konsul_edge::devices::payload::{self, Inbound};
 use libfuzzer_sys::fuzz_target;
 
 const TOPICS: [&str; 9] = [

@@ -26,7 +26,6 @@ mod interfaces;
 use std::sync::Arc;
 
 use async_broadcast::RecvError;
-use zbus::connection::Builder;
 use zbus::fdo::RequestNameFlags;
 use zbus::object_server::SignalEmitter;
 
@@ -130,14 +129,7 @@ pub enum DbusError {
     Setup { bus: String, source: zbus::Error },
 }
 
-/// Which bus: `system`, `session`, or an address.
-pub fn builder(bus: &str) -> zbus::Result<Builder<'static>> {
-    match bus {
-        "system" => Builder::system(),
-        "session" => Builder::session(),
-        address => Builder::address(address),
-    }
-}
+pub use crate::support::bus::builder;
 
 /// A running D-Bus service. Dropping it closes the connection (the bus
 /// then releases the name).

@@ -12,7 +12,7 @@ use super::monitor::set_alert;
 use super::retention::{add_bytes, prune, row_bytes};
 use super::{Device, DeviceError, Devices, Effects, Outcome, Settings};
 use crate::clock::wall_millis;
-use crate::mqtt::payload::{self, Inbound, Registration};
+use crate::devices::payload::{self, Inbound, Registration};
 use crate::registry::{self, to_body as to_json, ServiceInput};
 use crate::store::{Kind, StoreError, Tx};
 

@@ -1,6 +1,6 @@
 //! The device registry: registrations, telemetry, heartbeats, events,
 //! health and alerts. Transport-free: the MQTT bridge parses messages
-//! ([`crate::mqtt::payload`]) and hands them here in batches; HTTP (and
+//! ([`crate::devices::payload`]) and hands them here in batches; HTTP (and
 //! later D-Bus) read through the query methods.
 //!
 //! What is replicated and what is local:
@@ -39,6 +39,7 @@
 //! handle.
 
 pub mod health;
+pub mod payload;
 // The MQTT bridge is ingest's only caller.
 #[cfg_attr(not(feature = "mqtt"), allow(dead_code))]
 mod ingest;
@@ -51,7 +52,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::mqtt::payload::Reason;
+use crate::devices::payload::Reason;
 use crate::registry::{ChangeOp, Registry};
 use crate::store::{Kind, StoreError};
 use health::{Rules, Signal};

@@ -1,6 +1,6 @@
 use super::health::{Health, Rules, Signal, Transition};
 use super::*;
-use crate::mqtt::payload::{parse, Inbound};
+use crate::devices::payload::{parse, Inbound};
 use crate::registry::{Limits, ServiceInput};
 use crate::store::{Store, StoreOptions};
 

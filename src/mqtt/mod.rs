@@ -61,7 +61,9 @@ mod bridge;
 mod ingest;
 #[cfg(feature = "mqtt")]
 mod outbox;
-pub mod payload;
+/// The device message schema lives with the devices it describes; the
+/// bridge only carries it.
+pub use crate::devices::payload;
 #[cfg(feature = "mqtt")]
 mod rejections;
 

@@ -632,7 +632,7 @@ impl Rauc {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let c = crate::dbus::builder(&self.bus)
+        let c = crate::support::bus::builder(&self.bus)
             .map_err(OtaError::Rauc)?
             .build()
             .await

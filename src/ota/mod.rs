@@ -83,9 +83,12 @@ pub mod bundle;
 mod commands;
 mod coordinator;
 mod gate;
+mod metrics;
 pub mod rollout;
 mod shell;
 mod writer;
+
+pub use metrics::render_metrics;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -103,7 +103,7 @@ pub struct Spec {
 }
 
 fn valid_id(id: &str) -> bool {
-    crate::mqtt::payload::valid_id(id) && id.len() <= 64
+    crate::devices::payload::valid_id(id) && id.len() <= 64
 }
 
 /// Validates a spec into the record (not yet stored).
@@ -136,7 +136,7 @@ pub fn from_spec(spec: Spec, now_ms: u64) -> Result<HostRollout, OtaError> {
     if let Some(e) = spec
         .edges
         .iter()
-        .find(|e| !crate::mqtt::payload::valid_id(e))
+        .find(|e| !crate::devices::payload::valid_id(e))
     {
         return Err(invalid(format!(
             "edges: `{}` is not a node id",

@@ -78,7 +78,7 @@ use std::sync::Arc;
 
 use super::{Artifacts, FirmwareError};
 use crate::clock::wall_millis;
-use crate::mqtt::payload::UpdateReport;
+use crate::devices::payload::UpdateReport;
 use crate::registry::Registry;
 use crate::store::{Kind, StoreError};
 use crate::sync::transport::Fetcher;
@@ -113,7 +113,7 @@ struct Inner {
 }
 
 fn valid_id(id: &str) -> bool {
-    crate::mqtt::payload::valid_id(id) && id.len() <= 64
+    crate::devices::payload::valid_id(id) && id.len() <= 64
 }
 
 impl Rollouts {
@@ -195,7 +195,7 @@ impl Rollouts {
         if spec
             .devices
             .iter()
-            .any(|d| !crate::mqtt::payload::valid_id(d))
+            .any(|d| !crate::devices::payload::valid_id(d))
         {
             return Err(invalid(
                 "devices",

@@ -13,11 +13,38 @@ use super::model::{DeviceRollout, EdgeRun, Rollout, State, Summary};
 use crate::registry;
 use crate::store::{Kind, StoreError, Tx};
 
+/// What firmware needs to know of a host rollout (`ota::rollout`, which
+/// sits above firmware and uses its artifact store): which bundle it
+/// serves from here. Read from the record directly, so firmware does not
+/// import the OTA coordinator back.
+#[derive(serde::Deserialize)]
+struct HostPin {
+    #[serde(default)]
+    url: String,
+    #[serde(default)]
+    sha256: String,
+}
+
+/// Host rollouts' records (`rollout/host/...`); unreadable ones pin nothing.
+fn host_pins(tx: &Tx<'_>) -> rusqlite::Result<Vec<HostPin>> {
+    // `0` sorts right after `/`: the range is exactly the prefix.
+    let mut st = tx.conn().prepare_cached(
+        "SELECT body FROM records WHERE kind = 'rollout' AND tombstone = 0
+         AND key > 'host/' AND key < 'host0'",
+    )?;
+    let bodies = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(bodies
+        .iter()
+        .filter_map(|b| serde_json::from_str(b).ok())
+        .collect())
+}
+
 /// Artifacts that live rollouts name, and the bundles host rollouts serve
-/// from here (`ota::rollout`, until deleted): never evicted.
+/// from here (until deleted): never evicted.
 pub(crate) fn pinned_artifacts(tx: &Tx<'_>) -> Result<HashSet<String>, StoreError> {
-    let hosts =
-        crate::ota::rollout::load(tx.conn()).map_err(|e| tx.sql_error("list host rollouts", e))?;
+    let hosts = host_pins(tx).map_err(|e| tx.sql_error("list host rollouts", e))?;
     Ok(load_local(tx)?
         .into_iter()
         .filter(|l| l.rollout.state.is_live())

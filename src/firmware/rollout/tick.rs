@@ -11,7 +11,7 @@ use super::model::{DevState, DeviceRollout, EdgeRun, Offer, Rollout, State};
 use super::records::{
     bad_record, load_local, load_progress, write_device, write_rollout, write_run, Local,
 };
-use crate::mqtt::payload::UpdateReport;
+use crate::devices::payload::UpdateReport;
 use crate::store::{Kind, StoreError, Tx};
 
 /// Progress is written (replicated) in steps of this many percent.
