@@ -825,3 +825,33 @@ fn a_second_daemon_does_not_take_the_first_ones_socket() {
     let (status, _) = unix_http(&sock, false, "GET", "/health/live", None);
     assert_eq!(status, 200, "the first daemon still serves its socket");
 }
+
+#[test]
+fn status_json_and_the_http_status_carry_the_same_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = shipped_bus(dir.path());
+    let d = start(dir.path(), &bus, "", "");
+    let out = run(Command::new(BIN).args(["status", "--json", "--bus", &bus.address]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let http = request_anon(
+        &d.addr,
+        "GET",
+        "/v1/edge/status",
+        None,
+        &[("X-API-Key", ADMIN_TOKEN)],
+    )
+    .json();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&cli), keys(&http), "cli {cli}\nhttp {http}");
+    assert_eq!(cli["node_id"], http["node_id"]);
+    assert_eq!(cli["ota"]["state"], http["ota"]["state"]);
+}
