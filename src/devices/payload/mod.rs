@@ -97,7 +97,11 @@ impl Inbound {
 }
 
 pub fn valid_id(id: &str) -> bool {
+    // `.` and `..` are path segments, not names: `/v1/edge/devices/..`
+    // could never reach such a device.
     !id.is_empty()
+        && id != "."
+        && id != ".."
         && id.len() <= MAX_ID_LEN
         && id
             .bytes()
@@ -301,6 +305,15 @@ mod tests {
 
     fn reason(topic: &str, payload: &str) -> Reason {
         p(topic, payload).unwrap_err().reason()
+    }
+
+    #[test]
+    fn dot_segments_are_not_device_ids() {
+        for id in [".", ".."] {
+            assert!(!valid_id(id), "{id}");
+            assert!(p(&format!("devices/{id}/register"), r#"{"type":"x"}"#).is_err());
+        }
+        assert!(valid_id("a.b") && valid_id("..a"));
     }
 
     #[test]
