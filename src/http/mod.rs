@@ -364,3 +364,32 @@ enum Ended {
     Stop,
     Evicted,
 }
+
+/// Entry points for the fuzz targets (`fuzz/`): the request-target handling
+/// every request goes through before a handler runs, without a socket.
+#[doc(hidden)]
+pub mod testing {
+    use super::access::route_access;
+    use super::query::{check_target, percent_decode, query_pairs};
+
+    /// Checks `target` (path and query) as the router does, then
+    /// classifies it for the access check. None: refused as malformed (400).
+    pub fn classify(method: &str, target: &str) -> Option<(String, String)> {
+        let method = hyper::Method::from_bytes(method.as_bytes()).ok()?;
+        let uri: hyper::Uri = target.parse().ok()?;
+        check_target(&uri).ok()?;
+        let _ = query_pairs(uri.query());
+        let path = uri.path();
+        // A path that passed the check decodes, segment by segment.
+        for seg in path.split('/') {
+            assert!(percent_decode(seg).is_ok(), "checked, yet {seg:?} does not decode");
+        }
+        Some(match route_access(&method, path) {
+            Some((resource, cap)) => (
+                format!("{} {}", resource.kind(), resource.path()),
+                cap.as_str().to_owned(),
+            ),
+            None => (String::new(), String::new()),
+        })
+    }
+}
