@@ -31,29 +31,9 @@ impl Drop for Bus {
     }
 }
 
-/// system.conf's defaults plus the shipped systemd/io.konsul.Edge1.conf.
+/// A private bus whose policy is the shipped one.
 fn shipped_bus(dir: &Path) -> Bus {
-    let rules = format!(
-        r#"
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <include>{}</include>"#,
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("systemd/io.konsul.Edge1.conf")
-            .display()
-    );
+    let rules = shipped_bus_policy();
     let (child, address) = private_bus_with(dir, &rules);
     Bus { child, address }
 }

@@ -382,7 +382,10 @@ pub mod testing {
         let path = uri.path();
         // A path that passed the check decodes, segment by segment.
         for seg in path.split('/') {
-            assert!(percent_decode(seg).is_ok(), "checked, yet {seg:?} does not decode");
+            assert!(
+                percent_decode(seg).is_ok(),
+                "checked, yet {seg:?} does not decode"
+            );
         }
         Some(match route_access(&method, path) {
             Some((resource, cap)) => (

@@ -415,6 +415,35 @@ pub const OPEN_BUS_POLICY: &str = r#"
     <allow eavesdrop="true"/>
   </policy>"#;
 
+/// system.conf's defaults plus the shipped `systemd/io.konsul.Edge1.conf`:
+/// a private bus whose policy mirrors a device's system bus.
+pub fn shipped_bus_policy() -> String {
+    format!(
+        r#"
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
+  <include>{}</include>"#,
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("systemd/io.konsul.Edge1.conf")
+            .display()
+    )
+}
+
 /// A private dbus-daemon that allows everything; returns it with its
 /// address. Kill it when done.
 pub fn private_bus(dir: &Path) -> (Child, String) {
