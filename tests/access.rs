@@ -11,7 +11,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command};
 
 use common::*;
 
@@ -64,28 +64,6 @@ fn start(dir: &Path, bus: &Bus, acl_keys: &str, tokens: &str) -> Daemon {
     Daemon::start(dir)
 }
 
-/// Runs a command to completion within the deadline.
-fn run(cmd: &mut Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("{cmd:?} did not finish within {DEADLINE:?}");
-        }
-    }
-}
-
 fn as_user(nobody: bool, program: &str) -> Command {
     if nobody {
         let mut c = Command::new("setpriv");
@@ -121,7 +99,7 @@ fn unix_http(
         cmd.args(["--data-binary", b]);
     }
     cmd.arg(format!("http://localhost{path}"));
-    let out = run(&mut cmd);
+    let out = run_bounded(&mut cmd);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_owned())
@@ -139,7 +117,7 @@ fn dbus(bus: &Bus, nobody: bool, method: &str, args: &[&str]) -> (bool, String) 
         ])
         .args(["--timeout", "15", "--method", method])
         .args(args);
-    let out = run(&mut cmd);
+    let out = run_bounded(&mut cmd);
     (
         out.status.success(),
         format!(
@@ -791,10 +769,12 @@ fn a_second_daemon_does_not_take_the_first_ones_socket() {
         ),
     )
     .unwrap();
-    let out = run(Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(other.path().join("edge.yaml"))
-        .env_remove("NOTIFY_SOCKET"));
+    let out = run_bounded(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(other.path().join("edge.yaml"))
+            .env_remove("NOTIFY_SOCKET"),
+    );
     assert_eq!(
         out.status.code(),
         Some(69),
@@ -811,7 +791,7 @@ fn status_json_and_the_http_status_carry_the_same_fields() {
     let dir = tempfile::tempdir().unwrap();
     let bus = shipped_bus(dir.path());
     let d = start(dir.path(), &bus, "", "");
-    let out = run(Command::new(BIN).args(["status", "--json", "--bus", &bus.address]));
+    let out = run_bounded(Command::new(BIN).args(["status", "--json", "--bus", &bus.address]));
     assert!(
         out.status.success(),
         "{}",

@@ -84,28 +84,6 @@ fn lines_of(
     rx
 }
 
-/// Runs a command to completion within the deadline.
-fn run(cmd: &mut Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("{cmd:?} did not finish within {DEADLINE:?}");
-        }
-    }
-}
-
 /// `[setpriv ...] busctl --address=A <args>`.
 fn busctl(bus: &Bus, as_nobody: bool, args: &[&str]) -> Output {
     let mut cmd = if as_nobody {
@@ -118,7 +96,7 @@ fn busctl(bus: &Bus, as_nobody: bool, args: &[&str]) -> Output {
     cmd.arg(format!("--address={}", bus.address))
         .arg("--timeout=15")
         .args(args);
-    run(&mut cmd)
+    run_bounded(&mut cmd)
 }
 
 /// `busctl --json=short call NAME PATH IFACE METHOD [SIG ARGS...]`: the
@@ -157,7 +135,7 @@ fn dbus_send(bus: &Bus, as_nobody: bool, iface_method: &str, args: &[&str]) -> (
         .arg(PATH)
         .arg(iface_method)
         .args(args);
-    let out = run(&mut cmd);
+    let out = run_bounded(&mut cmd);
     (
         out.status.success(),
         format!(
@@ -189,7 +167,7 @@ fn gdbus(bus: &Bus, as_nobody: bool, iface_method: &str, args: &[&str]) -> (bool
     ])
     .args(["--timeout", "15", "--method", iface_method])
     .args(args);
-    let out = run(&mut cmd);
+    let out = run_bounded(&mut cmd);
     (
         out.status.success(),
         format!(
@@ -272,10 +250,12 @@ impl Drop for Monitor {
 }
 
 fn cli(bus: &Bus, args: &[&str]) -> Output {
-    run(Command::new(BIN)
-        .args(args)
-        .env("KONSUL_DBUS_BUS", &bus.address)
-        .env("KONSUL_LOG", "warn"))
+    run_bounded(
+        Command::new(BIN)
+            .args(args)
+            .env("KONSUL_DBUS_BUS", &bus.address)
+            .env("KONSUL_LOG", "warn"),
+    )
 }
 
 #[test]
@@ -774,10 +754,12 @@ fn a_second_daemon_on_the_same_bus_fails_before_ready() {
     let _first = Daemon::start(dir.path());
     let dir2 = tempfile::tempdir().unwrap();
     bus.config(dir2.path(), "");
-    let out = run(Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(dir2.path().join("edge.yaml"))
-        .env_remove("NOTIFY_SOCKET"));
+    let out = run_bounded(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(dir2.path().join("edge.yaml"))
+            .env_remove("NOTIFY_SOCKET"),
+    );
     assert_eq!(out.status.code(), Some(69), "EX_UNAVAILABLE");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot own io.konsul.Edge1"), "{err}");
@@ -830,7 +812,7 @@ fn cli_status_services_and_daemon_down() {
     assert!(err.contains("konsul-edge is not running"), "{err}");
     assert!(out.stdout.is_empty());
     // No bus at all.
-    let out = run(Command::new(BIN).args([
+    let out = run_bounded(Command::new(BIN).args([
         "services",
         "--bus",
         &format!("unix:path={}", dir.path().join("none").display()),
@@ -889,7 +871,7 @@ fn cli_status_services_and_daemon_down() {
     assert_eq!(j["ota"]["state"], "unavailable");
 
     // Another user reads the same, through the bus given with --bus.
-    let out = run(Command::new("setpriv").args(NOBODY).args([
+    let out = run_bounded(Command::new("setpriv").args(NOBODY).args([
         BIN,
         "services",
         "--json",
@@ -930,7 +912,7 @@ fn cli_status_services_and_daemon_down() {
         String::from_utf8_lossy(&cli(&bus, &["kv", "get", "cfg/x"]).stdout),
         "42\n"
     );
-    let out = run(Command::new("setpriv").args(NOBODY).args([
+    let out = run_bounded(Command::new("setpriv").args(NOBODY).args([
         BIN,
         "kv",
         "put",

@@ -415,6 +415,29 @@ pub const OPEN_BUS_POLICY: &str = r#"
     <allow eavesdrop="true"/>
   </policy>"#;
 
+/// Runs a command to completion within [`DEADLINE`]; past it the command
+/// is killed and the test fails, so a hung tool cannot hang CI.
+pub fn run_bounded(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{cmd:?} did not finish within {DEADLINE:?}");
+        }
+    }
+}
+
 /// system.conf's defaults plus the shipped `systemd/io.konsul.Edge1.conf`:
 /// a private bus whose policy mirrors a device's system bus.
 pub fn shipped_bus_policy() -> String {
