@@ -7,23 +7,23 @@
 // No blocking call on the executor (clippy.toml lists them; tests may block).
 #![cfg_attr(not(test), warn(clippy::disallowed_methods))]
 
-pub mod acl;
-pub mod app;
+pub(crate) mod acl;
+pub(crate) mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod crdt;
+pub(crate) mod crdt;
 pub mod daemon;
-pub mod dbus;
+pub(crate) mod dbus;
 pub mod devices;
 pub mod firmware;
 pub mod http;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod mqtt;
 pub mod ota;
 pub mod registry;
 pub mod store;
-pub mod support;
+pub(crate) mod support;
 pub mod sync;
-pub mod systemd;
+pub(crate) mod systemd;

@@ -110,7 +110,9 @@ pub struct GlobalRule {
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: String,
+    /// Konsul's policy files carry one; read so they load unchanged.
     #[serde(default)]
+    #[allow(dead_code)]
     pub description: String,
     #[serde(default)]
     pub kv: Vec<PathRule>,

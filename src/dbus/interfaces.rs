@@ -14,7 +14,7 @@ use zbus::object_server::SignalEmitter;
 
 use super::access::Access;
 use super::convert::{dict_to_json, to_dict, Dict};
-use super::{firmware_error, ota_error, registry_error, sync_error, Error};
+use super::{app_err, Error};
 use crate::acl::{Capability, Resource};
 use crate::app::App;
 use crate::registry::{RecordView, ServiceEntry, ServiceInput};
@@ -134,13 +134,7 @@ impl RegistryIface {
         self.0
             .allow(&hdr, Resource::Service("*".into()), Capability::List)
             .await?;
-        let list = self
-            .0
-            .api
-            .registry
-            .services(true)
-            .await
-            .map_err(registry_error)?;
+        let list = self.0.api.registry.services(true).await.map_err(app_err)?;
         Ok(list.iter().map(service_dict).collect())
     }
 
@@ -165,7 +159,7 @@ impl RegistryIface {
             .registry
             .service(id_or_name)
             .await
-            .map_err(registry_error)?;
+            .map_err(app_err)?;
         Ok(service_dict(&e))
     }
 
@@ -193,7 +187,7 @@ impl RegistryIface {
             .registry
             .register(input, o.cas)
             .await
-            .map_err(registry_error)?;
+            .map_err(app_err)?;
         Ok(index)
     }
 
@@ -214,7 +208,7 @@ impl RegistryIface {
             .registry
             .deregister(id, o.cas)
             .await
-            .map_err(registry_error)
+            .map_err(app_err)
     }
 
     /// Node and store summary: node_id, version (s), uptime_seconds,
@@ -259,13 +253,7 @@ impl KvIface {
         self.0
             .allow(&hdr, Resource::Kv(key.clone()), Capability::Read)
             .await?;
-        let e = self
-            .0
-            .api
-            .registry
-            .kv_get(key)
-            .await
-            .map_err(registry_error)?;
+        let e = self.0.api.registry.kv_get(key).await.map_err(app_err)?;
         Ok(to_dict(&json!(e)))
     }
 
@@ -290,7 +278,7 @@ impl KvIface {
             .registry
             .kv_put(key, value, o.flags, o.cas)
             .await
-            .map_err(registry_error)
+            .map_err(app_err)
     }
 
     /// Deletes a key (a missing key is a no-op unless cas is given).
@@ -311,7 +299,7 @@ impl KvIface {
             .registry
             .kv_delete(key, o.cas)
             .await
-            .map_err(registry_error)
+            .map_err(app_err)
     }
 
     /// Key names starting with prefix ("" for all), sorted.
@@ -324,13 +312,7 @@ impl KvIface {
         self.0
             .allow(&hdr, Resource::Kv("*".into()), Capability::List)
             .await?;
-        let keys = self
-            .0
-            .api
-            .registry
-            .kv_keys()
-            .await
-            .map_err(registry_error)?;
+        let keys = self.0.api.registry.kv_keys().await.map_err(app_err)?;
         let mut keys: Vec<String> = keys
             .into_iter()
             .filter(|k| k.starts_with(&prefix))
@@ -384,7 +366,7 @@ impl DevicesIface {
             .registry
             .records(Kind::Alert)
             .await
-            .map_err(registry_error)?;
+            .map_err(app_err)?;
         Ok(list.iter().map(record_dict).collect())
     }
 
@@ -416,7 +398,7 @@ impl SyncIface {
         self.0
             .allow(&hdr, Resource::Edge("sync".into()), Capability::Write)
             .await?;
-        self.0.api.sync.sync_now().map_err(sync_error)
+        self.0.api.sync.sync_now().map_err(app_err)
     }
 
     /// A hub is configured (`cloud.server_address`).
@@ -473,7 +455,7 @@ impl OtaIface {
             .api
             .check_file(&who, std::path::Path::new(&bundle))
             .await?;
-        self.0.api.ota.install(&bundle).await.map_err(ota_error)
+        self.0.api.ota.install(&bundle).await.map_err(app_err)
     }
 
     /// Commits the booted new slot now (state booted-pending-commit),
@@ -483,7 +465,7 @@ impl OtaIface {
         self.0
             .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
             .await?;
-        self.0.api.ota.mark_good().await.map_err(ota_error)
+        self.0.api.ota.mark_good().await.map_err(app_err)
     }
 
     /// On the new slot: marks it bad and reboots into the old one. Before
@@ -493,7 +475,7 @@ impl OtaIface {
         self.0
             .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
             .await?;
-        self.0.api.ota.mark_bad().await.map_err(ota_error)
+        self.0.api.ota.mark_bad().await.map_err(app_err)
     }
 
     /// Reboots into the installed update now, outside the maintenance
@@ -503,7 +485,7 @@ impl OtaIface {
         self.0
             .allow(&hdr, Resource::Edge("ota".into()), Capability::Write)
             .await?;
-        self.0.api.ota.reboot().await.map_err(ota_error)
+        self.0.api.ota.reboot().await.map_err(app_err)
     }
 
     /// Everything at once: backend, state, progress, phase, booted_slot,
@@ -582,11 +564,7 @@ impl FirmwareIface {
                 Capability::Write,
             )
             .await?;
-        let r = self
-            .rollouts()?
-            .command(id, cmd)
-            .await
-            .map_err(firmware_error)?;
+        let r = self.rollouts()?.command(id, cmd).await.map_err(app_err)?;
         Ok(to_dict(&json!(r)))
     }
 }
@@ -602,12 +580,7 @@ impl FirmwareIface {
         self.0
             .allow(&hdr, Resource::Edge("firmware".into()), Capability::List)
             .await?;
-        let list = self
-            .rollouts()?
-            .artifacts()
-            .list()
-            .await
-            .map_err(firmware_error)?;
+        let list = self.rollouts()?.artifacts().list().await.map_err(app_err)?;
         Ok(list.iter().map(|a| to_dict(&json!(a))).collect())
     }
 
@@ -621,7 +594,7 @@ impl FirmwareIface {
         self.0
             .allow(&hdr, Resource::Edge("rollouts".into()), Capability::List)
             .await?;
-        let list = self.rollouts()?.list().await.map_err(firmware_error)?;
+        let list = self.rollouts()?.list().await.map_err(app_err)?;
         Ok(list.iter().map(|r| to_dict(&json!(r))).collect())
     }
 
@@ -641,7 +614,7 @@ impl FirmwareIface {
                 Capability::Read,
             )
             .await?;
-        let (r, devices) = self.rollouts()?.get(id).await.map_err(firmware_error)?;
+        let (r, devices) = self.rollouts()?.get(id).await.map_err(app_err)?;
         Ok((
             to_dict(&json!(r)),
             devices.iter().map(|d| to_dict(&json!(d))).collect(),
@@ -665,11 +638,7 @@ impl FirmwareIface {
             .await?;
         let spec: crate::firmware::rollout::Spec = serde_json::from_value(dict_to_json(&spec))
             .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
-        let r = self
-            .rollouts()?
-            .create(spec)
-            .await
-            .map_err(firmware_error)?;
+        let r = self.rollouts()?.create(spec).await.map_err(app_err)?;
         Ok(to_dict(&json!(r)))
     }
 

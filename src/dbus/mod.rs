@@ -30,9 +30,8 @@ use zbus::fdo::RequestNameFlags;
 use zbus::object_server::SignalEmitter;
 
 use crate::app::{App, AppError};
-use crate::registry::{ChangeOp, RegistryError};
-use crate::store::{Kind, StoreError};
-use crate::sync::SyncError;
+use crate::registry::ChangeOp;
+use crate::store::Kind;
 
 pub use interfaces::{DevicesIface, FirmwareIface, KvIface, OtaIface, RegistryIface, SyncIface};
 
@@ -98,24 +97,10 @@ impl From<AppError> for Error {
     }
 }
 
-pub fn registry_error(e: RegistryError) -> Error {
-    AppError::from(e).into()
-}
-
-pub fn store_error(e: StoreError) -> Error {
-    AppError::from(e).into()
-}
-
-pub fn firmware_error(e: crate::firmware::FirmwareError) -> Error {
-    AppError::from(e).into()
-}
-
-pub fn ota_error(e: crate::ota::OtaError) -> Error {
-    AppError::from(e).into()
-}
-
-pub fn sync_error(e: SyncError) -> Error {
-    AppError::from(e).into()
+/// Every subsystem error reaches a D-Bus caller through [`AppError`]'s one
+/// exhaustive map.
+pub(crate) fn app_err(e: impl Into<AppError>) -> Error {
+    e.into().into()
 }
 
 /// Setting up the service.
@@ -134,7 +119,7 @@ pub use crate::support::bus::builder;
 /// A running D-Bus service. Dropping it closes the connection (the bus
 /// then releases the name).
 pub struct Service {
-    pub conn: zbus::Connection,
+    _conn: zbus::Connection,
 }
 
 /// Connects, exports the interfaces, starts the signal tasks and owns the
@@ -216,7 +201,7 @@ pub async fn serve(
             source,
         })?;
     log::info!("D-Bus: own {NAME} on the {bus} bus");
-    Ok(Service { conn })
+    Ok(Service { _conn: conn })
 }
 
 fn op_str(op: ChangeOp) -> &'static str {

@@ -11,10 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::errors::{
-    app_error, device_error, error, json_resp, method_not_allowed, ok, ota_error, registry_error,
-    store_error,
-};
+use super::errors::{app_error, error, json_resp, method_not_allowed, ok};
 use super::konsul::service_entry_json;
 use super::query::{decoded, Query};
 use super::{Body, Resp};
@@ -36,7 +33,7 @@ impl App {
                 match method {
                     Method::GET => match self.registry.services(true).await {
                         Ok(list) => ok(Value::Array(list.iter().map(service_entry_json).collect())),
-                        Err(e) => registry_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -87,7 +84,7 @@ impl App {
                 match (method, &self.hub) {
                     (Method::GET, Some(_)) => match self.registry.store().call(|db| db.edges()).await {
                         Ok(Ok(edges)) => ok(json!(edges)),
-                        Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                        Ok(Err(e)) | Err(e) => app_error(e, &self.metrics),
                     },
                     (Method::GET, None) => error(StatusCode::NOT_FOUND, "this node is not a hub"),
                     _ => method_not_allowed("GET"),
@@ -122,7 +119,7 @@ impl App {
                                     })
                                     .collect(),
                             )),
-                            Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                            Ok(Err(e)) | Err(e) => app_error(e, &self.metrics),
                         }
                     }
                     (Method::GET, Some(_), None) => {
@@ -146,7 +143,7 @@ impl App {
                             .min(10_000);
                         match self.registry.store().call(move |db| db.conflicts(limit)).await {
                             Ok(Ok(c)) => ok(json!(c)),
-                            Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+                            Ok(Err(e)) | Err(e) => app_error(e, &self.metrics),
                         }
                     }
                     _ => method_not_allowed("GET"),
@@ -162,7 +159,7 @@ impl App {
                                 StatusCode::ACCEPTED,
                                 &json!({"message": "sync requested"}),
                             ),
-                            Err(e) => app_error(e.into(), &self.metrics),
+                            Err(e) => app_error(e, &self.metrics),
                         },
                     },
                     _ => method_not_allowed("POST"),
@@ -173,7 +170,7 @@ impl App {
                 match method {
                     Method::GET => match self.devices.list().await {
                         Ok(list) => ok(json!(list)),
-                        Err(e) => device_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -185,7 +182,7 @@ impl App {
                         let device = query.get("device").map(str::to_owned);
                         match self.devices.alerts(query.flag("active"), device).await {
                             Ok(list) => ok(json!(list)),
-                            Err(e) => device_error(e, &self.metrics),
+                            Err(e) => app_error(e, &self.metrics),
                         }
                     }
                     _ => method_not_allowed("GET"),
@@ -211,7 +208,7 @@ impl App {
                         });
                         match queued {
                             Ok(()) => ok(json!({"message": "store wedged", "ms": ms})),
-                            Err(e) => store_error(e, &self.metrics),
+                            Err(e) => app_error(e, &self.metrics),
                         }
                     }
                     _ => method_not_allowed("POST"),
@@ -248,7 +245,7 @@ impl App {
         }
         match self.ota.install(&body.path).await {
             Ok(id) => ok(json!({"message": "install started", "deployment": id})),
-            Err(e) => ota_error(e, &self.metrics),
+            Err(e) => app_error(e, &self.metrics),
         }
     }
 
@@ -266,7 +263,7 @@ impl App {
                 match method {
                     Method::GET => match self.ota.rollouts().await {
                         Ok(l) => ok(json!(l)),
-                        Err(e) => ota_error(e, m),
+                        Err(e) => app_error(e, m),
                     },
                     Method::POST | Method::PUT => {
                         match self.body::<crate::ota::rollout::Spec>(req).await {
@@ -275,7 +272,7 @@ impl App {
                                 let artifacts = self.rollouts.as_ref().map(|r| r.artifacts());
                                 match self.ota.create_rollout(spec, artifacts).await {
                                     Ok(r) => json_resp(StatusCode::CREATED, &json!(r)),
-                                    Err(e) => ota_error(e, m),
+                                    Err(e) => app_error(e, m),
                                 }
                             }
                         }
@@ -288,11 +285,11 @@ impl App {
                 match method {
                     Method::GET => match self.ota.rollout(id).await {
                         Ok(v) => ok(v),
-                        Err(e) => ota_error(e, m),
+                        Err(e) => app_error(e, m),
                     },
                     Method::DELETE => match self.ota.delete_rollout(id).await {
                         Ok(()) => ok(json!({"message": "rollout deleted"})),
-                        Err(e) => ota_error(e, m),
+                        Err(e) => app_error(e, m),
                     },
                     _ => method_not_allowed("GET, DELETE"),
                 },
@@ -352,7 +349,7 @@ impl App {
                         error(StatusCode::BAD_REQUEST, e.to_string())
                     }
                     ServeError::Unauthorized => error(StatusCode::UNAUTHORIZED, e.to_string()),
-                    ServeError::Store(s) => store_error(s, &self.metrics),
+                    ServeError::Store(s) => app_error(s, &self.metrics),
                 }
             }
         }
@@ -375,7 +372,7 @@ impl App {
                 match method {
                     Method::GET => match self.devices.get(id).await {
                         Ok(d) => ok(json!(d)),
-                        Err(e) => device_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -425,7 +422,7 @@ impl App {
         };
         let device = match self.devices.get(id.clone()).await {
             Ok(d) => d,
-            Err(e) => return device_error(e, &self.metrics),
+            Err(e) => return app_error(e, &self.metrics),
         };
         match self.devices.telemetry(id.clone(), since, limit).await {
             Ok(history) => ok(json!({
@@ -435,7 +432,7 @@ impl App {
                 "last_seq": device.telemetry_seq,
                 "history": history,
             })),
-            Err(e) => device_error(e, &self.metrics),
+            Err(e) => app_error(e, &self.metrics),
         }
     }
 }

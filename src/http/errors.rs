@@ -10,11 +10,7 @@ use serde_json::{json, Value};
 
 use super::{Body, Resp};
 use crate::app::AppError;
-use crate::devices::DeviceError;
-use crate::firmware::FirmwareError;
 use crate::metrics::Metrics;
-use crate::registry::RegistryError;
-use crate::store::StoreError;
 
 /// Konsul's error body.
 pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Resp {
@@ -71,8 +67,8 @@ pub(super) fn overloaded() -> Resp {
 
 /// Maps every application error to a status and Konsul's JSON,
 /// exhaustively: a new class does not compile until it has a status.
-pub(crate) fn app_error(e: AppError, metrics: &Metrics) -> Resp {
-    match e {
+pub(crate) fn app_error(e: impl Into<AppError>, metrics: &Metrics) -> Resp {
+    match e.into() {
         AppError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
         AppError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
         AppError::CasConflict(m) => error(StatusCode::CONFLICT, m),
@@ -109,24 +105,4 @@ pub(crate) fn app_error(e: AppError, metrics: &Metrics) -> Resp {
             error(StatusCode::INTERNAL_SERVER_ERROR, m)
         }
     }
-}
-
-pub(super) fn registry_error(e: RegistryError, metrics: &Metrics) -> Resp {
-    app_error(e.into(), metrics)
-}
-
-pub(super) fn device_error(e: DeviceError, metrics: &Metrics) -> Resp {
-    app_error(e.into(), metrics)
-}
-
-pub(super) fn store_error(e: StoreError, metrics: &Metrics) -> Resp {
-    app_error(e.into(), metrics)
-}
-
-pub(super) fn ota_error(e: crate::ota::OtaError, metrics: &Metrics) -> Resp {
-    app_error(e.into(), metrics)
-}
-
-pub(super) fn firmware_error(e: FirmwareError, metrics: &Metrics) -> Resp {
-    app_error(e.into(), metrics)
 }

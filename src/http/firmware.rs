@@ -7,7 +7,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use super::errors::{error, firmware_error, json_resp, method_not_allowed, ok};
+use super::errors::{app_error, error, json_resp, method_not_allowed, ok};
 use super::incoming::TimedBody;
 use super::query::{decoded, Query};
 use super::{Body, Resp};
@@ -78,7 +78,7 @@ impl App {
                 match method {
                     Method::GET => match artifacts.list().await {
                         Ok(l) => ok(json!(l)),
-                        Err(e) => firmware_error(e, m),
+                        Err(e) => app_error(e, m),
                     },
                     Method::PUT | Method::POST => self.firmware_upload(artifacts, req, query).await,
                     _ => method_not_allowed("GET, PUT"),
@@ -94,7 +94,7 @@ impl App {
                         }
                         Method::DELETE => match artifacts.delete(reference).await {
                             Ok(()) => ok(json!({"message": "firmware deleted"})),
-                            Err(e) => firmware_error(e, m),
+                            Err(e) => app_error(e, m),
                         },
                         _ => method_not_allowed("GET, HEAD, DELETE"),
                     },
@@ -105,13 +105,13 @@ impl App {
                 match method {
                     Method::GET => match rollouts.list().await {
                         Ok(l) => ok(json!(l)),
-                        Err(e) => firmware_error(e, m),
+                        Err(e) => app_error(e, m),
                     },
                     Method::POST | Method::PUT => match self.body::<Spec>(req).await {
                         Err(r) => *r,
                         Ok(spec) => match rollouts.create(spec).await {
                             Ok(r) => json_resp(StatusCode::CREATED, &json!(r)),
-                            Err(e) => firmware_error(e, m),
+                            Err(e) => app_error(e, m),
                         },
                     },
                     _ => method_not_allowed("GET, POST"),
@@ -126,7 +126,7 @@ impl App {
                             v["device_states"] = json!(devices);
                             ok(v)
                         }
-                        Err(e) => firmware_error(e, m),
+                        Err(e) => app_error(e, m),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -153,7 +153,7 @@ impl App {
                             Err(r) => *r,
                             Ok(()) => match rollouts.command(decoded(id), cmd).await {
                                 Ok(r) => ok(json!(r)),
-                                Err(e) => firmware_error(e, m),
+                                Err(e) => app_error(e, m),
                             },
                         },
                         _ => method_not_allowed("POST"),
@@ -193,14 +193,14 @@ impl App {
             .and_then(|v| v.parse::<u64>().ok());
         let mut up = match artifacts.begin_upload(&meta, declared).await {
             Ok(u) => u,
-            Err(e) => return firmware_error(e, &self.metrics),
+            Err(e) => return app_error(e, &self.metrics),
         };
         let mut body = TimedBody::new(req.into_body());
         loop {
             match body.chunk().await {
                 Ok(Some(data)) => {
                     if let Err(e) = up.write(&data).await {
-                        return firmware_error(e, &self.metrics);
+                        return app_error(e, &self.metrics);
                     }
                 }
                 Ok(None) => break,
@@ -209,7 +209,7 @@ impl App {
         }
         match artifacts.finish_upload(up, meta).await {
             Ok(a) => json_resp(StatusCode::CREATED, &json!(a)),
-            Err(e) => firmware_error(e, &self.metrics),
+            Err(e) => app_error(e, &self.metrics),
         }
     }
 
@@ -227,7 +227,7 @@ impl App {
             .await
         {
             Ok(a) => a,
-            Err(e) => return firmware_error(e, &self.metrics),
+            Err(e) => return app_error(e, &self.metrics),
         };
         let etag = format!("\"{}\"", a.sha256);
         let header = |n| {
@@ -274,7 +274,7 @@ impl App {
         let mut file = match smol::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) => {
-                return firmware_error(
+                return app_error(
                     FirmwareError::Io {
                         path,
                         op: "open",
@@ -288,7 +288,7 @@ impl App {
             if let Err(e) =
                 smol::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(start)).await
             {
-                return firmware_error(
+                return app_error(
                     FirmwareError::Io {
                         path,
                         op: "seek",

@@ -6,7 +6,7 @@ use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::errors::{app_error, error, method_not_allowed, ok, registry_error};
+use super::errors::{app_error, error, method_not_allowed, ok};
 use super::query::Query;
 use super::Resp;
 use crate::acl::{Capability, Principal, Resource};
@@ -68,7 +68,7 @@ impl App {
                 "service": service,
                 "modify_index": index,
             })),
-            Err(e) => registry_error(e, &self.metrics),
+            Err(e) => app_error(e, &self.metrics),
         }
     }
 
@@ -79,7 +79,7 @@ impl App {
         };
         match self.registry.deregister(id.clone(), cas).await {
             Ok(()) => ok(json!({"message": "service deregistered", "name": id})),
-            Err(e) => registry_error(e, &self.metrics),
+            Err(e) => app_error(e, &self.metrics),
         }
     }
 
@@ -100,7 +100,7 @@ impl App {
                     "flags": e.flags,
                 })),
                 Ok(e) => ok(json!({"key": e.key, "value": e.value})),
-                Err(e) => registry_error(e, &self.metrics),
+                Err(e) => app_error(e, &self.metrics),
             },
             Method::PUT | Method::POST => {
                 let query_cas = match query.cas() {
@@ -119,7 +119,7 @@ impl App {
                     Ok(index) => {
                         ok(json!({"message": "key set", "key": key, "modify_index": index}))
                     }
-                    Err(e) => registry_error(e, &self.metrics),
+                    Err(e) => app_error(e, &self.metrics),
                 }
             }
             Method::DELETE => {
@@ -129,7 +129,7 @@ impl App {
                 };
                 match self.registry.kv_delete(key.clone(), cas).await {
                     Ok(()) => ok(json!({"message": "key deleted", "key": key})),
-                    Err(e) => registry_error(e, &self.metrics),
+                    Err(e) => app_error(e, &self.metrics),
                 }
             }
             _ => method_not_allowed("GET, PUT, DELETE"),
@@ -139,11 +139,11 @@ impl App {
     pub(super) async fn health(&self) -> Resp {
         let services = match self.registry.services(true).await {
             Ok(s) => s,
-            Err(e) => return registry_error(e, &self.metrics),
+            Err(e) => return app_error(e, &self.metrics),
         };
         let keys = match self.registry.kv_keys().await {
             Ok(k) => k.len(),
-            Err(e) => return registry_error(e, &self.metrics),
+            Err(e) => return app_error(e, &self.metrics),
         };
         let active = services
             .iter()
@@ -220,7 +220,7 @@ impl App {
                     }
                     let (entries, not_found) = match self.registry.kv_get_many(k.keys).await {
                         Ok(r) => r,
-                        Err(e) => return (route, registry_error(e, &self.metrics)),
+                        Err(e) => return (route, app_error(e, &self.metrics)),
                     };
                     let found: serde_json::Map<String, Value> = entries
                         .into_iter()
@@ -250,7 +250,7 @@ impl App {
                             "keys": keys,
                             "modify_index": index,
                         })),
-                        Err(e) => registry_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     }
                 }
             },
@@ -269,7 +269,7 @@ impl App {
                             "count": deleted.len(),
                             "keys": deleted,
                         })),
-                        Err(e) => registry_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     }
                 }
             },

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::access::{bearer_token, route_access, Peer};
-use super::errors::{app_error, error, method_not_allowed, ok, registry_error, store_error};
+use super::errors::{app_error, error, method_not_allowed, ok};
 use super::incoming::{ReadError, TimedBody};
 use super::konsul::service_entry_json;
 use super::query::{check_target, decoded, query_pairs, Query};
@@ -168,7 +168,7 @@ impl App {
                     Method::PUT | Method::POST => {
                         match self.registry.heartbeat(decoded(id)).await {
                             Ok(s) => ok(json!({"message": "heartbeat updated", "service": s.name})),
-                            Err(e) => registry_error(e, &self.metrics),
+                            Err(e) => app_error(e, &self.metrics),
                         }
                     }
                     _ => method_not_allowed("PUT"),
@@ -181,7 +181,7 @@ impl App {
                         Ok(list) => ok(Value::Array(
                             list.iter().map(|e| json!(e.service)).collect(),
                         )),
-                        Err(e) => registry_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -192,7 +192,7 @@ impl App {
                     Method::GET => match self.registry.service(decoded(name)).await {
                         Ok(e) if query.flag("metadata") => ok(service_entry_json(&e)),
                         Ok(e) => ok(json!(e.service)),
-                        Err(e) => registry_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -202,7 +202,7 @@ impl App {
                 match method {
                     Method::GET => match self.registry.kv_keys().await {
                         Ok(keys) => ok(json!(keys)),
-                        Err(e) => registry_error(e, &self.metrics),
+                        Err(e) => app_error(e, &self.metrics),
                     },
                     _ => method_not_allowed("GET"),
                 },
@@ -253,7 +253,7 @@ impl App {
     pub(super) async fn metrics_text(&self) -> Resp {
         let counts = match self.devices.counts().await {
             Ok(c) => c,
-            Err(e) => return store_error(e, &self.metrics),
+            Err(e) => return app_error(e, &self.metrics),
         };
         match self.registry.store().call(|db| db.stats()).await {
             Ok(Ok(stats)) => {
@@ -268,7 +268,7 @@ impl App {
                 );
                 r
             }
-            Ok(Err(e)) | Err(e) => store_error(e, &self.metrics),
+            Ok(Err(e)) | Err(e) => app_error(e, &self.metrics),
         }
     }
 }
