@@ -131,7 +131,7 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "node_id: bench\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0'}}\nservices: {{max_local_services: {}}}\nlog_level: warn\nacl: {{enabled: false}}\n",
+            "node_id: bench\nresources: {{storage_limit: 2Gi}}\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0'}}\nservices: {{max_local_services: {}}}\nlog_level: warn\nacl: {{enabled: false}}\n",
             dir.path().join("k.db").display(),
             n + 10
         ),

@@ -191,7 +191,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "node_id: bench\nstorage: {{path: {db}, max_size: 512Mi}}\n\
+            "node_id: bench\nresources: {{storage_limit: 1Gi}}\nstorage: {{path: {db}, max_size: 512Mi}}\n\
              http: {{listen: \"127.0.0.1:{http_port}\"}}\n\
              services: {{max_local_services: {cap}}}\n\
              devices: {{max_devices: {cap}, telemetry_max_size: 64Mi}}\n\

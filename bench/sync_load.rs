@@ -139,7 +139,7 @@ fn main() {
     std::fs::write(
         hub_dir.join("edge.yaml"),
         format!(
-            "node_id: hub\nlog_level: warn\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0', max_body_size: 8Mi}}\nacl: {{enabled: false}}\n",
+            "node_id: hub\nlog_level: warn\nresources: {{storage_limit: 2Gi}}\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0', max_body_size: 8Mi}}\nacl: {{enabled: false}}\n",
             hub_dir.join("hub.db").display()
         ),
     )
@@ -148,7 +148,7 @@ fn main() {
     std::fs::write(
         edge_dir.join("edge.yaml"),
         format!(
-            "node_id: bench-edge\nlog_level: warn\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+            "node_id: bench-edge\nlog_level: warn\nresources: {{storage_limit: 2Gi}}\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
              services: {{max_local_services: 1000}}\ncloud: {{server_address: 'http://{}', sync_interval: 1h}}\nacl: {{enabled: false}}\n",
             edge_dir.join("edge.db").display(),
             hub.addr

@@ -21,7 +21,7 @@ log_level: info            # error | warn | info | debug | trace (KONSUL_LOG)
 resources:
   memory_limit: 50Mi       # systemd MemoryMax should match
   cpu_limit: 0.1
-  storage_limit: 500Mi
+  storage_limit: 500Mi     # all of it: database 20%, OTA staging 30%, firmware the rest
 
 cloud:
   # The hub this edge syncs with; "" runs standalone (changes stay queued).

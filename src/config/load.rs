@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_norway::Value;
 
+use super::budget::Named;
 use super::{guard, Config, ConfigError, Sources};
 
 /// Environment variables the seed documents, mapped to their keys. Every
@@ -69,10 +70,13 @@ impl Config {
             merge(&mut merged, layer);
             sources.env.push(name);
         }
-        let config: Config = serde_norway::from_value(merged).map_err(|e| ConfigError::Parse {
-            origin: "merged configuration".into(),
-            message: e.to_string(),
-        })?;
+        let named = Named::from_tree(&merged);
+        let mut config: Config =
+            serde_norway::from_value(merged).map_err(|e| ConfigError::Parse {
+                origin: "merged configuration".into(),
+                message: e.to_string(),
+            })?;
+        config.split_storage(named);
         config.validate()?;
         Ok((config, sources))
     }
@@ -80,10 +84,13 @@ impl Config {
     /// Parses one document on its own (no drop-ins, no environment).
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let layer = parse_layer(text, origin)?;
-        let config: Config = serde_norway::from_value(layer).map_err(|e| ConfigError::Parse {
-            origin: origin.into(),
-            message: e.to_string(),
-        })?;
+        let named = Named::from_tree(&layer);
+        let mut config: Config =
+            serde_norway::from_value(layer).map_err(|e| ConfigError::Parse {
+                origin: origin.into(),
+                message: e.to_string(),
+            })?;
+        config.split_storage(named);
         config.validate()?;
         Ok(config)
     }

@@ -13,8 +13,10 @@
 //! struct per section with its defaults and per-key checks), `load`
 //! (files, drop-ins, environment, merging), `guard` (what a hostile file
 //! cannot do: size, file type, nesting, control characters in messages),
-//! `validate` (cross-field rules), `init` (the file `konsul-edge init`
-//! writes) and `keys` (the signing-key format a key check needs).
+//! `validate` (cross-field rules), `budget` (`resources.storage_limit`
+//! split into the parts each subsystem enforces), `init` (the file
+//! `konsul-edge init` writes) and `keys` (the signing-key format a key
+//! check needs).
 //!
 //! This module sits at the bottom of the crate: it imports nothing from it,
 //! so every subsystem may depend on it and it on none of them.
@@ -23,6 +25,7 @@
 // watchdog run (and `node_id` reads /proc, which waits for no disk).
 #![allow(clippy::disallowed_methods)]
 
+mod budget;
 mod guard;
 mod init;
 mod keys;

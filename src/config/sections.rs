@@ -378,6 +378,9 @@ pub struct Ota {
     /// Where bundles are staged; default: `<storage dir>/ota`.
     #[serde(deserialize_with = "de_opt_path")]
     pub work_dir: Option<PathBuf>,
+    /// The largest bundle staged in `work_dir`: its share of
+    /// `resources.storage_limit` (default 30% of it; see `budget`).
+    pub staging_max_size: ByteSize,
 }
 
 fn de_opt_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
@@ -419,6 +422,7 @@ impl Default for Ota {
             download_rate: ByteSize(0),
             step_timeout: Duration::secs(3600),
             work_dir: None,
+            staging_max_size: ByteSize(150 << 20),
         }
     }
 }
@@ -431,7 +435,8 @@ pub struct Firmware {
     /// Where artifacts live; default: `firmware/` next to `storage.path`.
     pub dir: Option<PathBuf>,
     /// Total size of stored artifacts; older artifacts no rollout needs are
-    /// evicted to make room.
+    /// evicted to make room. Default: what `resources.storage_limit` leaves
+    /// after the database and OTA staging (see `budget`).
     pub max_size: ByteSize,
     /// Largest single upload (streamed to disk, never held in memory).
     #[serde(deserialize_with = "de_upload_size")]
@@ -453,7 +458,7 @@ impl Default for Firmware {
     fn default() -> Self {
         Firmware {
             dir: None,
-            max_size: ByteSize(256 << 20),
+            max_size: ByteSize(400 << 20),
             max_upload_size: ByteSize(64 << 20),
             public_keys: Vec::new(),
             base_url: None,

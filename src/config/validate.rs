@@ -111,6 +111,7 @@ impl Config {
                 ),
             ));
         }
+        self.check_storage()?;
         self.validate_ota()
     }
 

@@ -35,6 +35,7 @@ impl Ota {
             match backend {
                 Backend::Env(_) => {
                     let m = smol::unblock(move || bundle::Manifest::load(&p)).await?;
+                    self.check_staging(m.size)?;
                     backend.manifest_for_checked(m)?
                 }
                 Backend::Rauc(_) => None,
@@ -312,7 +313,10 @@ impl Ota {
         let m = r.manifest();
         // Before anything is downloaded or written (RAUC bundles carry
         // their own signature; their size and digest are still checked).
-        let refused = backend.check_signature(&m).err();
+        let refused = backend
+            .check_signature(&m)
+            .and_then(|()| self.check_staging(m.size))
+            .err();
         let mut superseded = String::new();
         if cur.state == State::PendingReboot {
             // The installed update is cancelled first (the booted slot is
@@ -360,6 +364,18 @@ impl Ota {
             }
         }
         Ok(true)
+    }
+
+    /// A bundle larger than its share of `resources.storage_limit` is
+    /// refused before anything is staged.
+    fn check_staging(&self, size: u64) -> Result<(), OtaError> {
+        let limit = self.inner.cfg.staging_max_size;
+        if size > limit.0 {
+            return Err(OtaError::Invalid(format!(
+                "the bundle ({size} bytes) is larger than ota.staging_max_size ({limit})"
+            )));
+        }
+        Ok(())
     }
 
     pub(super) async fn clean_work_dir(&self) {
