@@ -7,6 +7,7 @@
 //! STOPPING=1, stop accepting, let open requests finish (bounded), then
 //! close the store, which drains queued writes and checkpoints the WAL.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,38 @@ fn firmware_settings(
         log::warn!("firmware.base_url is not set and the API listens on 0.0.0.0: devices will be offered {api_url} URLs; set firmware.base_url to an address they can reach");
     }
     Ok(s)
+}
+
+/// Compares the daemon's cgroup with `resources` (a warning per limit that
+/// is absent or disagrees) and returns the `memory.events` to watch, if
+/// the cgroup has one.
+// Before the executor runs; cgroupfs has no disk behind it.
+#[allow(clippy::disallowed_methods)]
+fn check_cgroup(config: &Config, limits: &crate::limits::Limits) -> Option<PathBuf> {
+    use crate::limits::cgroup::{Cgroup, Found};
+    let cg = match Cgroup::read_own(&config.resources.cgroup_root) {
+        Ok(cg) => cg,
+        Err(e) => {
+            log::warn!("resources: cannot find this daemon's cgroup ({e}); resources.memory_limit and cpu_limit are not checked");
+            return None;
+        }
+    };
+    for w in cg.disagreements(&config.resources) {
+        log::warn!("resources: {w}");
+    }
+    if let Found::Limit(m) = cg.memory_max {
+        limits.set_cgroup_memory_max(m);
+    }
+    let events = cg.dir.join("memory.events");
+    if events.is_file() {
+        Some(events)
+    } else {
+        log::info!(
+            "memory pressure: {} is absent; the daemon will not shed under pressure",
+            events.display()
+        );
+        None
+    }
 }
 
 fn open_store(config: &Config) -> Result<Store, StoreError> {
@@ -150,10 +183,13 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.http.listen.clone());
     let sync = crate::sync::SyncHandle::new(!config.cloud.server_address.is_empty());
+    let limits = crate::limits::Limits::new(config.resources.memory_limit.0);
+    let memory_events = check_cgroup(&config, &limits);
     let client = if config.cloud.server_address.is_empty() {
         None
     } else {
-        match crate::sync::SyncClient::new(&config, registry.clone(), sync.clone()) {
+        match crate::sync::SyncClient::new(&config, registry.clone(), sync.clone(), limits.clone())
+        {
             Ok(c) => Some(c),
             Err(e) => {
                 store.close();
@@ -231,6 +267,7 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         sync: sync.clone(),
         hub,
         metrics,
+        limits: limits.clone(),
         max_body: config.http.max_body_size.0,
         test_hooks: std::env::var_os("KONSUL_TEST_HOOKS").is_some_and(|v| v == "1"),
         rollouts: Some(rollouts),
@@ -240,6 +277,15 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
     }
 
     let ex = Arc::new(smol::Executor::new());
+    if let Some(events) = memory_events {
+        let (limits, store) = (limits.clone(), store.clone());
+        ex.spawn(async move {
+            if let Err(e) = crate::limits::watch(limits, store, events).await {
+                log::warn!("memory pressure: not watched: {e}");
+            }
+        })
+        .detach();
+    }
     ex.spawn(crate::sync::track_outbox(
         api.registry.clone(),
         sync.clone(),

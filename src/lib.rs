@@ -18,6 +18,7 @@ pub(crate) mod dbus;
 pub mod devices;
 pub mod firmware;
 pub mod http;
+pub mod limits;
 pub mod logging;
 pub(crate) mod metrics;
 pub mod mqtt;

@@ -33,6 +33,12 @@ USAGE:
                      [--output FILE] [--force]
                                             write a commented config
                                             (default /etc/konsul-edge/edge.yaml; - for stdout)
+    konsul-edge systemd-dropin --config FILE [--output FILE]
+                                            write the unit drop-in that binds
+                                            resources.memory_limit and cpu_limit
+                                            (MemoryMax, MemoryHigh, CPUQuota; default
+                                            /etc/systemd/system/konsul-edge.service.d/
+                                            50-resources.conf; - for stdout)
     konsul-edge selftest --data-dir DIR     open a store in DIR, write, read back
     konsul-edge repair-clock --config FILE | --data-dir DIR
                                             with the daemon stopped: reset a clock
@@ -86,6 +92,10 @@ enum Command {
     SelfTest {
         dir: PathBuf,
     },
+    SystemdDropin {
+        config: PathBuf,
+        output: PathBuf,
+    },
     RepairClock {
         config: Option<PathBuf>,
         dir: Option<PathBuf>,
@@ -129,6 +139,7 @@ fn parse_args() -> Result<Command, lexopt::Error> {
     let mut output = PathBuf::from("/etc/konsul-edge/edge.yaml");
     let mut force = false;
     let mut dir: Option<PathBuf> = None;
+    let mut dropin: Option<PathBuf> = None;
     while let Some(arg) = p.next()? {
         match (sub.as_str(), arg) {
             (_, Long("help") | Short('h')) => return Ok(Command::Help),
@@ -139,6 +150,8 @@ fn parse_args() -> Result<Command, lexopt::Error> {
             ("init", Long("mqtt-broker")) => mqtt_broker = Some(p.value()?.string()?),
             ("init", Long("node-id")) => node_id = Some(p.value()?.string()?),
             ("init", Long("output") | Short('o')) => output = p.value()?.into(),
+            ("systemd-dropin", Long("config") | Short('c')) => config = Some(p.value()?.into()),
+            ("systemd-dropin", Long("output") | Short('o')) => dropin = Some(p.value()?.into()),
             ("init", Long("force")) => force = true,
             ("selftest" | "repair-clock", Long("data-dir")) => dir = Some(p.value()?.into()),
             ("repair-clock", Long("config") | Short('c')) => config = Some(p.value()?.into()),
@@ -160,6 +173,10 @@ fn parse_args() -> Result<Command, lexopt::Error> {
             node_id,
             output,
             force,
+        },
+        "systemd-dropin" => Command::SystemdDropin {
+            config: config.ok_or_else(|| missing("--config FILE"))?,
+            output: dropin.unwrap_or_else(|| PathBuf::from(DROPIN)),
         },
         "selftest" => Command::SelfTest {
             dir: dir.ok_or_else(|| missing("--data-dir DIR"))?,
@@ -321,6 +338,7 @@ fn main() -> ExitCode {
                 })
             }
         },
+        Command::SystemdDropin { config, output } => systemd_dropin(&config, &output),
         Command::SelfTest { dir } => match daemon::selftest(&dir) {
             Ok(msg) => {
                 println!("{msg}");
@@ -444,7 +462,39 @@ fn init(
     match write_atomically(output, text.as_bytes()) {
         Ok(()) => {
             println!(
-                "wrote {}; check it with `konsul-edge check-config {0}`",
+                "wrote {}; check it with `konsul-edge check-config {0}`, then bind its \
+                 resources limits with `konsul-edge systemd-dropin --config {0}` and \
+                 `systemctl daemon-reload`",
+                output.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("{}: {e}", output.display());
+            ExitCode::from(EX_CANTCREAT)
+        }
+    }
+}
+
+/// Where `systemd-dropin` writes by default.
+const DROPIN: &str = "/etc/systemd/system/konsul-edge.service.d/50-resources.conf";
+
+/// Writes the drop-in with MemoryMax/MemoryHigh/CPUQuota from the loaded
+/// config (file, drop-ins and environment, as the daemon would see them).
+fn systemd_dropin(config: &std::path::Path, output: &std::path::Path) -> ExitCode {
+    let c = match Config::load(config) {
+        Ok((c, _)) => c,
+        Err(e) => return config_failure(e),
+    };
+    let text = konsul_edge::limits::cgroup::render_dropin(&c.resources, config);
+    if output.as_os_str() == "-" {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    match write_atomically(output, text.as_bytes()) {
+        Ok(()) => {
+            println!(
+                "wrote {}; run `systemctl daemon-reload` and restart konsul-edge",
                 output.display()
             );
             ExitCode::SUCCESS
@@ -462,7 +512,9 @@ fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("yaml.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;

@@ -4,8 +4,6 @@
 
 mod common;
 
-use common::*;
-
 #[path = "common/ota_rig.rs"]
 mod ota_rig;
 

@@ -33,6 +33,8 @@ pub struct App {
     /// Set in hub mode: serves `POST /v1/edge/sync` and `/v1/edge/edges`.
     pub hub: Option<crate::sync::Hub>,
     pub metrics: Arc<Metrics>,
+    /// Memory budget and pressure (`resources.memory_limit`).
+    pub limits: crate::limits::Limits,
     /// The A/B OTA coordinator.
     pub ota: crate::ota::Ota,
     pub max_body: u64,
@@ -154,6 +156,10 @@ impl App {
             "db_max_bytes": stats.max_bytes,
             "modify_index": stats.index,
             "sync": self.sync.status(),
+            "memory": {
+                "limit_bytes": self.limits.memory_limit(),
+                "shedding": self.limits.shedding(),
+            },
             "ota": {"state": self.ota_state()},
         }))
     }

@@ -19,8 +19,8 @@ node_id: {node_id}
 log_level: info            # error | warn | info | debug | trace (KONSUL_LOG)
 
 resources:
-  memory_limit: 50Mi       # systemd MemoryMax should match
-  cpu_limit: 0.1
+  memory_limit: 50Mi       # `konsul-edge systemd-dropin` writes the unit's MemoryMax from it
+  cpu_limit: 0.1           # ... and CPUQuota (10%)
   storage_limit: 500Mi     # all of it: database 20%, OTA staging 30%, firmware the rest
 
 cloud:

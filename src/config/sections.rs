@@ -14,9 +14,17 @@ use super::types::{ByteSize, Duration};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Resources {
+    /// The unit's MemoryMax (`konsul-edge systemd-dropin` writes it); the
+    /// daemon's larger buffers are sized from it (`crate::limits`).
     pub memory_limit: ByteSize,
+    /// CPUs' worth, the unit's CPUQuota.
     pub cpu_limit: f64,
+    /// Everything the daemon writes to disk (`budget`).
     pub storage_limit: ByteSize,
+    /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup/unified`
+    /// on hybrid hosts): the start-up check reads the daemon's own
+    /// `memory.max`, `cpu.max` and `memory.events` under it.
+    pub cgroup_root: PathBuf,
 }
 
 impl Default for Resources {
@@ -25,6 +33,7 @@ impl Default for Resources {
             memory_limit: ByteSize(50 << 20),
             cpu_limit: 0.1,
             storage_limit: ByteSize(500 << 20),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         }
     }
 }

@@ -34,6 +34,21 @@ impl Config {
                 ));
             }
         }
+        if !(self.resources.cpu_limit > 0.0 && self.resources.cpu_limit <= 1024.0) {
+            return Err(bad(
+                "resources.cpu_limit",
+                format!(
+                    "{}: use CPUs' worth above 0, such as 0.1",
+                    self.resources.cpu_limit
+                ),
+            ));
+        }
+        if self.resources.memory_limit.0 < (4 << 20) {
+            return Err(bad(
+                "resources.memory_limit",
+                format!("{} is below the 4Mi minimum", self.resources.memory_limit),
+            ));
+        }
         if self.cloud.sync_interval.is_zero() {
             return Err(bad("cloud.sync_interval", "must be greater than 0s".into()));
         }

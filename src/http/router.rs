@@ -260,6 +260,7 @@ impl App {
                 let mut text = self.metrics.render(&stats, self.registry.store().node_id());
                 self.metrics.render_devices(&counts, &mut text);
                 self.sync.render_metrics(&mut text);
+                self.limits.render_metrics(&mut text);
                 crate::ota::render_metrics(&self.ota.status(), self.ota.enabled(), &mut text);
                 let mut r = Response::new(Body::full(text));
                 r.headers_mut().insert(

@@ -72,6 +72,9 @@ pub struct SyncClient {
     always_full: bool,
     strategy: MergeStrategy,
     max_batch_bytes: usize,
+    /// Caps `max_batch_bytes`, the response page and telemetry per round
+    /// from `resources.memory_limit`, lower while shedding.
+    limits: crate::limits::Limits,
     queue_limit: u64,
     tombstone_retention_ms: u64,
 }
@@ -121,6 +124,7 @@ impl SyncClient {
         config: &Config,
         registry: Registry,
         handle: SyncHandle,
+        limits: crate::limits::Limits,
     ) -> Result<SyncClient, ClientError> {
         let c = &config.cloud;
         let http = hub_client(config)?;
@@ -134,6 +138,7 @@ impl SyncClient {
             always_full: config.sync.mode == SyncMode::Full,
             strategy: strategy(config),
             max_batch_bytes: (config.sync.max_batch_bytes.0 as usize).min(wire::UPDATE_BYTES),
+            limits,
             queue_limit: c.offline_queue_size,
             tombstone_retention_ms: config.sync.tombstone_retention.0.as_millis() as u64,
         })
@@ -227,7 +232,7 @@ impl SyncClient {
         // `sync.mode: full` pulls everything again once per sync.
         let mut restart = self.always_full;
         for _ in 0..MAX_ROUNDS {
-            let max_bytes = self.max_batch_bytes;
+            let max_bytes = self.limits.batch_bytes(self.max_batch_bytes);
             let (since, batch, seqs, full_pending) = self
                 .registry
                 .store()
@@ -252,15 +257,19 @@ impl SyncClient {
                 last_sync_index: since as i64,
                 pending_updates: batch,
                 full_sync: full,
-                max_response_bytes: 0,
+                max_response_bytes: u32::try_from(
+                    self.limits.response_bytes(super::server::DEFAULT_PAGE),
+                )
+                .unwrap_or(u32::MAX),
                 hlc: Hlc::new(wall_millis(), 0).0,
                 ..Default::default()
             };
             let mut req = req;
+            let points_cap = self.limits.telemetry_points(TELEMETRY_BATCH);
             let (telemetry, telemetry_last) = self
                 .registry
                 .store()
-                .call(|db| read_telemetry(db, TELEMETRY_BATCH))
+                .call(move |db| read_telemetry(db, points_cap))
                 .await??;
             let points = telemetry.len();
             if points > 0 {

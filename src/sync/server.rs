@@ -31,7 +31,7 @@ use super::wire::{self, EdgeSyncResponse, WireError};
 
 /// Smallest and default page of a response (encoded bytes).
 const MIN_PAGE: usize = 4 << 10;
-const DEFAULT_PAGE: usize = 256 << 10;
+pub(crate) const DEFAULT_PAGE: usize = 256 << 10;
 const MAX_PAGE: usize = 4 << 20;
 /// Rows read per query while filling a page.
 const CHUNK: usize = 256;
