@@ -11,7 +11,8 @@
 //!   counted only with an OTA backend; default 30% of the limit, or what
 //!   the named parts leave if that is less;
 //! - firmware artifacts, `firmware.max_size`; default what the others
-//!   leave, and at least `firmware.max_upload_size`.
+//!   leave, at least 1Mi; `firmware.max_upload_size` defaults to 64Mi or
+//!   the firmware share if smaller, and a named one must fit in it.
 //!
 //! A part the configuration names is taken as given; only unnamed parts
 //! are derived, so a config keeps meaning what it says. "Named" is read
@@ -28,6 +29,7 @@ pub(super) struct Named {
     db: bool,
     telemetry: bool,
     firmware: bool,
+    upload: bool,
     staging: bool,
 }
 
@@ -42,6 +44,7 @@ impl Named {
             db: has("storage", "max_size"),
             telemetry: has("devices", "telemetry_max_size"),
             firmware: has("firmware", "max_size"),
+            upload: has("firmware", "max_upload_size"),
             staging: has("ota", "staging_max_size"),
         }
     }
@@ -77,6 +80,14 @@ impl Config {
         if !named.firmware {
             let taken = self.storage.max_size.0 + self.staging_part();
             self.firmware.max_size = ByteSize(limit.saturating_sub(taken) & !1023);
+        }
+        if !named.upload {
+            let cap = self
+                .firmware
+                .max_upload_size
+                .0
+                .min(self.firmware.max_size.0);
+            self.firmware.max_upload_size = ByteSize(cap);
         }
     }
 
@@ -132,6 +143,15 @@ impl Config {
                     "{} is more than half of storage.max_size {db}: telemetry \
                      lives in the database and state writes need the rest",
                     self.devices.telemetry_max_size
+                ),
+            ));
+        }
+        if fw.0 < (1 << 20) {
+            return Err(bad(
+                "firmware.max_size",
+                format!(
+                    "{fw}: below 1Mi (resources.storage_limit {limit} leaves that after the \
+                     database and OTA staging)"
                 ),
             ));
         }
@@ -212,9 +232,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("devices.telemetry_max_size"), "{e}");
-        let e = load("resources: {storage_limit: 100Mi}\nstorage: {max_size: 90Mi}\n")
+        // An unnamed upload cap follows a small firmware share; a named
+        // one must fit in it.
+        let c = load("resources: {storage_limit: 100Mi}\nstorage: {max_size: 90Mi}\n").unwrap();
+        assert_eq!(c.firmware.max_upload_size, ByteSize(10 << 20));
+        let e = load(
+            "resources: {storage_limit: 100Mi}\nstorage: {max_size: 90Mi}\n\
+             firmware: {max_upload_size: 20Mi}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firmware.max_upload_size"), "{e}");
+        let e = load("resources: {storage_limit: 100Mi}\nstorage: {max_size: 100Mi}\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("firmware.max_upload_size"), "{e}");
+        assert!(e.contains("firmware.max_size"), "{e}");
     }
 }
