@@ -1,7 +1,7 @@
 //! `resources.storage_limit`: one budget for everything the daemon writes
 //! to disk, split into the parts each subsystem enforces on its own.
 //!
-//! The parts and the rules (docs/decisions/0041-one-storage-budget.md):
+//! The parts and the rules (docs/decisions/0015-one-storage-budget.md):
 //! - the database with its WAL and SHM, `storage.max_size` (the store's
 //!   budget); default 20% of the limit;
 //! - telemetry history, which lives inside the database,

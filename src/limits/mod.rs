@@ -13,7 +13,7 @@
 //!   to a quarter. It stays shed until no `high` event came for
 //!   [`SHED_HOLD`] (a timer, not a poll), then says so and restores.
 //!
-//! Sizes from `memory_limit` (docs/decisions/0042-memory-limit-binds.md):
+//! Sizes from `memory_limit` (docs/decisions/0016-memory-limit-binds.md):
 //! an upload batch at most 1/32 of it (and `sync.max_batch_bytes`), a
 //! response page asked of the hub at most 1/16 of it (and the hub's
 //! default page). A round holds the batch, its encoding and the decoded
