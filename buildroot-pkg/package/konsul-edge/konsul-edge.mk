@@ -13,6 +13,12 @@ KONSUL_EDGE_LICENSE_FILES = LICENSE
 
 KONSUL_EDGE_BOARD = $(call qstrip,$(BR2_PACKAGE_KONSUL_EDGE_BOARD))
 
+# Building a checkout (KONSUL_EDGE_OVERRIDE_SRCDIR in local.mk, see
+# README.md): leave the developer's build output behind, which is many GB
+# and nothing this build reads.
+KONSUL_EDGE_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = \
+	--exclude=/target --exclude=/fuzz/target --exclude=/data
+
 # Features are chosen here, never by Cargo.toml's defaults (those suit
 # developer builds). cargo-package runs `cargo build` and then
 # `cargo install`; both must see the same features or the install step
@@ -37,7 +43,7 @@ ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT_TLS),y)
 KONSUL_EDGE_DEPENDENCIES += host-pkgconf openssl
 KONSUL_EDGE_CARGO_FEATURES += mqtt-tls
 endif
-# Sync and D-Bus are always built in; ota: one ifeq block when it lands.
+# Sync, D-Bus and OTA are always built in: no options.
 
 KONSUL_EDGE_CARGO_OPTS = --no-default-features \
 	$(if $(strip $(KONSUL_EDGE_CARGO_FEATURES)),--features "$(strip $(KONSUL_EDGE_CARGO_FEATURES))")
