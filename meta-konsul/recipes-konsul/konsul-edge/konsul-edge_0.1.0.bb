@@ -17,14 +17,9 @@ CVE_PRODUCT = "konsul-edge"
 #   cargo tree -e normal --target aarch64-unknown-linux-gnu --prefix none -f '{p} {l}' | sort -u
 LICENSE = "Apache-2.0 & MIT & BSD-3-Clause & ISC & Zlib"
 LICENSE:append = "${@bb.utils.contains('PACKAGECONFIG', 'bundled-sqlite', ' & PD', '', d)}"
-# The repository has no top-level LICENSE file yet; Cargo.toml declares
-# Apache-2.0. Switch to file://LICENSE;md5=... once it lands.
-# nooelint: oelint.var.licenseremotefile - no license file in the source tree yet (see above)
-LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10 \
-                    file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda2f7b4f302 \
-                    file://${COMMON_LICENSE_DIR}/BSD-3-Clause;md5=550794465ba0ec5312d6919e203a55f9 \
-                    file://${COMMON_LICENSE_DIR}/ISC;md5=f3b90e78ea0cffb20bf5cca7947a896d \
-                    file://${COMMON_LICENSE_DIR}/Zlib;md5=87f239f408daca8a157858e192597633"
+# LICENSE is the repository's own (Apache-2.0); the crates' licenses above
+# travel in their crate archives.
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # Without the bundled-sqlite feature (the default, below) libsqlite3-sys
 # links the image's libsqlite3, found through pkg-config. rusqlite 0.43
@@ -58,13 +53,9 @@ PACKAGECONFIG[bundled-sqlite] = "bundled-sqlite,,,"
 PACKAGECONFIG[mqtt] = "mqtt,,cmake-native"
 # MQTT over TLS: Paho C links the image's OpenSSL (docs/decisions/0020).
 PACKAGECONFIG[mqtt-tls] = "mqtt-tls,,cmake-native openssl"
-# Features still to come, one line each when their issue lands (flag name =
-# Cargo feature name; fields: feature,,build deps,runtime deps):
-# D-Bus (zbus, pure Rust) is always built in: no PACKAGECONFIG flag; it
+# D-Bus (zbus, pure Rust), sync and OTA are always built in: no flags. D-Bus
 # needs a bus daemon (dbus or dbus-broker) at run time, which every systemd
 # image has. See docs/decisions/0013-zbus.md.
-#PACKAGECONFIG[sync] = "sync,,"
-#PACKAGECONFIG[ota] = "ota,,"
 
 # nooelint: oelint.vars.mispell.unknown - recipe-local helper, not a misspelt OE variable
 KONSUL_CARGO_FEATURES = "${@','.join(d.getVar('PACKAGECONFIG_CONFARGS').split())}"

@@ -1,7 +1,7 @@
 SUMMARY = "konsul-edge and what an edge node needs around it"
 DESCRIPTION = "Pulls in the konsul-edge daemon plus the CA bundle it needs \
                for TLS to the cloud hub and MQTT brokers, and recommends a \
-               local broker."
+               local broker when meta-networking is in the build."
 BUGTRACKER = "https://github.com/konsul/konsul-edge/issues"
 SECTION = "net"
 LICENSE = "MIT"
@@ -15,8 +15,7 @@ RDEPENDS:${PN} = "\
 
 # A broker on the device is the common layout (board edge.yaml files use
 # tcp://localhost:1883) but not required: some sites run it elsewhere.
-# mosquitto comes from meta-networking; RRECOMMENDS keeps this layer free
-# of a hard dependency on meta-oe.
-RRECOMMENDS:${PN} = "\
-    mosquitto \
-"
+# mosquitto lives in meta-networking, which this layer does not depend on:
+# dynamic-layers/networking-layer/ adds the recommendation when that layer
+# is present (BBFILES_DYNAMIC in conf/layer.conf). An RRECOMMENDS naming a
+# recipe no layer provides stops the image from resolving.
