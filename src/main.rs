@@ -32,7 +32,9 @@ USAGE:
     konsul-edge init --cloud-address URL --mqtt-broker URL [--node-id ID]
                      [--output FILE] [--force]
                                             write a commented config
-                                            (default /etc/konsul-edge/edge.yaml; - for stdout)
+                                            (default /etc/konsul-edge/edge.yaml; - for stdout;
+                                            node id default: this host's name;
+                                            --node-id '' leaves it to each start)
     konsul-edge systemd-dropin --config FILE [--output FILE]
                                             write the unit drop-in that binds
                                             resources.memory_limit and cpu_limit
@@ -445,8 +447,15 @@ fn init(
     output: &std::path::Path,
     force: bool,
 ) -> ExitCode {
-    let node_id = node_id.unwrap_or_else(|| Config::default().node_id());
-    let text = konsul_edge::config::render_init(cloud, broker, &node_id);
+    // No --node-id pins this host's name now; `--node-id ''` leaves it
+    // unset (the host name at each start), for configs built elsewhere,
+    // such as the one the Debian package ships.
+    let node_id = match node_id {
+        Some(id) if id.is_empty() => None,
+        Some(id) => Some(id),
+        None => Some(Config::default().node_id()),
+    };
+    let text = konsul_edge::config::render_init(cloud, broker, node_id.as_deref());
     // Refuse to write what we would refuse to run.
     if let Err(e) = Config::from_yaml(&text, "generated config") {
         return config_failure(e);

@@ -1,13 +1,29 @@
 //! The commented config `konsul-edge init` writes: every section a device
 //! needs, with the values the board configs ship.
+//!
+//! Without a node id the file leaves `node_id` (and the MQTT client id
+//! derived from it) unset, so each device takes its host name when the
+//! daemon starts: that is the config a distribution package ships, built
+//! once for every machine that installs it.
 
-/// The commented config `konsul-edge init` writes.
-pub fn render_init(cloud_address: &str, mqtt_broker: &str, node_id: &str) -> String {
+/// The commented config `konsul-edge init` writes. `node_id: None` leaves
+/// the id to the host name at start-up.
+pub fn render_init(cloud_address: &str, mqtt_broker: &str, node_id: Option<&str>) -> String {
     let mqtt_enabled = !mqtt_broker.is_empty();
     let broker = if mqtt_enabled {
         mqtt_broker
     } else {
         "tcp://localhost:1883"
+    };
+    let (node_id_line, client_id_line) = match node_id {
+        Some(id) => (
+            format!("node_id: {id}"),
+            format!("  client_id: konsul-edge-{id}"),
+        ),
+        None => (
+            "# node_id: unset, so the host name when the daemon starts".to_string(),
+            "  # client_id: konsul-edge-<node_id> (the default)".to_string(),
+        ),
     };
     format!(
         r#"# konsul-edge configuration, written by `konsul-edge init`.
@@ -15,7 +31,7 @@ pub fn render_init(cloud_address: &str, mqtt_broker: &str, node_id: &str) -> Str
 # next to this file are merged over it in name order, then KONSUL_* variables
 # (KONSUL_MODE, KONSUL_CLOUD_ADDRESS, KONSUL_MQTT_ENABLED, KONSUL_<SECTION>_<KEY>).
 mode: edge
-node_id: {node_id}
+{node_id_line}
 log_level: info            # error | warn | info | debug | trace (KONSUL_LOG)
 
 resources:
@@ -38,7 +54,7 @@ storage:
 mqtt:
   enabled: {mqtt_enabled}
   broker: {broker}
-  client_id: konsul-edge-{node_id}
+{client_id_line}
   qos: 1
   topics:
     - devices/+/register
@@ -118,7 +134,11 @@ mod tests {
 
     #[test]
     fn init_output_is_a_valid_config() {
-        let text = render_init("https://hub.example:8500", "tcp://localhost:1883", "n1");
+        let text = render_init(
+            "https://hub.example:8500",
+            "tcp://localhost:1883",
+            Some("n1"),
+        );
         let c = Config::from_yaml(&text, "init").unwrap();
         assert!(c.mqtt.enabled);
         assert_eq!(c.cloud.server_address, "https://hub.example:8500");
@@ -128,5 +148,19 @@ mod tests {
             Some(std::path::Path::new("/run/konsul-edge/api.sock"))
         );
         assert_eq!(c.acl.anonymous_policy, "builtin:anonymous");
+        assert_eq!(c.node_id.as_deref(), Some("n1"));
+        assert_eq!(c.mqtt.client_id, "konsul-edge-n1");
+    }
+
+    /// The packaged config is generated on a build host: it must not carry
+    /// that host's name into every device that installs it.
+    #[test]
+    fn init_without_a_node_id_leaves_it_to_the_host_name() {
+        let text = render_init("", "", None);
+        let c = Config::from_yaml(&text, "init").unwrap();
+        assert_eq!(c.node_id, None);
+        assert!(c.mqtt.client_id.is_empty(), "the default, from the node id");
+        assert!(!c.mqtt.enabled);
+        assert!(c.dbus.enabled && c.acl.enabled);
     }
 }
