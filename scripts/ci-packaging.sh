@@ -10,6 +10,10 @@
 # 5. check-config every board profile with the host binary
 # 6. systemd     systemd-analyze verify on the unit (+ each board drop-in)
 #                and the `systemd-analyze security` exposure score
+# 7. deb         scripts/build-deb.sh (amd64, arm64, armhf packages of the
+#                binaries built above, lintian) and scripts/deb-test.sh
+#                (dpkg -i of the amd64 package, a daemon run as user konsul,
+#                dpkg -r / -P; leaves the machine as it found it)
 #
 # Runs as root on a fresh Debian 12: installs what is missing (python3-venv,
 # systemd, cross toolchains, qemu-user-static). Prints PASS/FAIL per check,
@@ -176,6 +180,30 @@ else
     record FAIL "systemd-analyze security exposure '${score:-unknown}' (max $SECURITY_MAX)"
 fi
 step_end systemd
+
+# --- 7. Debian packages -------------------------------------------------------
+step_start deb
+# Packages the binaries of steps 3 and 4 (nothing is rebuilt); the first
+# run on a machine also compiles cargo-deb (pinned, in $TOOLS).
+out=$(KONSUL_TOOLS_DIR="$TOOLS" timeout 900 bash scripts/build-deb.sh all 2>&1)
+rc=$?
+grep -E '^(PASS|FAIL):' <<<"$out"
+if [ $rc -eq 0 ]; then
+    record PASS "build-deb (amd64, arm64, armhf; lintian)"
+else
+    echo "$out" | grep -vE '^(PASS|FAIL):' | tail -n 40
+    record FAIL "build-deb"
+fi
+out=$(timeout 300 bash scripts/deb-test.sh 2>&1)
+rc=$?
+grep -E '^(PASS|FAIL):' <<<"$out"
+if [ $rc -eq 0 ]; then
+    record PASS "deb-test: $(tail -n1 <<<"$out")"
+else
+    echo "$out" | grep -vE '^(PASS|FAIL):' | tail -n 40
+    record FAIL "deb-test (exit $rc)"
+fi
+step_end deb
 
 echo
 echo "packaging: $passed passed, $failed failed"
