@@ -45,7 +45,8 @@ bin_of() { local t; t=$(triple_of "$1"); echo "$CARGO_TARGET_DIR/${t:+$t/}releas
 cargo_deb="$TOOLS/cargo-deb-$CARGO_DEB_VERSION/bin/cargo-deb"
 if [ ! -x "$cargo_deb" ]; then
     echo "installing cargo-deb $CARGO_DEB_VERSION into $TOOLS"
-    ${KONSUL_NICE-nice -n 10} cargo install -q --locked cargo-deb --version "$CARGO_DEB_VERSION" \
+    # In a temporary target dir of its own, not in our release builds'.
+    env -u CARGO_TARGET_DIR ${KONSUL_NICE-nice -n 10} cargo install -q --locked cargo-deb --version "$CARGO_DEB_VERSION" \
         --root "$TOOLS/cargo-deb-$CARGO_DEB_VERSION" || { fail "install cargo-deb $CARGO_DEB_VERSION"; exit 1; }
 fi
 if ! command -v lintian >/dev/null; then
