@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::health::Signal;
 use super::monitor::set_alert;
+use super::redelivery::{self, Seen};
 use super::retention::{add_bytes, prune, row_bytes};
 use super::{Device, DeviceError, Devices, Effects, Outcome, Settings};
 use crate::clock::wall_millis;
@@ -20,11 +21,24 @@ impl Devices {
     /// Applies a batch of parsed messages; one outcome per message, in
     /// order. A store error fails the whole batch (nothing of it is
     /// committed); the caller may retry the messages singly.
+    #[cfg(test)]
     pub(crate) async fn apply(&self, batch: Vec<Inbound>) -> Result<Vec<Outcome>, StoreError> {
+        self.apply_seen(batch.into_iter().map(|m| (m, None)).collect())
+            .await
+    }
+
+    /// As [`apply`](Self::apply), for messages that may be redelivered
+    /// ([`super::redelivery`]): a DUP message already stored by one of the
+    /// last batches is not stored again (its outcome is `Stored`).
+    pub(crate) async fn apply_seen(
+        &self,
+        batch: Vec<(Inbound, Option<Seen>)>,
+    ) -> Result<Vec<Outcome>, StoreError> {
         let settings = self.settings;
         let limits = self.registry.limits();
         // Validation that needs no store runs here, off the store thread.
-        let prepared: Vec<Prepared> = batch.into_iter().map(prepare).collect();
+        let prepared: Vec<(Prepared, Option<Seen>)> =
+            batch.into_iter().map(|(m, s)| (prepare(m), s)).collect();
         let (outcomes, effects) = self
             .registry
             .store()
@@ -33,9 +47,25 @@ impl Devices {
                     let now = wall_millis();
                     let mut fx = Effects::default();
                     let mut outcomes = Vec::with_capacity(prepared.len());
-                    for p in prepared {
+                    let recent = if prepared.iter().any(|(_, s)| s.is_some_and(|s| s.dup)) {
+                        redelivery::recent(tx)?
+                    } else {
+                        Default::default()
+                    };
+                    let mut digests = Vec::new();
+                    for (p, seen) in prepared {
+                        if let Some(s) = seen {
+                            if s.dup && recent.contains(&s.digest) {
+                                outcomes.push(Outcome::Stored);
+                                continue;
+                            }
+                            digests.extend_from_slice(&s.digest);
+                        }
                         let o = apply_one(tx, p, settings, limits, now, &mut fx)?;
                         outcomes.push(o);
+                    }
+                    if !digests.is_empty() {
+                        redelivery::record(tx, &digests)?;
                     }
                     if fx.telemetry_bytes > 0 {
                         add_bytes(tx, fx.telemetry_bytes)?;

@@ -45,6 +45,7 @@ pub mod payload;
 mod ingest;
 mod monitor;
 mod query;
+pub(crate) mod redelivery;
 mod retention;
 
 use std::collections::BTreeMap;

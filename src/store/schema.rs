@@ -184,6 +184,16 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT    NOT NULL
     );
     "#,
+    // 6: digests of the MQTT telemetry and events of the last ingest
+    // batches (src/devices/redelivery.rs), written with them: a message the
+    // broker sends again because the daemon stopped between the commit and
+    // the PUBACK is recognised and not stored twice.
+    r#"
+    CREATE TABLE mqtt_recent (
+        batch   INTEGER PRIMARY KEY,
+        digests BLOB    NOT NULL
+    );
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
