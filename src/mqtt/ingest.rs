@@ -1,20 +1,24 @@
-//! Ingest: messages from Paho's callback are taken in batches (what is
-//! queued, up to [`MAX_BATCH`]), parsed, and applied in one store
-//! transaction; acks and errors are queued for the publish thread
-//! ([`super::outbox`]) once that transaction committed. Runs on the
-//! executor and never calls into Paho.
+//! Ingest: messages from the client's reader are taken in batches (what
+//! is queued, up to [`MAX_BATCH`]), parsed, and applied in one store
+//! transaction. Once that transaction committed, the batch's QoS 1/2
+//! messages are acknowledged to the broker (PUBACK/PUBREC through
+//! [`Link::ack`]) and device acks and errors are queued on the outbox
+//! ([`super::outbox`]). A message refused (malformed, or the store failed
+//! and the device was told to try again) is acknowledged too: the answer
+//! is final, a redelivery would be refused the same way.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use paho_mqtt as paho;
 use serde_json::json;
 use smol::future::FutureExt;
 
+use super::client::{Incoming, Link, Message};
 use super::outbox::Outbox;
 use super::payload::{self, Inbound, PayloadError, Reason};
 use super::rejections::{LogBudget, Verdict, LINES_PER_WINDOW, WINDOW};
+use crate::devices::redelivery::Seen;
 use crate::devices::{ack_json, Devices, Outcome};
 use crate::firmware::rollout::Rollouts;
 use crate::metrics::{Metrics, Published};
@@ -29,6 +33,7 @@ pub const MAX_BATCH: usize = 1024;
 
 pub(super) struct Ingest {
     pub(super) outbox: Outbox,
+    pub(super) link: Arc<Link>,
     pub(super) devices: Devices,
     pub(super) metrics: Arc<Metrics>,
     pub(super) max_payload: usize,
@@ -37,11 +42,7 @@ pub(super) struct Ingest {
 }
 
 impl Ingest {
-    pub(super) async fn run(
-        mut self,
-        messages: async_channel::Receiver<paho::Message>,
-        stop: Shutdown,
-    ) {
+    pub(super) async fn run(mut self, messages: async_channel::Receiver<Incoming>, stop: Shutdown) {
         loop {
             let summary = self.budget.summary_due();
             let first = async { messages.recv().await.ok().map(Some) }
@@ -75,9 +76,12 @@ impl Ingest {
             self.process(batch).await;
         }
         // Disconnected: apply what was received before the disconnect.
-        let rest: Vec<paho::Message> = std::iter::from_fn(|| messages.try_recv().ok()).collect();
-        for chunk in rest.chunks(MAX_BATCH) {
-            self.process(chunk.to_vec()).await;
+        // Their acks find no connection: the broker re-sends them, and
+        // the store takes a repeat as a repeat.
+        let mut rest: Vec<Incoming> = std::iter::from_fn(|| messages.try_recv().ok()).collect();
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(MAX_BATCH));
+            self.process(std::mem::replace(&mut rest, tail)).await;
         }
         // Stopping: account for the window so far.
         self.log_summary_at(Instant::now() + WINDOW);
@@ -100,16 +104,23 @@ impl Ingest {
         }
     }
 
-    async fn process(&mut self, batch: Vec<paho::Message>) {
+    async fn process(&mut self, batch: Vec<Incoming>) {
+        self.apply(&batch).await;
+        // Committed (or refused for good): now the broker may forget them.
+        let acks: Vec<_> = batch.iter().filter_map(|m| m.ack).collect();
+        self.link.ack(&acks).await;
+    }
+
+    async fn apply(&mut self, batch: &[Incoming]) {
         let mut parsed = Vec::with_capacity(batch.len());
         let mut reports = Vec::new();
-        for m in &batch {
-            let topic = m.topic();
+        for m in batch {
+            let topic = &m.topic;
             self.metrics.mqtt.received(topic);
-            match payload::parse(topic, m.payload(), self.max_payload) {
+            match payload::parse(topic, &m.payload, self.max_payload) {
                 Ok(Inbound::Ignored) => {}
                 Ok(Inbound::UpdateStatus { device, report }) => reports.push((device, report)),
-                Ok(inbound) => parsed.push(inbound),
+                Ok(inbound) => parsed.push((inbound, digest(m))),
                 Err(e) => self.reject_payload(&e),
             }
         }
@@ -122,7 +133,7 @@ impl Ingest {
         }
         // A device seen again may be owed an offer, or may report the new
         // version: the engine looks once this batch is committed.
-        let seen = parsed.iter().any(|m| {
+        let seen = parsed.iter().any(|(m, _)| {
             matches!(
                 m,
                 Inbound::Register { .. } | Inbound::Heartbeat { .. } | Inbound::Status { .. }
@@ -133,8 +144,8 @@ impl Ingest {
         }
         self.metrics.mqtt.batches.fetch_add(1, Ordering::Relaxed);
         let count = parsed.len();
-        let first_device = parsed[0].device().unwrap_or_default().to_owned();
-        let outcomes = match self.devices.apply(parsed).await {
+        let first_device = parsed[0].0.device().unwrap_or_default().to_owned();
+        let outcomes = match self.devices.apply_seen(parsed).await {
             Ok(o) => o,
             Err(e) if count > 1 => {
                 log::warn!(target: LOG_TARGET, "a batch of {count} messages failed ({e}); applying them one by one");
@@ -142,15 +153,15 @@ impl Ingest {
                 // rare, the clone was paid on every batch. Rejections were
                 // already reported on the first pass.
                 let again = batch.iter().filter_map(|m| {
-                    match payload::parse(m.topic(), m.payload(), self.max_payload) {
+                    match payload::parse(&m.topic, &m.payload, self.max_payload) {
                         Ok(Inbound::Ignored | Inbound::UpdateStatus { .. }) | Err(_) => None,
-                        Ok(inbound) => Some(inbound),
+                        Ok(inbound) => Some((inbound, digest(m))),
                     }
                 });
                 let mut out = Vec::with_capacity(count);
                 for m in again.collect::<Vec<_>>() {
-                    let device = m.device().unwrap_or_default().to_owned();
-                    out.push(match self.devices.apply(vec![m]).await {
+                    let device = m.0.device().unwrap_or_default().to_owned();
+                    out.push(match self.devices.apply_seen(vec![m]).await {
                         Ok(mut o) => o.pop().unwrap_or(Outcome::Ignored),
                         Err(e) => store_rejection(device, &e),
                     });
@@ -171,10 +182,9 @@ impl Ingest {
                     }
                     self.outbox.reply(
                         Published::Ack,
-                        paho::Message::new(
+                        Message::new(
                             format!("devices/{device}/ack"),
                             ack_json(&device, modify_index, created),
-                            1,
                         ),
                     );
                 }
@@ -233,10 +243,17 @@ impl Ingest {
             });
             self.outbox.reply(
                 Published::Error,
-                paho::Message::new(format!("devices/{d}/error"), body.to_string(), 1),
+                Message::new(format!("devices/{d}/error"), body.to_string()),
             );
         }
     }
+}
+
+/// Telemetry and events at QoS 1/2 may be redelivered and are not
+/// idempotent: they carry a digest ([`crate::devices::redelivery`]).
+fn digest(m: &Incoming) -> Option<Seen> {
+    let appended = m.topic.ends_with("/telemetry") || m.topic.ends_with("/events");
+    (appended && m.ack.is_some()).then(|| Seen::of(&m.topic, &m.payload, m.dup))
 }
 
 fn store_rejection(device: String, e: &crate::store::StoreError) -> Outcome {

@@ -1,62 +1,60 @@
 //! The MQTT bridge: the broker connection, topic routing and the payload
 //! schemas ([`payload`]).
 //!
-//! Eclipse Paho (C library, bundled) through paho-mqtt; why, and how TLS is
-//! linked, is in `docs/decisions/0020-paho-mqtt.md`.
+//! The client is our own ([`client`], MQTT 3.1.1 and 5 on async-io); why
+//! not Paho any more is in `docs/decisions/0021-mqtt-acks-after-commit.md`.
 //!
-//! Threads. Paho runs two threads of its own (receive and send) and calls
-//! us back on the receive thread *while holding Paho's process-wide
-//! mutex*; every Paho call (connect, subscribe, publish, disconnect,
-//! destroy) takes that same mutex. So:
-//! - messages: the callback does a blocking send into a bounded channel
-//!   (`QUEUE` in `bridge`). When ingest falls behind, the receive thread
-//!   waits there, TCP reads stop and the broker holds the messages:
-//!   back-pressure instead of memory growth or drops. (Paho's own
-//!   `get_stream` drops messages when full.) While it waits it holds the
-//!   mutex: Paho's send thread waits too (no keep-alive pings go out), and
-//!   so would anything else that calls into Paho.
-//! - therefore nothing on the executor calls into Paho. Publishes go
-//!   through [`outbox`]: a bounded queue and a thread of its own; acks and
-//!   errors are dropped and counted when the queue is full instead of
-//!   waiting (a flood of bad input cannot stall ingest), statuses, alerts
-//!   and offers wait asynchronously for room. Connect, subscribe and
-//!   disconnect run on blocking threads (`smol::unblock`) and the executor
-//!   awaits their tokens with timeouts. The chain receive thread -> ingest
-//!   channel -> executor -> store thread never leads back to the mutex, so
-//!   it cannot close into a cycle. (Before this, the executor published
-//!   acks itself: a flood of messages needing replies filled the channel
-//!   with the receive thread waiting on it holding the mutex, and the
-//!   executor waiting for the mutex: HTTP, D-Bus and SIGTERM froze.)
-//! - connection lost: a signal into a capacity-1 channel (`try_send`).
-//! - shutdown: the ingest channel is closed (a waiting callback returns)
-//!   and the client is dropped on a blocking thread.
+//! Threads. None of its own: the connection (reader, writer, keep-alive),
+//! the publisher ([`outbox`]) and ingest are futures on the executor, and
+//! the only lock (the client's session state, [`client::link`]) is never
+//! held across an await. So:
+//! - messages: the reader hands them to ingest through a bounded channel
+//!   (`QUEUE` in `bridge`). When ingest falls behind, the reader waits
+//!   there (asynchronously), TCP reads stop and the broker holds the
+//!   messages: back-pressure instead of memory growth or drops. The
+//!   broker's window (MQTT 5 receive maximum = [`MAX_BATCH`], or its own
+//!   3.1.1 window) keeps QoS 1/2 traffic below that bound.
+//! - publishes go through [`outbox`]: a bounded queue; acks and errors to
+//!   devices are dropped and counted when it is full instead of waiting (a
+//!   flood of bad input cannot stall ingest), alerts and offers wait
+//!   asynchronously for room. The queue drains into the connection's
+//!   writer as the broker's window allows. Nothing the executor runs waits
+//!   for something that waits for the executor (the issue-13 deadlock, a
+//!   foreign thread holding a mutex while it waited for us, cannot exist).
+//! - shutdown: the reader stops taking messages, ingest acknowledges what
+//!   it has (bounded wait), the offline status goes out, DISCONNECT.
 //!
-//! Session: `clean_session = false` with a stable client id
-//! (`mqtt.client_id`, else `konsul-edge-{node_id}`), so the broker keeps
-//! our subscriptions and queues QoS 1/2 messages while the daemon is down;
-//! they arrive on reconnect. We still resubscribe after every connect (the
-//! broker may have lost the session: a restart without persistence).
+//! Session: `clean_session = false` (MQTT 5: session expiry "never") with
+//! a stable client id (`mqtt.client_id`, else `konsul-edge-{node_id}`), so
+//! the broker keeps our subscriptions and queues QoS 1/2 messages while the
+//! daemon is down; they arrive on reconnect. We still resubscribe after
+//! every connect (the broker may have lost the session: a restart without
+//! persistence).
 //!
 //! Reconnect: our own loop, exponential backoff (0.5 s doubling to 60 s)
 //! with full jitter in the upper half, so a fleet of edges does not hammer
-//! a broker that comes back. Paho's automatic reconnect has no jitter.
+//! a broker that comes back. MQTT 5 first; a broker that refuses the
+//! protocol version gets 3.1.1 from then on.
 //!
 //! Status: `edges/{node_id}/status` is `{"status":"online"}` retained while
 //! connected and `{"status":"offline"}` retained as our last will (and
 //! published before a clean disconnect, which fires no will).
 //!
 //! Ingest ([`ingest`]): messages are taken in batches (what is queued, up
-//! to [`MAX_BATCH`]) and applied in one store transaction; device acks are
-//! queued after that transaction commits. A registration therefore is acked
-//! to the device only once it is durable. Paho, however, acknowledges QoS
-//! 1/2 to the broker (PUBACK/PUBREC) as soon as our callback returns, before
-//! the commit; see `docs/decisions/0021-mqtt-acks-after-commit.md`.
+//! to [`MAX_BATCH`]) and applied in one store transaction; only after that
+//! transaction commits does the broker get its PUBACK (QoS 1) or PUBREC
+//! (QoS 2) for them, and devices their acks. So what the broker considers
+//! delivered is durable; a crash between commit and PUBACK makes the broker
+//! re-send, and the store takes the repeat as a repeat (delivery into the
+//! store is at least once, see [`client`]).
 //!
 //! Rejections are counted by reason, explained to the device and logged
 //! within a budget ([`rejections`]).
 
 #[cfg(feature = "mqtt")]
 mod bridge;
+#[cfg(feature = "mqtt")]
+pub mod client;
 #[cfg(feature = "mqtt")]
 mod ingest;
 #[cfg(feature = "mqtt")]
@@ -78,8 +76,6 @@ pub use ingest::MAX_BATCH;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("mqtt.broker `{url}`: TLS is not in this build (rebuild with `--features mqtt-tls`)")]
-    NoTls { url: String },
     #[error("mqtt.password_file {path}: {source}")]
     PasswordFile {
         path: PathBuf,
@@ -158,18 +154,6 @@ impl Settings {
     }
 }
 
-/// `mqtt://` and `mqtts://` as paho spells them everywhere.
-pub fn paho_uri(url: &str) -> (String, bool) {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("tcp", url));
-    let (scheme, tls) = match scheme {
-        "mqtt" | "tcp" => ("tcp", false),
-        "mqtts" | "ssl" => ("ssl", true),
-        "wss" => ("wss", true),
-        other => (other, false),
-    };
-    (format!("{scheme}://{rest}"), tls)
-}
-
 /// The configured topics plus `devices/+/update/status` (firmware rollout
 /// progress) unless a configured filter already covers it: rollouts depend
 /// on it, so it is not left to the config.
@@ -188,16 +172,6 @@ fn with_update_status(topics: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls_map_to_paho_schemes() {
-        assert_eq!(paho_uri("mqtt://h:1883"), ("tcp://h:1883".into(), false));
-        assert_eq!(paho_uri("tcp://h:1883"), ("tcp://h:1883".into(), false));
-        assert_eq!(paho_uri("mqtts://h:8883"), ("ssl://h:8883".into(), true));
-        assert_eq!(paho_uri("ssl://h:8883"), ("ssl://h:8883".into(), true));
-        assert_eq!(paho_uri("ws://h:80/mqtt"), ("ws://h:80/mqtt".into(), false));
-        assert_eq!(paho_uri("wss://h/mqtt"), ("wss://h/mqtt".into(), true));
-    }
 
     #[test]
     fn update_status_is_always_subscribed() {

@@ -1,79 +1,78 @@
-//! Everything the bridge publishes leaves through one thread of its own,
-//! `mqtt-publish`, fed by a bounded queue. Why a thread: every call into
-//! Paho takes Paho's one process-wide mutex, and Paho's receive thread
-//! holds that mutex while it runs our message callback, which waits when
-//! ingest is behind. A publish made on the executor would then wait for the
-//! receive thread, which waits for ingest, which runs on the executor: the
-//! reply-flood deadlock. Here only this thread waits for Paho, and the
-//! executor only ever puts a message in the queue.
-//!
-//! Two ways in:
+//! Everything the bridge publishes goes through one bounded queue, drained
+//! by [`Outbox::run`] into the client's [`Link`] (QoS 1, re-sent until the
+//! broker acknowledges it). The queue keeps the executor's callers from
+//! ever waiting on the broker:
 //! - [`Outbox::reply`] (acks and errors to devices) never waits: when the
 //!   queue is full the reply is dropped and counted
 //!   (`konsul_edge_mqtt_replies_dropped_total`). A device that gets no ack
 //!   re-sends; a flood of bad input must not cost more than a full queue.
-//! - [`Outbox::send`] (status, alerts, firmware offers) waits asynchronously
-//!   for room: they are few, and losing one would mislead an operator.
+//! - [`Outbox::send`] (alerts, firmware offers) waits asynchronously for
+//!   room: they are few, and losing one would mislead an operator.
 //!
-//! Paho bounds what it holds itself (`max_buffered_messages`, oldest
-//! dropped), so this thread hands messages over without tracking them.
+//! While the broker is away the drain waits for a connection and the
+//! queue fills: replies are then dropped and counted, sends wait. The
+//! online/offline status does not use this queue (the connection publishes
+//! it itself), so a full queue cannot hold up a connect.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use paho_mqtt as paho;
+use smol::future::FutureExt;
 
+use super::client::{Link, Message};
 use crate::metrics::{Metrics, Published};
+use crate::support::Shutdown;
 
-/// Messages waiting for the publish thread.
+/// Messages waiting for the broker's window.
 const QUEUE: usize = 1024;
 
 struct Outgoing {
     what: Published,
-    msg: paho::Message,
+    msg: Message,
 }
 
-/// The executor's side of the publish thread. Dropping every clone ends the
-/// thread once the queue is empty.
 #[derive(Clone)]
 pub(crate) struct Outbox {
     tx: async_channel::Sender<Outgoing>,
+    rx: async_channel::Receiver<Outgoing>,
     metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    /// Starts the publish thread.
-    pub(crate) fn start(
-        client: paho::AsyncClient,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<Outbox> {
-        let (tx, rx) = async_channel::bounded::<Outgoing>(QUEUE);
-        let m = metrics.clone();
-        std::thread::Builder::new()
-            .name("mqtt-publish".into())
-            .spawn(move || {
-                while let Ok(o) = rx.recv_blocking() {
-                    // The delivery token is dropped: nothing waits for a
-                    // PUBACK, Paho retries on its own.
-                    match client.try_publish(o.msg) {
-                        Ok(_) => m.mqtt.published(o.what),
-                        Err(e) => {
-                            m.mqtt.publish_failed.fetch_add(1, Ordering::Relaxed);
-                            log::debug!("publish failed: {e}");
-                        }
-                    }
-                }
-                // The last clone of the client may be this one: Paho's
-                // destroy takes its mutex, so it must not run on the
-                // executor either.
-                drop(client);
-            })?;
-        Ok(Outbox { tx, metrics })
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Outbox {
+        let (tx, rx) = async_channel::bounded(QUEUE);
+        Outbox { tx, rx, metrics }
+    }
+
+    /// Drains the queue into `link` until shutdown.
+    pub(crate) async fn run(&self, link: &Link, shutdown: &Shutdown) {
+        loop {
+            let next = async { self.rx.recv().await.ok() }
+                .or(async {
+                    shutdown.wait().await;
+                    None
+                })
+                .await;
+            let Some(o) = next else { return };
+            let sent = async {
+                link.publish(o.msg).await;
+                true
+            }
+            .or(async {
+                shutdown.wait().await;
+                false
+            })
+            .await;
+            if !sent {
+                return;
+            }
+            self.metrics.mqtt.published(o.what);
+        }
     }
 
     /// An ack or error for a device: queued if there is room, else dropped
     /// and counted. Never waits.
-    pub(crate) fn reply(&self, what: Published, msg: paho::Message) {
+    pub(crate) fn reply(&self, what: Published, msg: Message) {
         if self.tx.try_send(Outgoing { what, msg }).is_err() {
             self.metrics
                 .mqtt
@@ -82,8 +81,8 @@ impl Outbox {
         }
     }
 
-    /// A status, alert or offer: waits (asynchronously) for room.
-    pub(crate) async fn send(&self, what: Published, msg: paho::Message) {
+    /// An alert or offer: waits (asynchronously) for room.
+    pub(crate) async fn send(&self, what: Published, msg: Message) {
         if self.tx.send(Outgoing { what, msg }).await.is_err() {
             self.metrics
                 .mqtt
