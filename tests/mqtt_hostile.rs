@@ -262,7 +262,6 @@ fn broker_lines(broker: &Broker, what: &str, topic_part: &str) -> usize {
 }
 
 #[test]
-#[ignore = "Paho acknowledges QoS 1 on receipt; acks after commit need the client of docs/decisions/0021-mqtt-acks-after-commit.md"]
 fn qos1_messages_the_broker_considers_delivered_are_committed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
@@ -289,14 +288,15 @@ fn qos1_messages_the_broker_considers_delivered_are_committed() {
         .expect("the broker took the registration");
     }
     // Wait until the broker has handed over all it will: either the daemon
-    // acknowledged all of them (acks before commit), or it holds a full
-    // in-flight window (mosquitto's max_inflight_messages, 20) and has
+    // acknowledged all of them (acks before commit), or it holds at least
+    // a full in-flight window (mosquitto's max_inflight_messages, 20, for
+    // MQTT 3.1.1; our receive maximum, above N, for MQTT 5) and has
     // acknowledged none (acks after commit, and nothing can commit).
     let inflight = 20;
     eventually("the broker to hand over all it will", || {
         let sent = broker_lines(&broker, &format!("Sending PUBLISH to {client}"), "held-");
         let acked = broker_lines(&broker, &format!("Received PUBACK from {client}"), "");
-        acked == N || (sent == N.min(inflight) && acked == 0)
+        acked == N || (sent >= N.min(inflight) && acked == 0)
     });
 
     // Power cut while nothing is committed, then a restart: whatever the

@@ -252,8 +252,6 @@ fn burst(pubr: &paho::AsyncClient, run: u64, size: u64) -> (Vec<String>, Vec<u64
 }
 
 #[test]
-#[ignore = "issue 12 item 1: the bridge acknowledges QoS 1 messages to the broker before \
-            committing them, so a kill -9 loses them (fix in progress on branch mqtt-acks)"]
 fn mqtt_qos1_bursts_survive_kill9() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start_with(dir.path(), KEEP_ALL);
@@ -426,12 +424,14 @@ fn run_with_publisher(
 
 // Duplicates are counted but not asserted for broker restarts: a message
 // the broker had sent to the daemon and not yet seen acknowledged when it
-// stopped is delivered again after the restart, as QoS 1 allows, and the
-// daemon has no key to recognise a telemetry reading it already stored.
+// stopped is delivered again after the restart, as QoS 1 allows; the
+// daemon recognises a re-sent reading (DUP) only against its last batches
+// (src/devices/redelivery.rs).
 
-// The two restart tests that run in CI publish telemetry only: with
-// registrations the daemon publishes device acks of its own around the
-// reconnect, which trips the defect the ignored third test shows.
+// The third restart test has devices registering, so the daemon publishes
+// device acks of its own around the reconnect. With the Paho bridge that
+// ended in a reconnect loop (mosquitto dropped each new connection as
+// "malformed packet"); the client of docs/decisions/0021 does not.
 
 #[test]
 fn broker_restarts_with_persistence_lose_nothing_acknowledged() {
@@ -448,14 +448,9 @@ fn broker_restarts_during_reconnect_lose_nothing_acknowledged() {
 }
 
 /// As above with devices registering, so the daemon publishes acks while
-/// it reconnects. Fails in about one run in three here (30 restarts);
-/// `KONSUL_SOAK=1` (300) makes it near certain.
+/// it reconnects. With Paho it failed in about one run in three here (30
+/// restarts); `KONSUL_SOAK=1` runs 300.
 #[test]
-#[ignore = "after broker restarts while the bridge publishes device acks, the bridge can end \
-            up in a reconnect loop: mosquitto drops each new connection of the daemon \
-            (\"malformed packet\", then \"protocol error\"; the daemon logs \"subscribe \
-            timed out\" and \"Client disconnected\"), so nothing is delivered any more \
-            (found by this harness)"]
 fn broker_restarts_while_devices_register_lose_nothing_acknowledged() {
     let n = runs(30, 300);
     broker_restarts(n, false, true).report("broker-restart-registering", n, false);
