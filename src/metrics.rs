@@ -117,7 +117,7 @@ impl MqttMetrics {
             ),
             (
                 "konsul_edge_mqtt_publish_failures_total",
-                "Publishes paho refused to queue.",
+                "Publishes the bridge could not queue (it was stopping).",
                 &self.publish_failed,
             ),
             (

@@ -539,7 +539,15 @@ fn de_cloud_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Err
 
 fn de_broker_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let url = String::deserialize(d)?;
-    match url_error(&url, &["tcp", "mqtt", "ssl", "mqtts", "ws", "wss"]) {
+    // The bridge's own client speaks MQTT over TCP and TLS only
+    // (docs/decisions/0021-mqtt-acks-after-commit.md).
+    if url.starts_with("ws://") || url.starts_with("wss://") {
+        return Err(serde::de::Error::custom(format!(
+            "`{url}`: MQTT over WebSockets (ws://, wss://) is not supported; \
+             use mqtt:// (tcp://) or mqtts:// (ssl://)"
+        )));
+    }
+    match url_error(&url, &["tcp", "mqtt", "ssl", "mqtts"]) {
         Some(e) => Err(serde::de::Error::custom(e)),
         None => Ok(url),
     }

@@ -33,15 +33,9 @@ else
 KONSUL_EDGE_DEPENDENCIES += host-pkgconf sqlite
 endif
 ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT),y)
-# Paho C is bundled and built with cmake by the paho-mqtt-sys build script.
-KONSUL_EDGE_DEPENDENCIES += host-cmake
+# Our own client in Rust (docs/decisions/0021); mqtts:// uses the rustls
+# stack sync links anyway: no C library, no cmake, no OpenSSL.
 KONSUL_EDGE_CARGO_FEATURES += mqtt
-KONSUL_EDGE_LICENSE += , EPL-2.0 or BSD-3-Clause (bundled Paho C)
-endif
-ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT_TLS),y)
-# TLS links the target's OpenSSL (docs/decisions/0020-paho-mqtt.md).
-KONSUL_EDGE_DEPENDENCIES += host-pkgconf openssl
-KONSUL_EDGE_CARGO_FEATURES += mqtt-tls
 endif
 # Sync, D-Bus and OTA are always built in: no options.
 

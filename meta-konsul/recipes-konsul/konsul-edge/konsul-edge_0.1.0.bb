@@ -49,10 +49,9 @@ inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
 # sqlite3 recipe) instead of the SQLite amalgamation bundled in the binary.
 PACKAGECONFIG ??= "mqtt"
 PACKAGECONFIG[bundled-sqlite] = "bundled-sqlite,,,"
-# The MQTT bridge: Paho C is bundled and built with cmake.
-PACKAGECONFIG[mqtt] = "mqtt,,cmake-native"
-# MQTT over TLS: Paho C links the image's OpenSSL (docs/decisions/0020).
-PACKAGECONFIG[mqtt-tls] = "mqtt-tls,,cmake-native openssl"
+# The MQTT bridge: our own client in Rust (docs/decisions/0021), TLS
+# through rustls as for sync: no cmake, no OpenSSL.
+PACKAGECONFIG[mqtt] = "mqtt,,,"
 # D-Bus (zbus, pure Rust), sync and OTA are always built in: no flags. D-Bus
 # needs a bus daemon (dbus or dbus-broker) at run time, which every systemd
 # image has. See docs/decisions/0013-zbus.md.
