@@ -404,3 +404,38 @@ fn signals_coalesce_per_device_but_keep_offline_in_order() {
         ]
     );
 }
+
+#[test]
+fn a_redelivered_reading_is_stored_once_and_a_repeated_one_twice() {
+    use super::redelivery::Seen;
+    let d = tempfile::tempdir().unwrap();
+    let (devices, _ch) = setup(d.path(), 10, 1 << 20);
+    smol::block_on(async {
+        devices.apply(vec![register("s1")]).await.unwrap();
+        let (topic, body) = ("devices/s1/telemetry", r#"{"temp":21}"#);
+        let once = |dup| {
+            (
+                msg(topic, body),
+                Some(Seen::of(topic, body.as_bytes(), dup)),
+            )
+        };
+        let count = || async { devices.telemetry("s1".into(), 0, 10).await.unwrap().len() };
+        devices.apply_seen(vec![once(false)]).await.unwrap();
+        assert_eq!(count().await, 1);
+        // The broker re-sends it (DUP) after a stop between commit and PUBACK.
+        let out = devices.apply_seen(vec![once(true)]).await.unwrap();
+        assert_eq!(out, [Outcome::Stored]);
+        assert_eq!(count().await, 1, "a redelivery is not stored again");
+        // The device sends the same reading again: a new message.
+        devices.apply_seen(vec![once(false)]).await.unwrap();
+        assert_eq!(count().await, 2);
+        // A DUP the store never saw (lost before its commit) is stored.
+        let other = r#"{"temp":22}"#;
+        let dup = (
+            msg(topic, other),
+            Some(Seen::of(topic, other.as_bytes(), true)),
+        );
+        devices.apply_seen(vec![dup]).await.unwrap();
+        assert_eq!(count().await, 3);
+    });
+}
