@@ -9,12 +9,16 @@
 //!
 //! - `SHM_RESERVE` for the `-shm` file (32 KiB covers a WAL of ~4000
 //!   frames, far more than the WAL limit below allows);
-//! - twice `wal_limit` for the WAL: a commit that leaves the WAL above
-//!   `wal_limit` checkpoints it with TRUNCATE (we are the only connection,
-//!   so the checkpoint always completes), so the WAL never holds more than
-//!   `wal_limit` plus one transaction. `journal_size_limit` and
-//!   `wal_autocheckpoint` are set to the same figure, as a backstop for
-//!   writes that do not go through [`Db::tx`];
+//! - twice `wal_limit` for the WAL: `wal_autocheckpoint` checkpoints once
+//!   the WAL holds `wal_limit` of pages (we are the only connection, so the
+//!   checkpoint always completes) and the next commit writes the WAL from
+//!   its start again, over blocks the file already has; `journal_size_limit`
+//!   cuts a file left longer back to `wal_limit`. So the WAL never holds
+//!   more than `wal_limit` plus one transaction. Only a commit that leaves
+//!   the file well past that (one large transaction) checkpoints with
+//!   TRUNCATE at once ([`Db::bound_wal`]). Truncating at every cycle would
+//!   bound it too, but then every commit grows the file and each fsync
+//!   also writes the inode: register throughput fell by a sixth that way;
 //! - the rest for the database file, as `max_page_count` (the hard limit).
 //!
 //! Inside the database file a `headroom` of pages is kept for writes that
@@ -120,11 +124,14 @@ impl Db {
         Ok(())
     }
 
-    /// After a commit: checkpoints and truncates the WAL once it holds more
-    /// than its share of the budget.
+    /// After a commit: checkpoints and truncates a WAL that one large
+    /// transaction left well past its share. The regular cycle is SQLite's
+    /// own auto-checkpoint (see the module note); this threshold sits above
+    /// it (frame headers add 24 bytes a page), so it never truncates a WAL
+    /// that is about to be reused.
     pub(super) fn bound_wal(&self) {
         let wal = std::fs::metadata(wal_path(&self.path)).map_or(0, |m| m.len());
-        if wal <= self.budget.wal_limit {
+        if wal <= self.budget.wal_limit + self.budget.wal_limit / 4 {
             return;
         }
         if let Err(e) = self
