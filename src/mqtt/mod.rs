@@ -12,8 +12,8 @@
 //!   (`QUEUE` in `bridge`). When ingest falls behind, the reader waits
 //!   there (asynchronously), TCP reads stop and the broker holds the
 //!   messages: back-pressure instead of memory growth or drops. The
-//!   broker's window (MQTT 5 receive maximum = [`MAX_BATCH`], or its own
-//!   3.1.1 window) keeps QoS 1/2 traffic below that bound.
+//!   broker's window (MQTT 5 receive maximum = two batches, so one arrives
+//!   while the other commits; or its own 3.1.1 window) keeps QoS 1/2 traffic below that bound.
 //! - publishes go through [`outbox`]: a bounded queue; acks and errors to
 //!   devices are dropped and counted when it is full instead of waiting (a
 //!   flood of bad input cannot stall ingest), alerts and offers wait
