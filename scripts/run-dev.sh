@@ -11,10 +11,10 @@ cd "$(dirname "$0")/.."
 
 sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# What the build itself needs from Debian: a C toolchain (the bundled
-# SQLite, ring) and, while the MQTT bridge bundles Eclipse Paho C, cmake
-# and make to build it.
-packages=(gcc libc6-dev make cmake)
+# What the build itself needs from Debian: a C toolchain for the bundled
+# SQLite and ring. (cmake is only for the tests' simulated MQTT devices,
+# Eclipse Paho C; scripts/test.sh installs it.)
+packages=(gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
