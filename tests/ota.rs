@@ -114,6 +114,9 @@ fn uboot_failing_gate_rolls_back_and_later_updates_still_install() {
     let mut d = rig.start();
     assert_eq!(install(&d, &img).status, 200);
     wait(&d, "running the reboot command");
+    // The command runs in its own process after the log line: the reboot
+    // has happened once it has written, not when the daemon says so.
+    eventually("the reboot command ran", || rig.reboots() == 1);
     d.kill9();
     assert_eq!(rig.boot(), "B");
     let mut d = rig.start();
@@ -161,6 +164,7 @@ fn uboot_power_cycles_do_not_roll_back_but_a_crash_loop_does() {
     let mut d = rig.start();
     assert_eq!(install(&d, &img).status, 200);
     wait(&d, "running the reboot command");
+    eventually("the reboot command ran", || rig.reboots() == 1);
     d.kill9();
     assert_eq!(rig.env()["BOOT_B_LEFT"], "2");
 
