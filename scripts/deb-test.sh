@@ -163,7 +163,14 @@ start_daemon() { # label
             wait "$daemon_pid"; echo "  daemon exited with $?:"; sed 's/^/  | /' "$work/daemon-$1.log"
             daemon_pid=""; return 1
         fi
-        konsul-edge status >"$work/status-$1.txt" 2>&1 && return 0
+        # Ask over the bus only once the daemon is ready (it owns the name
+        # by then): a call to a name nobody owns yet makes this bus, run
+        # without systemd, D-Bus-activate a second daemon from the packaged
+        # activation file, and the two race on a new database.
+        if curl -sf --max-time 2 --unix-socket /run/konsul-edge/api.sock -o /dev/null \
+            http://localhost/health/ready; then
+            konsul-edge status >"$work/status-$1.txt" 2>&1 && return 0
+        fi
         sleep 0.1
     done
     echo "  no answer within ${READY_TIMEOUT}s:"; sed 's/^/  | /' "$work/daemon-$1.log"
