@@ -13,18 +13,7 @@ use paho_mqtt as paho;
 
 /// A CA and a server certificate for localhost in `dir`.
 fn make_pki(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     for key in ["ca.key", "server.key"] {
         run(&[
             "genpkey",

@@ -647,18 +647,7 @@ fn the_hub_refuses_edges_without_its_token() {
 /// A CA, a server certificate for localhost and a client certificate,
 /// made with the openssl CLI in `dir`.
 fn make_pki(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let key = |name: &str| {
         run(&[
             "genpkey",

@@ -415,6 +415,17 @@ pub const OPEN_BUS_POLICY: &str = r#"
     <allow eavesdrop="true"/>
   </policy>"#;
 
+/// Runs the openssl CLI in `dir` (a test PKI), failing the test with
+/// openssl's own message.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = run_bounded(Command::new("openssl").args(args).current_dir(dir));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs a command to completion within [`DEADLINE`]; past it the command
 /// is killed and the test fails, so a hung tool cannot hang CI.
 pub fn run_bounded(cmd: &mut Command) -> std::process::Output {
