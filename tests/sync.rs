@@ -644,53 +644,6 @@ fn the_hub_refuses_edges_without_its_token() {
     assert_eq!(kv(&hub, "y"), None);
 }
 
-/// A CA, a server certificate for localhost and a client certificate,
-/// made with the openssl CLI in `dir`.
-fn make_pki(dir: &Path) {
-    let run = |args: &[&str]| openssl(dir, args);
-    let key = |name: &str| {
-        run(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            name,
-        ])
-    };
-    key("ca.key");
-    run(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=konsul test CA",
-        "-days",
-        "2",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-        "-out",
-        "ca.pem",
-    ]);
-    for (name, cn, ext) in [
-        ("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
-        ("client", "edge-a", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"),
-    ] {
-        key(&format!("{name}.key"));
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        run(&["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={cn}"), "-out", &format!("{name}.csr")]);
-        run(&[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem"),
-        ]);
-    }
-}
-
 #[test]
 fn https_with_client_certificates() {
     let pki = tempfile::tempdir().unwrap();

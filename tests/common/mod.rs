@@ -426,6 +426,54 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A CA, a server certificate for localhost and a client certificate,
+/// made with the openssl CLI in `dir`: ca.pem, server.{pem,key}
+/// (CN localhost, SAN 127.0.0.1) and client.{pem,key} (CN edge-a).
+pub fn make_pki(dir: &Path) {
+    let run = |args: &[&str]| openssl(dir, args);
+    let key = |name: &str| {
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            name,
+        ])
+    };
+    key("ca.key");
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=konsul test CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "ca.pem",
+    ]);
+    for (name, cn, ext) in [
+        ("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+        ("client", "edge-a", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"),
+    ] {
+        key(&format!("{name}.key"));
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        run(&["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={cn}"), "-out", &format!("{name}.csr")]);
+        run(&[
+            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem"),
+        ]);
+    }
+}
+
 /// Runs a command to completion within [`DEADLINE`]; past it the command
 /// is killed and the test fails, so a hung tool cannot hang CI.
 pub fn run_bounded(cmd: &mut Command) -> std::process::Output {
