@@ -351,6 +351,13 @@ async fn sync_json(c: &Client<'_>) -> Result<Json, CliError> {
         "last_sync_ms": last_sync,
         "pending_changes": p["PendingChanges"],
         "last_error": last_error,
+        "batch_bytes": p["BatchBytes"],
+        "link_rate_bytes_per_sec": p["LinkRate"],
+        "data_budget": (p["DataBudget"].as_u64().unwrap_or(0) > 0).then(|| json!({
+            "limit": p["DataBudget"],
+            "used": p["DataBudgetUsed"],
+            "remaining": p["DataBudgetRemaining"],
+        })),
     }))
 }
 
@@ -370,6 +377,14 @@ fn sync_line(s: &Json) -> String {
             "offline"
         }
     );
+    if let Some(b) = s["data_budget"].as_object() {
+        let _ = write!(
+            line,
+            ", data budget {} of {} bytes used",
+            b["used"].as_u64().unwrap_or(0),
+            b["limit"].as_u64().unwrap_or(0)
+        );
+    }
     if let Some(e) = s["last_error"].as_str() {
         let _ = write!(line, ", last error: {e}");
     }

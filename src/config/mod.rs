@@ -43,9 +43,9 @@ pub use init::render_init;
 pub(crate) use keys::ED25519_SPKI_PREFIX;
 pub use keys::{base64_decode, parse_public_key};
 pub use sections::{
-    parse_window, Acl, AclToken, Cloud, ConflictResolution, Dbus, Devices, Firmware, Http, Mqtt,
-    Ota, OtaBackend, Resources, RetryBackoff, RolloutDefaults, Services, Storage, StorageType,
-    Sync, SyncMode,
+    parse_window, Acl, AclToken, BudgetPeriod, Cloud, ConflictResolution, DataBudget, Dbus,
+    Devices, Firmware, Http, Mqtt, Ota, OtaBackend, Resources, RetryBackoff, RolloutDefaults,
+    Services, Storage, StorageType, Sync, SyncMode,
 };
 pub use types::{ByteSize, Duration, LogLevel, Mode};
 

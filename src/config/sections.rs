@@ -52,7 +52,17 @@ pub struct Cloud {
     /// Empty means standalone: no sync, the outbox still records changes.
     #[serde(deserialize_with = "de_cloud_url")]
     pub server_address: String,
+    /// The longest wait between syncs (a sync also runs on demand).
     pub sync_interval: Duration,
+    /// The shortest: when changes pile up on a good link, or a sync
+    /// stopped with changes queued. Default: 30s, or `sync_interval` if
+    /// that is shorter. `crate::sync` (adapt) has the rules.
+    pub sync_interval_min: Option<Duration>,
+    /// What one sync round (one request and its answer) may take; batches
+    /// are sized to take half of it on the measured link.
+    pub sync_round_budget: Duration,
+    /// Bytes per day or month for a metered link (absent: no budget).
+    pub data_budget: Option<DataBudget>,
     pub offline_queue_size: u64,
     pub retry_backoff: RetryBackoff,
     pub ca_file: Option<PathBuf>,
@@ -61,11 +71,47 @@ pub struct Cloud {
     pub token_file: Option<PathBuf>,
 }
 
+impl Cloud {
+    pub fn interval_floor(&self) -> std::time::Duration {
+        self.sync_interval_min
+            .map_or(std::time::Duration::from_secs(30), |d| d.0)
+            .min(self.sync_interval.0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataBudget {
+    pub limit: ByteSize,
+    #[serde(default)]
+    pub period: BudgetPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    #[default]
+    Day,
+    Month,
+}
+
+impl BudgetPeriod {
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+        }
+    }
+}
+
 impl Default for Cloud {
     fn default() -> Self {
         Cloud {
             server_address: String::new(),
             sync_interval: Duration::secs(300),
+            sync_interval_min: None,
+            sync_round_budget: Duration::secs(10),
+            data_budget: None,
             offline_queue_size: 10_000,
             retry_backoff: RetryBackoff::Exponential,
             ca_file: None,

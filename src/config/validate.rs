@@ -52,6 +52,33 @@ impl Config {
         if self.cloud.sync_interval.is_zero() {
             return Err(bad("cloud.sync_interval", "must be greater than 0s".into()));
         }
+        if let Some(min) = self.cloud.sync_interval_min {
+            if min.is_zero() || min.0 > self.cloud.sync_interval.0 {
+                return Err(bad(
+                    "cloud.sync_interval_min",
+                    format!(
+                        "{min} must be above 0s and at most cloud.sync_interval ({})",
+                        self.cloud.sync_interval
+                    ),
+                ));
+            }
+        }
+        if self.cloud.sync_round_budget.0 < std::time::Duration::from_secs(1) {
+            return Err(bad(
+                "cloud.sync_round_budget",
+                format!("{} is below the 1s minimum", self.cloud.sync_round_budget),
+            ));
+        }
+        if let Some(b) = &self.cloud.data_budget {
+            // Below this a day's budget is gone in a handful of rounds
+            // (each costs about a kilobyte in headers alone).
+            if b.limit.0 < (64 << 10) {
+                return Err(bad(
+                    "cloud.data_budget.limit",
+                    format!("{} is below the 64Ki minimum", b.limit),
+                ));
+            }
+        }
         if self.cloud.offline_queue_size == 0 {
             return Err(bad("cloud.offline_queue_size", "must be at least 1".into()));
         }

@@ -430,6 +430,47 @@ impl SyncIface {
     fn last_error(&self) -> String {
         self.0.api.sync.status().last_error.unwrap_or_default()
     }
+
+    /// The next round's bound on encoded updates, adapted to the link
+    /// (0 before the first round).
+    #[zbus(property)]
+    fn batch_bytes(&self) -> u64 {
+        self.0.api.sync.status().link.map_or(0, |l| l.batch_bytes)
+    }
+
+    /// The link's measured rate in bytes per second (0: not measured yet).
+    #[zbus(property)]
+    fn link_rate(&self) -> u64 {
+        self.0
+            .api
+            .sync
+            .status()
+            .link
+            .map_or(0, |l| l.rate_bytes_per_sec)
+    }
+
+    /// `cloud.data_budget` for this period in bytes; 0 = no budget.
+    #[zbus(property)]
+    fn data_budget(&self) -> u64 {
+        self.0.api.sync.status().data_budget.map_or(0, |b| b.limit)
+    }
+
+    /// Bytes used on the link this budget period.
+    #[zbus(property)]
+    fn data_budget_used(&self) -> u64 {
+        self.0.api.sync.status().data_budget.map_or(0, |b| b.used)
+    }
+
+    /// Bytes left this budget period.
+    #[zbus(property)]
+    fn data_budget_remaining(&self) -> u64 {
+        self.0
+            .api
+            .sync
+            .status()
+            .data_budget
+            .map_or(0, |b| b.remaining)
+    }
 }
 
 #[interface(name = "io.konsul.Edge1.Ota")]

@@ -18,13 +18,17 @@
 //! must be within `clock::MAX_AHEAD_MS` of our wall clock, or the round
 //! fails with nothing applied and the clock untouched.
 //!
-//! Scheduling: every `cloud.sync_interval`, at once on `SyncNow`, and while
-//! the hub is unreachable with exponential backoff and jitter (1 s doubling
-//! up to the interval), so the first round after the link returns drains
-//! the queue. No timer runs faster than that.
+//! Scheduling (`adapt`): each round's batch is sized from the measured
+//! link, state changes go before telemetry (`batch`), a data budget keeps
+//! a metered link inside its plan (`budget`). Between syncs: the interval,
+//! or its floor when changes pile up or are left over; while the hub is
+//! unreachable exponential backoff with jitter (1 s doubling up to the
+//! interval), so the first round after the link returns drains the queue.
+//! Every wait is a timer or an event; nothing polls.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use smol::future::FutureExt;
@@ -35,14 +39,15 @@ use crate::crdt::MergeStrategy;
 use crate::registry::{ChangeOp, Registry};
 use crate::store::{Kind, StoreError};
 
+use super::adapt::{Link, Round};
+use super::batch::{read_batch, read_telemetry, TELEMETRY_BATCH};
+use super::budget::{self, DataBudget};
 use super::engine::{self, Direction};
+use super::metered::WireCount;
 use super::transport::{Client, Endpoint, TransportError};
 use super::wire::{self, EdgeSyncRequest, EdgeSyncResponse, WireError, CONTENT_TYPE};
-use super::SyncHandle;
+use super::{LinkStatus, SyncHandle};
 
-/// Outbox rows read per batch before the byte bound applies: as many as a
-/// hub takes in one request.
-const MAX_BATCH_ROWS: usize = wire::MAX_UPDATES;
 /// Rounds in one sync before yielding to the schedule (bounds one sync's
 /// duration when changes keep arriving).
 const MAX_ROUNDS: usize = 10_000;
@@ -71,12 +76,26 @@ pub struct SyncClient {
     compress: bool,
     always_full: bool,
     strategy: MergeStrategy,
-    max_batch_bytes: usize,
-    /// Caps `max_batch_bytes`, the response page and telemetry per round
+    /// Caps the adaptive batch, the response page and telemetry per round
     /// from `resources.memory_limit`, lower while shedding.
     limits: crate::limits::Limits,
     queue_limit: u64,
     tombstone_retention_ms: u64,
+    floor: Duration,
+    /// Pending changes that start a sync before the interval is up.
+    pile_up: u64,
+    wire: Arc<WireCount>,
+    adaptive: Mutex<Adaptive>,
+}
+
+/// What the client has learnt of its link, updated after every round (the
+/// lock is never held across an await).
+struct Adaptive {
+    link: Link,
+    budget: Option<DataBudget>,
+    /// The last round's bytes on the link beyond its request body
+    /// (headers, TLS, the answer): the data budget's estimate of the next.
+    overhead: u64,
 }
 
 pub fn strategy(config: &Config) -> MergeStrategy {
@@ -137,20 +156,92 @@ impl SyncClient {
             compress: config.sync.compression,
             always_full: config.sync.mode == SyncMode::Full,
             strategy: strategy(config),
-            max_batch_bytes: (config.sync.max_batch_bytes.0 as usize).min(wire::UPDATE_BYTES),
             limits,
             queue_limit: c.offline_queue_size,
             tombstone_retention_ms: config.sync.tombstone_retention.0.as_millis() as u64,
+            floor: c.interval_floor(),
+            pile_up: (c.offline_queue_size / 10).clamp(1, 1000),
+            wire: Arc::default(),
+            adaptive: Mutex::new(Adaptive {
+                link: Link::new(
+                    c.sync_round_budget.0,
+                    (config.sync.max_batch_bytes.0 as usize).min(wire::UPDATE_BYTES),
+                ),
+                budget: c
+                    .data_budget
+                    .as_ref()
+                    .map(|b| DataBudget::new(b.limit.0, b.period, wall_millis())),
+                overhead: 1024,
+            }),
         })
+    }
+
+    fn adaptive<R>(&self, f: impl FnOnce(&mut Adaptive) -> R) -> R {
+        // A poisoned lock only means a panic elsewhere mid-update; the
+        // figures are still usable.
+        let mut a = self.adaptive.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut a)
+    }
+
+    /// The figures for status, D-Bus and `/metrics`.
+    fn publish_link(&self, next: Option<Duration>) {
+        let (link, budget) = self.adaptive(|a| {
+            (
+                LinkStatus {
+                    rate_bytes_per_sec: a.link.rate(),
+                    rtt_ms: a.link.rtt().as_millis() as u64,
+                    batch_bytes: a.link.batch_bytes() as u64,
+                    round_budget_ms: a.link.budget().as_millis() as u64,
+                    next_sync_ms: 0,
+                },
+                a.budget.as_ref().map(|b| b.status()),
+            )
+        });
+        self.handle.update(|s| {
+            let next_sync_ms = match next {
+                Some(d) => wall_millis() + d.as_millis() as u64,
+                None => s.link.map_or(0, |l| l.next_sync_ms),
+            };
+            s.link = Some(LinkStatus {
+                next_sync_ms,
+                ..link
+            });
+            s.data_budget = budget;
+        });
+    }
+
+    async fn restore_budget(&self) {
+        if self.adaptive(|a| a.budget.is_none()) {
+            return;
+        }
+        let saved = self
+            .registry
+            .store()
+            .call(|db| db.meta_get(budget::META_KEY))
+            .await
+            .and_then(|r| r);
+        match saved {
+            Ok(saved) => self.adaptive(|a| {
+                if let Some(b) = &mut a.budget {
+                    b.restore(saved.as_deref());
+                }
+            }),
+            Err(e) => log::warn!("cloud.data_budget: usage so far not read: {e}"),
+        }
+        self.publish_link(None);
     }
 
     /// Runs until dropped.
     pub async fn run(self) {
+        self.restore_budget().await;
         let mut failures: u32 = 0;
         loop {
+            let started = Instant::now();
+            let mut drained = true;
             match self.sync().await {
-                Ok(()) => {
+                Ok(all) => {
                     failures = 0;
+                    drained = all;
                 }
                 Err(e) => {
                     self.handle
@@ -174,15 +265,36 @@ impl SyncClient {
                 }
             }
             self.refresh_pending().await;
-            let wait = if failures == 0 {
+            let slow = self.adaptive(|a| a.link.is_slow());
+            let wait = if failures > 0 {
+                self.retry_delay(failures)
+            } else if drained || slow {
                 self.interval
             } else {
-                self.retry_delay(failures)
+                self.floor
             };
+            self.publish_link(Some(wait));
             let timer = async {
                 async_io::Timer::after(wait).await;
             };
-            timer.or(self.handle.requested()).await;
+            // Changes piling up bring the next sync forward, down to the
+            // floor, while the link is up and not slow.
+            let pile_up = async {
+                if failures > 0 || slow {
+                    return std::future::pending().await;
+                }
+                async_io::Timer::at(started + self.floor).await;
+                loop {
+                    let changed = self.handle.changed();
+                    let pending = self.handle.status().pending_changes;
+                    if pending >= self.pile_up {
+                        log::debug!("{pending} changes piled up: syncing before the interval");
+                        return;
+                    }
+                    changed.await;
+                }
+            };
+            timer.or(self.handle.requested()).or(pile_up).await;
         }
     }
 
@@ -227,127 +339,255 @@ impl SyncClient {
             .await;
     }
 
-    /// One sync: rounds until the outbox is drained and the hub has no more.
-    pub async fn sync(&self) -> Result<(), ClientError> {
+    /// One sync: rounds until the outbox is drained and the hub has no
+    /// more. Ok(false) when it stopped at [`MAX_ROUNDS`] with work left.
+    pub async fn sync(&self) -> Result<bool, ClientError> {
         // `sync.mode: full` pulls everything again once per sync.
         let mut restart = self.always_full;
+        let started = Instant::now();
+        let (wire_before, rounds_before) = (self.wire.read(), self.counters_requests());
+        let counters = self.handle.counters();
+        let (updates_before, points_before) = (
+            counters.updates_sent.load(Ordering::Relaxed),
+            counters.telemetry_sent.load(Ordering::Relaxed),
+        );
         for _ in 0..MAX_ROUNDS {
-            let max_bytes = self.limits.batch_bytes(self.max_batch_bytes);
-            let (since, batch, seqs, full_pending) = self
-                .registry
-                .store()
-                .call(move |db| read_batch(db, max_bytes))
-                .await??;
-            let since = if std::mem::take(&mut restart) {
-                0
-            } else {
-                since
-            };
-            // From index 0 (new or wiped database, or a restart) the hub
-            // sends everything, our own versions included.
-            let full = full_pending || since == 0;
-            let edge_id = self.registry.store().node_id().to_owned();
-            let req = EdgeSyncRequest {
-                batch_id: if batch.is_empty() {
-                    String::new()
-                } else {
-                    wire::batch_id(&edge_id, &batch)
-                },
-                edge_id,
-                last_sync_index: since as i64,
-                pending_updates: batch,
-                full_sync: full,
-                max_response_bytes: u32::try_from(
-                    self.limits.response_bytes(super::server::DEFAULT_PAGE),
-                )
-                .unwrap_or(u32::MAX),
-                hlc: Hlc::new(wall_millis(), 0).0,
-                ..Default::default()
-            };
-            let mut req = req;
-            let points_cap = self.limits.telemetry_points(TELEMETRY_BATCH);
-            let (telemetry, telemetry_last) = self
-                .registry
-                .store()
-                .call(move |db| read_telemetry(db, points_cap))
-                .await??;
-            let points = telemetry.len();
-            if points > 0 {
-                req.telemetry = Some(wire::pb::TelemetryBatch { points: telemetry });
-            }
-            let sent = req.pending_updates.len();
-            let body = wire::encode(&req, self.compress);
-            let counters = self.handle.counters();
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            counters
-                .bytes_sent
-                .fetch_add(body.len() as u64, Ordering::Relaxed);
-            let encoding = if self.compress { "snappy" } else { "identity" };
-            let resp_bytes = self
-                .http
-                .post(
-                    "/v1/edge/sync",
-                    body,
-                    &[
-                        ("content-type", CONTENT_TYPE),
-                        ("content-encoding", encoding),
-                        ("accept-encoding", encoding),
-                    ],
-                    wire::MAX_COMPRESSED,
-                )
-                .await?;
-            counters
-                .bytes_received
-                .fetch_add(resp_bytes.len() as u64, Ordering::Relaxed);
-            let resp: EdgeSyncResponse =
-                wire::decode(&resp_bytes, self.compress, "EdgeSyncResponse")?;
-            if resp.full_sync_required {
-                log::warn!("hub collected deletes this edge has not seen; starting a full sync");
-                self.registry
-                    .store()
-                    .call(|db| {
-                        db.tx(|tx| {
-                            tx.meta_set("full_sync", "1")?;
-                            tx.meta_set("sync_index", "0")
-                        })
-                    })
-                    .await??;
-                continue;
-            }
-            let more = resp.more;
-            let got = resp.cloud_updates.len();
-            let changed = self.apply(resp, seqs, full, telemetry_last).await?;
-            counters
-                .updates_sent
-                .fetch_add(sent as u64, Ordering::Relaxed);
-            counters
-                .updates_received
-                .fetch_add(got as u64, Ordering::Relaxed);
-            counters
-                .telemetry_sent
-                .fetch_add(points as u64, Ordering::Relaxed);
-            for (kind, key, op) in changed {
-                self.registry.notify(kind, &key, op);
-            }
-            log::debug!("sync round: sent {sent}, received {got}, more: {more}");
-            self.handle.update(|s| {
-                s.online = true;
-                s.last_error = None;
-            });
-            if !more && sent == 0 && points == 0 {
-                // Without this an edge keeps every delete it ever made.
-                let retention = self.tombstone_retention_ms;
-                self.registry
-                    .store()
-                    .call(move |db| {
-                        db.tx(|tx| super::server::collect_garbage(tx, wall_millis(), retention))
-                    })
-                    .await??;
-                self.handle.update(|s| s.last_sync_ms = Some(wall_millis()));
-                return Ok(());
+            if self.round(std::mem::take(&mut restart)).await? {
+                let rounds = self.counters_requests() - rounds_before;
+                if rounds > 2 {
+                    let spent = self.wire.read().since(wire_before);
+                    let (rate, rtt, batch) =
+                        self.adaptive(|a| (a.link.rate(), a.link.rtt(), a.link.batch_bytes()));
+                    log::info!(
+                        "sync: {} changes and {} telemetry points in {rounds} rounds, {} bytes \
+                         on the link in {:.1} s; link {rate} B/s, rtt {} ms, batch {batch} bytes",
+                        counters.updates_sent.load(Ordering::Relaxed) - updates_before,
+                        counters.telemetry_sent.load(Ordering::Relaxed) - points_before,
+                        spent.total(),
+                        started.elapsed().as_secs_f64(),
+                        rtt.as_millis(),
+                    );
+                }
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    fn counters_requests(&self) -> u64 {
+        self.handle.counters().requests.load(Ordering::Relaxed)
+    }
+
+    /// One request and its answer; true when nothing is left to send or
+    /// receive.
+    async fn round(&self, restart: bool) -> Result<bool, ClientError> {
+        let max_bytes = self
+            .limits
+            .batch_bytes(self.adaptive(|a| a.link.batch_bytes()));
+        let state = self
+            .registry
+            .store()
+            .call(move |db| read_batch(db, max_bytes))
+            .await??;
+        let since = if restart { 0 } else { state.since };
+        // From index 0 (new or wiped database, or a restart) the hub
+        // sends everything, our own versions included.
+        let full = state.full || since == 0;
+        let telemetry_room = state.telemetry_room(max_bytes);
+        let edge_id = self.registry.store().node_id().to_owned();
+        let mut req = EdgeSyncRequest {
+            batch_id: if state.updates.is_empty() {
+                String::new()
+            } else {
+                wire::batch_id(&edge_id, &state.updates)
+            },
+            edge_id,
+            last_sync_index: since as i64,
+            pending_updates: state.updates,
+            full_sync: full,
+            max_response_bytes: u32::try_from(
+                self.limits.response_bytes(super::server::DEFAULT_PAGE),
+            )
+            .unwrap_or(u32::MAX),
+            hlc: Hlc::new(wall_millis(), 0).0,
+            ..Default::default()
+        };
+        let seqs = state.seqs;
+        let (mut telemetry, mut telemetry_last) = (Vec::new(), None);
+        if telemetry_room > 0 {
+            let points_cap = self.limits.telemetry_points(TELEMETRY_BATCH);
+            (telemetry, telemetry_last) = self
+                .registry
+                .store()
+                .call(move |db| read_telemetry(db, points_cap, telemetry_room))
+                .await??;
+        }
+        let mut points = telemetry.len();
+        if points > 0 {
+            req.telemetry = Some(wire::pb::TelemetryBatch { points: telemetry });
+        }
+        let mut body = wire::encode(&req, self.compress);
+        if points > 0 && !self.telemetry_fits(body.len()) {
+            req.telemetry = None;
+            (points, telemetry_last) = (0, None);
+            body = wire::encode(&req, self.compress);
+        }
+        let sent = req.pending_updates.len();
+        let (body_plain, body_wire) = (req.encoded_len(), body.len());
+        let counters = self.handle.counters();
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        counters
+            .bytes_sent
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        let encoding = if self.compress { "snappy" } else { "identity" };
+        let wire_before = self.wire.read();
+        let t0 = Instant::now();
+        let answer = self
+            .http
+            .post(
+                "/v1/edge/sync",
+                body,
+                &[
+                    ("content-type", CONTENT_TYPE),
+                    ("content-encoding", encoding),
+                    ("accept-encoding", encoding),
+                ],
+                wire::MAX_COMPRESSED,
+                &self.wire,
+            )
+            .await;
+        let round = Round {
+            elapsed: t0.elapsed(),
+            wire: self.wire.read().since(wire_before),
+            body_plain,
+            body_wire,
+        };
+        // Bytes spent count against the budget whether or not the round
+        // got its answer.
+        self.spend(round.wire.total(), body_wire).await;
+        let resp_bytes = answer?;
+        self.learn(round, sent);
+        counters
+            .bytes_received
+            .fetch_add(resp_bytes.len() as u64, Ordering::Relaxed);
+        let resp: EdgeSyncResponse = wire::decode(&resp_bytes, self.compress, "EdgeSyncResponse")?;
+        if resp.full_sync_required {
+            log::warn!("hub collected deletes this edge has not seen; starting a full sync");
+            self.registry
+                .store()
+                .call(|db| {
+                    db.tx(|tx| {
+                        tx.meta_set("full_sync", "1")?;
+                        tx.meta_set("sync_index", "0")
+                    })
+                })
+                .await??;
+            return Ok(false);
+        }
+        let more = resp.more;
+        let got = resp.cloud_updates.len();
+        let changed = self.apply(resp, seqs, full, telemetry_last).await?;
+        counters
+            .updates_sent
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        counters
+            .updates_received
+            .fetch_add(got as u64, Ordering::Relaxed);
+        counters
+            .telemetry_sent
+            .fetch_add(points as u64, Ordering::Relaxed);
+        for (kind, key, op) in changed {
+            self.registry.notify(kind, &key, op);
+        }
+        log::debug!("sync round: sent {sent}, received {got}, more: {more}");
+        self.handle.update(|s| {
+            s.online = true;
+            s.last_error = None;
+        });
+        if more || sent > 0 || points > 0 {
+            return Ok(false);
+        }
+        // Without this an edge keeps every delete it ever made.
+        let retention = self.tombstone_retention_ms;
+        self.registry
+            .store()
+            .call(move |db| {
+                db.tx(|tx| super::server::collect_garbage(tx, wall_millis(), retention))
+            })
+            .await??;
+        self.handle.update(|s| s.last_sync_ms = Some(wall_millis()));
+        Ok(true)
+    }
+
+    /// Whether a round with a request body of `body` bytes may carry
+    /// telemetry under the data budget (always, without one).
+    fn telemetry_fits(&self, body: usize) -> bool {
+        self.adaptive(|a| {
+            let estimate = body as u64 + a.overhead;
+            match &mut a.budget {
+                Some(b) => {
+                    b.roll(wall_millis());
+                    b.allows_telemetry(estimate)
+                }
+                None => true,
+            }
+        })
+    }
+
+    /// Counts a round's bytes against the data budget and saves the count.
+    async fn spend(&self, total: u64, body: usize) {
+        let saved = self.adaptive(|a| {
+            a.overhead = total.saturating_sub(body as u64).max(a.overhead / 2);
+            a.budget.as_mut().map(|b| {
+                b.roll(wall_millis());
+                b.spend(total);
+                b.persisted()
+            })
+        });
+        if let Some(saved) = saved {
+            let r = self
+                .registry
+                .store()
+                .call(move |db| db.tx(|tx| tx.meta_set(budget::META_KEY, &saved)))
+                .await
+                .and_then(|r| r);
+            if let Err(e) = r {
+                log::warn!("cloud.data_budget: usage not saved: {e}");
+            }
+        }
+    }
+
+    /// Adapts the batch to the round just measured.
+    fn learn(&self, round: Round, sent: usize) {
+        let (over, before, after, rate, rtt) = self.adaptive(|a| {
+            let before = a.link.batch_bytes();
+            let over = a.link.observe(round);
+            (
+                over,
+                before,
+                a.link.batch_bytes(),
+                a.link.rate(),
+                a.link.rtt(),
+            )
+        });
+        if over {
+            self.handle
+                .counters()
+                .rounds_over_budget
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "sync round of {sent} changes ({} bytes on the link) took {:.1} s, over \
+                 cloud.sync_round_budget; the next batch is {after} bytes",
+                round.wire.total(),
+                round.elapsed.as_secs_f64()
+            );
+        } else if after >= before * 2 || after * 2 <= before {
+            log::info!(
+                "sync link: {rate} B/s, rtt {} ms; batch {before} -> {after} bytes",
+                rtt.as_millis()
+            );
+        }
+        self.publish_link(None);
     }
 
     async fn apply(
@@ -423,137 +663,5 @@ impl SyncClient {
             })
             .await??;
         Ok(out)
-    }
-}
-
-/// Telemetry points per request: append-only history, shipped oldest first.
-const TELEMETRY_BATCH: usize = wire::MAX_TELEMETRY;
-
-/// Telemetry recorded since the last acknowledged point (at most `limit`
-/// points and [`wire::TELEMETRY_BYTES`] encoded), and the rowid to
-/// remember once the hub has it (the hub stores each (device, seq) once, so
-/// a resend after a crash is harmless). A point that alone exceeds the byte
-/// bound could never be sent: it is skipped with a warning rather than
-/// holding up every later one.
-fn read_telemetry(
-    db: &mut crate::store::Db,
-    limit: usize,
-) -> Result<(Vec<wire::pb::TelemetryPoint>, Option<u64>), StoreError> {
-    let after: u64 = db
-        .meta_get("telemetry_sent")?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut points = Vec::new();
-    let mut last = None;
-    let mut used = 0;
-    for r in db.telemetry_after(after, limit)? {
-        let p = wire::pb::TelemetryPoint {
-            device_id: r.device,
-            seq: r.seq,
-            ts_ms: r.ts_ms,
-            payload: r.body.into_bytes(),
-        };
-        let len = p.encoded_len() + 4;
-        if len > wire::TELEMETRY_BYTES {
-            log::warn!(
-                "telemetry point {} of {} ({len} bytes) is over the {}-byte request bound; \
-                 not sent",
-                p.seq,
-                p.device_id,
-                wire::TELEMETRY_BYTES
-            );
-            last = Some(r.rowid);
-            continue;
-        }
-        if used + len > wire::TELEMETRY_BYTES {
-            break;
-        }
-        used += len;
-        last = Some(r.rowid);
-        points.push(p);
-    }
-    Ok((points, last))
-}
-
-type Batch = (u64, Vec<wire::ServiceUpdate>, Vec<u64>, bool);
-
-/// The edge's last applied hub index, the next batch of pending updates
-/// (bounded by `max_bytes` encoded), their outbox seqs, and whether a full
-/// sync is pending.
-fn read_batch(db: &mut crate::store::Db, max_bytes: usize) -> Result<Batch, StoreError> {
-    let since = db
-        .meta_get("sync_index")?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let full = db.meta_get("full_sync")?.as_deref() == Some("1");
-    let mut batch = Vec::new();
-    let mut seqs = Vec::new();
-    let mut used = 0;
-    for (seq, kind, key) in db.outbox(MAX_BATCH_ROWS)? {
-        match db.get(kind, &key)? {
-            Some(rec) => {
-                let u = wire::to_update(&rec);
-                let len = u.encoded_len() + 4;
-                if used + len > max_bytes && !batch.is_empty() {
-                    break;
-                }
-                used += len;
-                batch.push(u);
-                seqs.push(seq);
-            }
-            // Collected meanwhile: nothing to send, acknowledge the row.
-            None => seqs.push(seq),
-        }
-    }
-    Ok((since, batch, seqs, full))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{Store, StoreOptions};
-
-    /// Telemetry history with bodies of these sizes, then what one request
-    /// would carry: (seqs sent, rowid remembered).
-    fn batch_of(sizes: &[usize]) -> (Vec<u64>, Option<u64>) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreOptions {
-            path: dir.path().join("t.db"),
-            max_size: 64 << 20,
-            node_id: "edge-a".into(),
-        })
-        .unwrap();
-        let sizes = sizes.to_vec();
-        let out = smol::block_on(store.call(move |db| {
-            db.tx(|tx| {
-                for (i, n) in sizes.iter().enumerate() {
-                    tx.conn()
-                        .execute(
-                            "INSERT INTO telemetry (device, seq, ts_ms, body) VALUES ('d', ?1, 0, ?2)",
-                            rusqlite::params![i as i64 + 1, "x".repeat(*n)],
-                        )
-                        .map_err(|e| tx.sql_error("insert", e))?;
-                }
-                Ok::<_, StoreError>(())
-            })?;
-            read_telemetry(db, TELEMETRY_BATCH)
-        }))
-        .unwrap()
-        .unwrap();
-        store.close();
-        (out.0.iter().map(|p| p.seq).collect(), out.1)
-    }
-
-    #[test]
-    fn telemetry_batches_fit_what_a_hub_accepts() {
-        // 100 KiB points: five fit in the byte bound, the sixth waits.
-        assert_eq!(batch_of(&[100 << 10; 8]), (vec![1, 2, 3, 4, 5], Some(5)));
-        // A point that could never fit is passed over, not sent forever.
-        let huge = wire::TELEMETRY_BYTES + 1;
-        assert_eq!(batch_of(&[10, huge, 10]), (vec![1, 3], Some(3)));
-        assert_eq!(batch_of(&[huge]), (vec![], Some(1)));
-        // Small points: the count bound.
-        let (sent, _) = batch_of(&[10; wire::MAX_TELEMETRY + 5]);
-        assert_eq!(sent.len(), wire::MAX_TELEMETRY);
     }
 }

@@ -17,8 +17,12 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+mod adapt;
+mod batch;
+pub mod budget;
 pub mod client;
 mod engine;
+pub mod metered;
 pub mod repair;
 pub mod server;
 pub mod transport;
@@ -164,6 +168,24 @@ pub struct SyncStatus {
     /// needs attention.
     pub queue_over_limit: bool,
     pub last_error: Option<String>,
+    /// The link as the last rounds measured it (absent until a round ran).
+    pub link: Option<LinkStatus>,
+    /// `cloud.data_budget`'s count this period (absent without one).
+    pub data_budget: Option<budget::BudgetStatus>,
+}
+
+/// The adaptive sync's view of the link (`adapt`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LinkStatus {
+    pub rate_bytes_per_sec: u64,
+    pub rtt_ms: u64,
+    /// The next round's bound on encoded updates.
+    pub batch_bytes: u64,
+    /// `cloud.sync_round_budget`.
+    pub round_budget_ms: u64,
+    /// Epoch ms of the next scheduled sync (sooner if changes pile up or a
+    /// sync is requested).
+    pub next_sync_ms: u64,
 }
 
 /// Counters for `/metrics`, kept by the client (edge side) and the hub.
@@ -176,6 +198,7 @@ pub struct Counters {
     pub updates_sent: AtomicU64,
     pub updates_received: AtomicU64,
     pub telemetry_sent: AtomicU64,
+    pub rounds_over_budget: AtomicU64,
 }
 
 struct Inner {
@@ -239,6 +262,58 @@ impl SyncHandle {
         for (name, help, v) in gauges {
             crate::metrics::sample(out, "gauge", name, help, v);
         }
+        if let Some(l) = s.link {
+            for (name, help, v) in [
+                (
+                    "konsul_edge_sync_link_rate_bytes",
+                    "Measured link rate, bytes per second on the wire.",
+                    l.rate_bytes_per_sec,
+                ),
+                (
+                    "konsul_edge_sync_link_rtt_ms",
+                    "Measured round-trip time to the hub.",
+                    l.rtt_ms,
+                ),
+                (
+                    "konsul_edge_sync_batch_bytes",
+                    "The next round's bound on encoded updates (adaptive).",
+                    l.batch_bytes,
+                ),
+                (
+                    "konsul_edge_sync_next_ms",
+                    "Epoch ms of the next scheduled sync.",
+                    l.next_sync_ms,
+                ),
+            ] {
+                crate::metrics::sample(out, "gauge", name, help, v);
+            }
+        }
+        if let Some(b) = s.data_budget {
+            for (name, help, v) in [
+                (
+                    "konsul_edge_sync_data_budget_bytes",
+                    "cloud.data_budget: bytes allowed this period.",
+                    b.limit,
+                ),
+                (
+                    "konsul_edge_sync_data_budget_used_bytes",
+                    "Bytes on the link this period (TCP payload, both ways).",
+                    b.used,
+                ),
+                (
+                    "konsul_edge_sync_data_budget_remaining_bytes",
+                    "Bytes left this period.",
+                    b.remaining,
+                ),
+                (
+                    "konsul_edge_sync_data_budget_telemetry_held",
+                    "1 while telemetry waits for the next period.",
+                    u64::from(b.telemetry_held),
+                ),
+            ] {
+                crate::metrics::sample(out, "gauge", name, help, v);
+            }
+        }
         let counters = [
             (
                 "konsul_edge_sync_requests_total",
@@ -274,6 +349,11 @@ impl SyncHandle {
                 "konsul_edge_sync_telemetry_sent_total",
                 "Telemetry points sent up.",
                 &c.telemetry_sent,
+            ),
+            (
+                "konsul_edge_sync_rounds_over_budget_total",
+                "Sync rounds that took longer than cloud.sync_round_budget.",
+                &c.rounds_over_budget,
             ),
         ];
         for (name, help, v) in counters {

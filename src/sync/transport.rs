@@ -20,6 +20,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use smol::future::FutureExt;
 
+use super::metered::{Metered, WireCount};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("{url}: not an http:// or https:// URL")]
@@ -223,15 +225,19 @@ pub struct Client {
 impl Client {
     /// POSTs `body` to `path` under the endpoint's base; returns the
     /// response body of a 2xx, at most `limit` bytes.
+    ///
+    /// What went over the link, and how long the TCP connect took, are
+    /// added to `wire` as they happen (a failed exchange counts too).
     pub async fn post(
         &self,
         path: &str,
         body: Vec<u8>,
         headers: &[(&str, &str)],
         limit: usize,
+        wire: &Arc<WireCount>,
     ) -> Result<Vec<u8>, TransportError> {
         let url = format!("{}{path}", self.endpoint.url);
-        let work = self.post_inner(&url, path, body, headers, limit);
+        let work = self.post_inner(&url, path, body, headers, limit, wire);
         let timeout = async {
             async_io::Timer::after(self.timeout).await;
             Err(TransportError::Timeout {
@@ -245,11 +251,14 @@ impl Client {
     /// A TCP connection to the endpoint (the first address that answers).
     /// TLS over `stream` to the endpoint's host, with our roots (and
     /// client certificate, if configured).
-    async fn tls_handshake(
+    async fn tls_handshake<S>(
         &self,
-        stream: Async<std::net::TcpStream>,
+        stream: S,
         url: &str,
-    ) -> Result<futures_rustls::client::TlsStream<Async<std::net::TcpStream>>, TransportError> {
+    ) -> Result<futures_rustls::client::TlsStream<S>, TransportError>
+    where
+        S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin,
+    {
         let ep = &self.endpoint;
         let tls = self.tls.clone().ok_or(TransportError::NoRoots)?;
         let name = ServerName::try_from(ep.host.clone())
@@ -367,11 +376,15 @@ impl Client {
         body: Vec<u8>,
         headers: &[(&str, &str)],
         limit: usize,
+        wire: &Arc<WireCount>,
     ) -> Result<Vec<u8>, TransportError> {
         let ep = &self.endpoint;
         let host_port = format!("{}:{}", ep.host, ep.port);
+        let started = std::time::Instant::now();
         let stream = self.connect().await?;
+        wire.connected_in(started.elapsed());
         let _ = stream.get_ref().set_nodelay(true);
+        let stream = Metered::new(stream, wire.clone());
         let request = |host: &str| {
             let mut b = hyper::Request::post(format!("{}{path}", ep.base))
                 .header(hyper::header::HOST, host)
