@@ -303,3 +303,40 @@ fn cli_status_services_and_daemon_down() {
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("konsul-edge is not running"));
 }
+
+#[test]
+fn the_data_budget_and_the_link_show_on_the_bus_and_in_sync_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = Bus::start(dir.path(), Policy::Open);
+    // A hub nobody answers on: the budget is still there to read.
+    let dead = common::broker::free_port();
+    bus.config(
+        dir.path(),
+        &format!(
+            "cloud: {{server_address: 'http://127.0.0.1:{dead}', \
+             data_budget: {{limit: 1Mi, period: month}}}}\n"
+        ),
+    );
+    let _d = Daemon::start(dir.path());
+    let prop = |name: &str| {
+        let out = busctl(
+            &bus,
+            true,
+            &["get-property", NAME, PATH, "io.konsul.Edge1.Sync", name],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    eventually("the budget on the bus", || {
+        prop("DataBudget") == "t 1048576"
+    });
+    // Connection attempts that reached nothing cost nothing.
+    assert_eq!(prop("DataBudgetRemaining"), "t 1048576");
+    assert_eq!(prop("DataBudgetUsed"), "t 0");
+    let out = cli(&bus, &["sync", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("data budget 0 of 1048576 bytes used"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
