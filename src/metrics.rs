@@ -71,6 +71,11 @@ pub struct MqttMetrics {
     pub log_lines_suppressed: AtomicU64,
     /// Store transactions that applied messages.
     pub batches: AtomicU64,
+    /// Payload bytes between the socket and ingest (`mqtt::gate`): now,
+    /// the most so far, and the bound.
+    ingest_queued: AtomicU64,
+    ingest_queued_peak: AtomicU64,
+    ingest_limit: AtomicU64,
 }
 
 impl MqttMetrics {
@@ -102,7 +107,33 @@ impl MqttMetrics {
         }
     }
 
+    pub fn ingest_queued(&self, used: usize, limit: usize) {
+        self.ingest_queued.store(used as u64, Ordering::Relaxed);
+        self.ingest_queued_peak
+            .fetch_max(used as u64, Ordering::Relaxed);
+        self.ingest_limit.store(limit as u64, Ordering::Relaxed);
+    }
+
     fn render(&self, out: &mut String) {
+        for (name, help, v) in [
+            (
+                "konsul_edge_mqtt_ingest_queued_bytes",
+                "Device payload bytes read from the broker and not yet committed.",
+                &self.ingest_queued,
+            ),
+            (
+                "konsul_edge_mqtt_ingest_queued_peak_bytes",
+                "The most payload bytes ever queued for ingest.",
+                &self.ingest_queued_peak,
+            ),
+            (
+                "konsul_edge_mqtt_ingest_limit_bytes",
+                "The bound on queued payload bytes (resources.memory_limit / 8).",
+                &self.ingest_limit,
+            ),
+        ] {
+            sample(out, "gauge", name, help, v.load(Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP konsul_edge_mqtt_connected 1 while connected to the MQTT broker.\n\

@@ -318,3 +318,54 @@ fn qos1_messages_the_broker_considers_delivered_are_committed() {
         "registrations committed after the power cut: the rest had been acknowledged to the broker and were lost"
     );
 }
+
+#[test]
+fn queued_payload_bytes_stay_within_a_share_of_the_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    // 4 MiB: the gate is 512 KiB (an eighth), room for two of the largest
+    // packets (64 KiB payload plus the topic allowance).
+    mqtt_config(
+        dir.path(),
+        &broker,
+        "  max_payload_size: 64Ki\nresources: {memory_limit: 4Mi}\n",
+    );
+    let d = start_connected(dir.path(), &[("KONSUL_TEST_HOOKS", "1")]);
+    let limit = wait_for("the gate's bound in /metrics", DEADLINE, || {
+        d.metric("konsul_edge_mqtt_ingest_limit_bytes ")
+            .filter(|v| *v > 0)
+    });
+    assert_eq!(limit, 512 << 10);
+    // Nothing commits for a while: every message read stays queued.
+    // (/metrics reads the store too, so the figures are read after.)
+    let r = d.req("POST", "/v1/edge/debug/wedge-store?ms=5000", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // 2.4 MiB of QoS 0 payloads (outside any broker window).
+    let cli = publisher(&broker, "big");
+    let body = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60 << 10));
+    for i in 0..40 {
+        cli.publish(paho::Message::new(
+            format!("devices/big-{i}/telemetry"),
+            body.clone(),
+            0,
+        ))
+        .wait_for(DEADLINE)
+        .expect("the broker took it");
+    }
+    // Once the store is back every message is read and dealt with
+    // (unknown devices: refused), nothing dropped on the way.
+    wait_for("all 40 read", DEADLINE, || {
+        (metric_sum(&d, "konsul_edge_mqtt_received_total") == 40).then_some(())
+    });
+    let peak = d
+        .metric("konsul_edge_mqtt_ingest_queued_peak_bytes ")
+        .unwrap();
+    assert!(peak <= limit, "{peak} bytes queued, over the {limit} bound");
+    assert!(
+        peak + (128 << 10) > limit,
+        "the reader filled the gate while the store was held ({peak} of {limit})"
+    );
+    eventually("the gate empty again", || {
+        d.metric("konsul_edge_mqtt_ingest_queued_bytes ") == Some(0)
+    });
+}

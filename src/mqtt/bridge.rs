@@ -10,6 +10,7 @@ use smol::future::FutureExt;
 
 use super::client::session::{self, Ended, Serve};
 use super::client::{ClientError, Connect, Incoming, Link, Message, Options, Version, Will};
+use super::gate::ByteGate;
 use super::ingest::{Ingest, MAX_BATCH};
 use super::outbox::Outbox;
 use super::rejections::LogBudget;
@@ -44,6 +45,7 @@ pub struct Bridge {
     devices: Devices,
     metrics: Arc<Metrics>,
     link: Arc<Link>,
+    gate: Arc<ByteGate>,
     outbox: Outbox,
     alerts: async_channel::Receiver<Alert>,
     /// The rollout engine (status reports in, offers out).
@@ -116,7 +118,9 @@ impl Bridge {
             max_packet,
             timeout: CONNECT_TIMEOUT,
         };
+        let gate = Arc::new(ByteGate::new(settings.memory_limit, max_packet));
         Ok(Bridge {
+            gate,
             opts,
             settings,
             devices,
@@ -134,10 +138,12 @@ impl Bridge {
     /// had already received.
     pub async fn run(self, shutdown: Shutdown) {
         let stop_ingest = Shutdown::default();
+        self.metrics.mqtt.ingest_queued(0, self.gate.limit());
         let (in_tx, in_rx) = async_channel::bounded(QUEUE);
         let ingest = Ingest {
             outbox: self.outbox.clone(),
             link: self.link.clone(),
+            gate: self.gate.clone(),
             devices: self.devices.clone(),
             metrics: self.metrics.clone(),
             max_payload: self.settings.max_payload,
@@ -220,6 +226,7 @@ impl Bridge {
                             opts: &self.opts,
                             link: &self.link,
                             incoming,
+                            gate: &self.gate,
                             metrics: &self.metrics,
                             online: status_message(&self.settings, true),
                             offline: status_message(&self.settings, false),

@@ -34,6 +34,7 @@ pub const MAX_BATCH: usize = 1024;
 pub(super) struct Ingest {
     pub(super) outbox: Outbox,
     pub(super) link: Arc<Link>,
+    pub(super) gate: Arc<super::gate::ByteGate>,
     pub(super) devices: Devices,
     pub(super) metrics: Arc<Metrics>,
     pub(super) max_payload: usize,
@@ -109,6 +110,10 @@ impl Ingest {
         // Committed (or refused for good): now the broker may forget them.
         let acks: Vec<_> = batch.iter().filter_map(|m| m.ack).collect();
         self.link.ack(&acks).await;
+        self.gate.release(batch.iter().map(|m| m.held).sum());
+        self.metrics
+            .mqtt
+            .ingest_queued(self.gate.used(), self.gate.limit());
     }
 
     async fn apply(&mut self, batch: &[Incoming]) {

@@ -14,6 +14,9 @@
 //!   messages: back-pressure instead of memory growth or drops. The
 //!   broker's window (MQTT 5 receive maximum = two batches, so one arrives
 //!   while the other commits; or its own 3.1.1 window) keeps QoS 1/2 traffic below that bound.
+//!   The queued payloads' bytes are bounded too, by a share of
+//!   `resources.memory_limit` ([`gate`]): QoS 0 has no window, and two
+//!   batches of large payloads would not fit the memory limit.
 //! - publishes go through [`outbox`]: a bounded queue; acks and errors to
 //!   devices are dropped and counted when it is full instead of waiting (a
 //!   flood of bad input cannot stall ingest), alerts and offers wait
@@ -56,6 +59,7 @@ mod bridge;
 #[cfg(feature = "mqtt")]
 pub mod client;
 #[cfg(feature = "mqtt")]
+mod gate;
 mod ingest;
 #[cfg(feature = "mqtt")]
 mod outbox;
@@ -103,6 +107,9 @@ pub struct Settings {
     pub ca_file: Option<PathBuf>,
     pub node_id: String,
     pub max_payload: usize,
+    /// `resources.memory_limit`: bounds the bytes queued for ingest
+    /// (`gate`).
+    pub memory_limit: u64,
 }
 
 impl Settings {
@@ -137,6 +144,7 @@ impl Settings {
             ca_file: m.ca_file.clone(),
             node_id: node_id.to_owned(),
             max_payload: m.max_payload_size.0 as usize,
+            memory_limit: c.resources.memory_limit.0,
         })
     }
 

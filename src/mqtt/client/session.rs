@@ -44,6 +44,9 @@ pub(crate) struct Incoming {
     pub(crate) ack: Option<Ack>,
     /// The broker sent it before (DUP): it may be stored already.
     pub(crate) dup: bool,
+    /// Bytes taken from the ingest gate for it, given back once ingest
+    /// has committed it.
+    pub(crate) held: usize,
 }
 
 /// How to reach the broker and what to say on connect.
@@ -263,6 +266,7 @@ pub(crate) struct Serve<'a> {
     pub(crate) opts: &'a Options,
     pub(crate) link: &'a Link,
     pub(crate) incoming: &'a async_channel::Sender<Incoming>,
+    pub(crate) gate: &'a crate::mqtt::gate::ByteGate,
     pub(crate) metrics: &'a Metrics,
     pub(crate) online: Message,
     pub(crate) offline: Message,
@@ -333,6 +337,8 @@ pub(crate) async fn serve(c: Connection, s: Serve<'_>) -> Ended {
                         },
                     };
                     blocked.store(true, Ordering::Relaxed);
+                    let held = s.gate.acquire(p.payload.len()).await;
+                    s.metrics.mqtt.ingest_queued(s.gate.used(), s.gate.limit());
                     let sent = s
                         .incoming
                         .send(Incoming {
@@ -340,9 +346,13 @@ pub(crate) async fn serve(c: Connection, s: Serve<'_>) -> Ended {
                             payload: p.payload,
                             ack,
                             dup: p.dup,
+                            held,
                         })
                         .await;
                     blocked.store(false, Ordering::Relaxed);
+                    if sent.is_err() {
+                        s.gate.release(held);
+                    }
                     last_rx.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
                     if sent.is_err() {
                         return Err(ClientError::Closed { url: url.clone() });
