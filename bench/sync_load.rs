@@ -9,6 +9,17 @@
 //! 2. time for a real edge to drain 10,000 queued changes to a real hub;
 //! 3. hub sync requests per second from simulated edges (each request from
 //!    one of BENCH_EDGES edge ids, carrying one changed service), p50/p99.
+//!
+//! On a throttled link instead (a proxy at BENCH_RATE bytes/s, default
+//! 10,000, with BENCH_LATENCY_MS each way, default 300):
+//!
+//!     cargo bench --bench sync_load -- --throttled
+//!     BENCH_BIN=/path/to/older/konsul-edge cargo bench --bench sync_load -- --throttled
+//!
+//! BENCH_CHANGES (default 5,000) services registered, then drained with
+//! `sync now`: bytes on the link per
+//! changed service, drain time and the longest round (one connection per
+//! round). BENCH_BIN runs another build of the daemon (before/after).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -21,6 +32,10 @@ use konsul_edge::sync::testing;
 
 #[path = "common.rs"]
 mod common;
+// The bench uses a fixed link; the tests also change it mid-run.
+#[allow(dead_code)]
+#[path = "../tests/common/throttle.rs"]
+mod throttle;
 
 const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
 
@@ -37,7 +52,8 @@ impl Drop for Proc {
 }
 
 fn start(cmd: &str, config: &Path) -> Proc {
-    let mut child = Command::new(BIN)
+    let bin = std::env::var("BENCH_BIN").unwrap_or_else(|_| BIN.to_owned());
+    let mut child = Command::new(bin)
         .args([cmd, "--config"])
         .arg(config)
         .env("KONSUL_LOG", "info")
@@ -120,6 +136,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if std::env::args().any(|a| a == "--throttled") {
+        return throttled();
+    }
     let edges = env_usize("BENCH_EDGES", 1000);
     let requests = env_usize("BENCH_REQUESTS", 10_000);
 
@@ -145,11 +164,12 @@ fn main() {
     )
     .unwrap();
     let hub = start("hub", &hub_dir.join("edge.yaml"));
+    let (acl, auth) = admin(&edge_dir);
     std::fs::write(
         edge_dir.join("edge.yaml"),
         format!(
             "node_id: bench-edge\nlog_level: warn\nresources: {{storage_limit: 2Gi}}\nstorage: {{path: {}, max_size: 1Gi}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
-             services: {{max_local_services: 1000}}\ncloud: {{server_address: 'http://{}', sync_interval: 1h}}\nacl: {{enabled: false}}\n",
+             services: {{max_local_services: 1000}}\ncloud: {{server_address: 'http://{}', sync_interval: 1h}}\n{acl}",
             edge_dir.join("edge.db").display(),
             hub.addr
         ),
@@ -168,9 +188,9 @@ fn main() {
         assert_eq!(call(&mut c, "PUT", "/register", body.as_bytes(), "").0, 200);
     }
     let before = metric(&edge.addr, "konsul_edge_sync_bytes_sent_total");
-    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", "").0, 202);
+    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", &auth).0, 202);
     wait("first sync", || {
-        get_json(&edge.addr, "/v1/edge/sync")["pending_changes"] == 0
+        get_json(&edge.addr, "/v1/edge/status")["sync"]["pending_changes"] == 0
             && metric(&edge.addr, "konsul_edge_sync_requests_total") > 0
     });
     let sent = metric(&edge.addr, "konsul_edge_sync_bytes_sent_total") - before;
@@ -197,9 +217,9 @@ fn main() {
     }
     let requests_before = metric(&edge.addr, "konsul_edge_sync_requests_total");
     let t = Instant::now();
-    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", "").0, 202);
+    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", &auth).0, 202);
     wait("drain", || {
-        get_json(&edge.addr, "/v1/edge/sync")["pending_changes"] == 0
+        get_json(&edge.addr, "/v1/edge/status")["sync"]["pending_changes"] == 0
             && get_json(&edge.addr, "/v1/edge/status")["outbox_pending"] == 0
     });
     println!(
@@ -252,5 +272,86 @@ fn main() {
     println!(
         "hub lists {} edges",
         listed.as_array().map_or(0, |a| a.len())
+    );
+}
+
+/// An admin token for the daemon in `dir` ("sync now" needs one even
+/// with ACLs off: the one access rule): its `acl:` line and the header.
+fn admin(dir: &Path) -> (String, String) {
+    let token = "bench-admin-token";
+    let path = dir.join("admin.token");
+    std::fs::write(&path, token).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (
+        format!(
+            "acl: {{tokens: [{{name: bench, file: {}, policies: ['builtin:admin']}}]}}\n",
+            path.display()
+        ),
+        format!("X-API-Key: {token}\r\n"),
+    )
+}
+
+fn throttled() {
+    let rate = env_usize("BENCH_RATE", 10_000) as u64;
+    let latency = Duration::from_millis(env_usize("BENCH_LATENCY_MS", 300) as u64);
+    let changes = env_usize("BENCH_CHANGES", 5_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let (hub_dir, edge_dir) = (tmp.path().join("hub"), tmp.path().join("edge"));
+    std::fs::create_dir_all(&hub_dir).unwrap();
+    std::fs::create_dir_all(&edge_dir).unwrap();
+    std::fs::write(
+        hub_dir.join("edge.yaml"),
+        format!(
+            "node_id: hub\nlog_level: warn\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\nacl: {{enabled: false}}\n",
+            hub_dir.join("hub.db").display()
+        ),
+    )
+    .unwrap();
+    let hub = start("hub", &hub_dir.join("edge.yaml"));
+    let link = throttle::Throttle::start(&hub.addr, rate, latency);
+    let (acl, auth) = admin(&edge_dir);
+    // Only keys every release knows, so BENCH_BIN can run an older build.
+    std::fs::write(
+        edge_dir.join("edge.yaml"),
+        format!(
+            "node_id: bench-edge\nlog_level: info\nstorage: {{path: {}, max_size: 256Mi}}\nhttp: {{listen: '127.0.0.1:0'}}\n\
+             services: {{max_local_services: {}}}\ncloud: {{server_address: 'http://{}', sync_interval: 1h}}\n{acl}",
+            edge_dir.join("edge.db").display(),
+            changes + 100,
+            link.addr,
+        ),
+    )
+    .unwrap();
+    let edge = start("run", &edge_dir.join("edge.yaml"));
+    wait("start-up sync", || {
+        get_json(&edge.addr, "/v1/edge/status")["sync"]["last_sync_ms"].is_u64()
+    });
+    let mut c = connect(&edge.addr);
+    for i in 0..changes {
+        let body = format!(
+            r#"{{"name":"svc-{i}","address":"10.{}.{}.{}","port":8080,"tags":["pos","v2"]}}"#,
+            i >> 16 & 255,
+            i >> 8 & 255,
+            i & 255
+        );
+        assert_eq!(call(&mut c, "PUT", "/register", body.as_bytes(), "").0, 200);
+    }
+    let bytes_before = link.bytes();
+    let t = Instant::now();
+    assert_eq!(call(&mut c, "POST", "/v1/edge/sync/now", b"", &auth).0, 202);
+    wait("drain", || {
+        get_json(&edge.addr, "/v1/edge/status")["outbox_pending"] == 0
+            && get_json(&edge.addr, "/v1/edge/status")["sync"]["pending_changes"] == 0
+    });
+    let drained = t.elapsed();
+    let bytes = link.bytes() - bytes_before;
+    println!(
+        "throttled link {rate} B/s, {} ms each way: {changes} changed services drained in {:.1} s, \
+         {bytes} B on the link ({:.1} B per service), {} rounds, longest round {:.2} s",
+        latency.as_millis(),
+        drained.as_secs_f64(),
+        bytes as f64 / changes as f64,
+        metric(&edge.addr, "konsul_edge_sync_requests_total"),
+        link.longest().as_secs_f64()
     );
 }
