@@ -22,8 +22,9 @@ cd "$ROOT"
 
 CARGO_DEB_VERSION=3.8.0
 # The glibc the package's Depends: line promises (Cargo.toml); Debian 12
-# and Raspberry Pi OS 12 ship 2.36.
-GLIBC_MAX=2.34
+# and Raspberry Pi OS 12 ship 2.36. The ARM builds' packed relocations
+# (DT_RELR, scripts/cross-build.sh) need exactly that.
+GLIBC_MAX=2.36
 TOOLS=${KONSUL_TOOLS_DIR:-/var/tmp/konsul-tools}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/cross}"
 OUT="$CARGO_TARGET_DIR/debian"
@@ -72,6 +73,11 @@ check_deps() { # arch binary
     local needed glibc
     needed=$(readelf -d "$2" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | sort | tr '\n' ' ')
     glibc=$(readelf -W --dyn-syms "$2" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+    # Packed relative relocations are a loader feature, named by a version
+    # need rather than a symbol: glibc 2.36.
+    if readelf -W -V "$2" | grep -q GLIBC_ABI_DT_RELR; then
+        glibc=$(printf '%s\n2.36\n' "$glibc" | sort -V | tail -n1)
+    fi
     for lib in $needed; do
         case $lib in
             libc.so.6|libm.so.6|libgcc_s.so.1|ld-linux*) ;;

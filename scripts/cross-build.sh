@@ -92,6 +92,14 @@ cross_env() {
     up=$(echo "$triple" | tr 'a-z-' 'A-Z_')
     low=$(echo "$triple" | tr '-' '_')
     export "CARGO_TARGET_${up}_LINKER=${gnu}-gcc"
+    # gcc drives the LLVM linker rustup ships (rust-lld, through its gcc-ld
+    # wrapper), which packs relative relocations (DT_RELR: glibc >= 2.36)
+    # and does not pad the file to 64 KiB segment frames; Debian 12's GNU
+    # ld does neither for aarch64. 190 KB of the 4 MiB budget:
+    # docs/decisions/0007-binary-size.md ("Linker").
+    local gcc_ld
+    gcc_ld="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/gcc-ld"
+    export "CARGO_TARGET_${up}_RUSTFLAGS=-C link-arg=-fuse-ld=lld -C link-arg=-B${gcc_ld} -C link-arg=-Wl,-z,pack-relative-relocs"
     # The `cc` crate (libsqlite3-sys's bundled SQLite, ring later) reads these.
     export "CC_${low}=${gnu}-gcc"
     export "AR_${low}=${gnu}-ar"
