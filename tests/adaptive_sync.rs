@@ -148,6 +148,10 @@ fn a_throttled_link_gets_batches_sized_to_it_and_ten_thousand_changes_drain_with
 /// A device registered through the broker with `n` telemetry points queued
 /// (each ~300 bytes of incompressible text).
 fn queue_telemetry(broker: &Broker, edge: &Daemon, n: usize) {
+    // A registration published before the bridge subscribed is lost
+    // (QoS 1 to no subscriber): wait for the bridge first.
+    edge.wait_log(|l| l.contains("mqtt::bridge: connected to "))
+        .expect("the bridge connects to the broker");
     let publish = |topic: &str, input: String, lines: bool| {
         let mut cmd = Command::new("mosquitto_pub");
         cmd.args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1"])
