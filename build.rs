@@ -5,9 +5,15 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/konsul/edge/v1/sync.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let mut protos = vec!["proto/konsul/edge/v1/sync.proto"];
+    // Sparkplug's own schema, Eclipse Tahu's text as published.
+    if std::env::var_os("CARGO_FEATURE_SPARKPLUG").is_some() {
+        protos.push("proto/sparkplug_b/sparkplug_b.proto");
+    }
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(&protos, ["proto"])?;
     prost_build::Config::new()
         .btree_map(["."])
         .compile_fds(fds)?;
