@@ -202,6 +202,7 @@ pub(crate) enum Feed {
 }
 
 /// The receiving end of the feed.
+#[cfg_attr(not(feature = "sparkplug"), allow(dead_code))]
 pub(crate) struct FeedRx {
     pub(crate) rx: async_channel::Receiver<Feed>,
     /// Set when an event was dropped on a full channel: the receiver must
