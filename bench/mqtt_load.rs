@@ -2,6 +2,12 @@
 //!
 //!     cargo bench --bench mqtt_load
 //!     BENCH_DEVICES=1000 BENCH_N=100000 BENCH_PUBLISHERS=4 cargo bench --bench mqtt_load
+//!     BENCH_SPARKPLUG=1 cargo bench --bench mqtt_load
+//!
+//! BENCH_SPARKPLUG=1 turns the Sparkplug B edge node on (a DBIRTH per
+//! device, a DDATA per telemetry message, on the same broker), so the
+//! ingest figure with and without it is the node's cost; a QoS 0
+//! subscriber to the node's DDATA counts what a host would receive.
 //!
 //! Starts a private mosquitto (ephemeral port, no persistence) and the real
 //! daemon (release profile) with a fresh database, then:
@@ -182,6 +188,7 @@ fn main() {
     let devices = env_usize("BENCH_DEVICES", 1000);
     let n = env_usize("BENCH_N", 100_000);
     let publishers = env_usize("BENCH_PUBLISHERS", 4).max(1);
+    let sparkplug = env_usize("BENCH_SPARKPLUG", 0) == 1;
     let dir = tempfile::tempdir().unwrap();
     let (_broker, port) = broker(dir.path());
     let http_port = free_port();
@@ -196,9 +203,14 @@ fn main() {
              services: {{max_local_services: {cap}}}\n\
              devices: {{max_devices: {cap}, telemetry_max_size: 64Mi}}\n\
              mqtt: {{enabled: true, broker: \"tcp://127.0.0.1:{port}\", client_id: bench-edge, qos: 1}}\n\
-             acl: {{enabled: false}}\n",
+             acl: {{enabled: false}}\n{spb}",
             db = dir.path().join("konsul.db").display(),
-            cap = devices + 10
+            cap = devices + 10,
+            spb = if sparkplug {
+                "sparkplug: {enabled: true, group_id: bench}\n"
+            } else {
+                ""
+            },
         ),
     )
     .unwrap();
@@ -302,6 +314,21 @@ fn main() {
             }
         })
     };
+    // What a Sparkplug host would receive (QoS 0, as hosts subscribe).
+    let ddata = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let spb_host = sparkplug.then(|| {
+        let c = client(port, "bench-sparkplug-host");
+        let count = ddata.clone();
+        c.set_message_callback(move |_, m| {
+            if m.is_some() {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        c.subscribe("spBv1.0/bench/DDATA/#", 0)
+            .wait()
+            .expect("subscribe");
+        c
+    });
     let cpu0 = cpu_secs(pid);
     let batches0 = metric(&api, "konsul_edge_mqtt_batches_total");
     let t0 = Instant::now();
@@ -323,6 +350,8 @@ fn main() {
     sampler.join().unwrap();
     let rss_load = *rss_peak.lock().unwrap();
     let hwm = rss_kib(pid, "VmHWM:");
+    let ddata_seen = ddata.load(std::sync::atomic::Ordering::Relaxed);
+    drop(spb_host);
 
     // --- 3. the broker's ceiling: mosquitto_sub consumes the same load -------
     // A fresh broker of its own: on the first one the daemon's persistent
@@ -388,6 +417,11 @@ fn main() {
         ingest.as_secs_f64(),
         published.as_secs_f64()
     );
+    if sparkplug {
+        println!(
+            "  sparkplug                   on: {ddata_seen} DDATA reached a QoS 0 host by the sentinel's ack"
+        );
+    }
     println!(
         "  daemon work                 {:.1} us CPU per message ({:.2} s CPU), {:.0} messages per store transaction",
         cpu * 1e6 / n as f64,
