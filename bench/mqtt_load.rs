@@ -351,6 +351,21 @@ fn main() {
     let rss_load = *rss_peak.lock().unwrap();
     let hwm = rss_kib(pid, "VmHWM:");
     let ddata_seen = ddata.load(std::sync::atomic::Ordering::Relaxed);
+    // The node publishes after each commit: how long until the host has
+    // one DDATA per message (or the count stops moving for 2 s).
+    let (mut ddata_all, mut last_change, caught_up) = (ddata_seen, Instant::now(), Instant::now());
+    while sparkplug && ddata_all < n as u64 && last_change.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = ddata.load(std::sync::atomic::Ordering::Relaxed);
+        if now != ddata_all {
+            (ddata_all, last_change) = (now, Instant::now());
+        }
+    }
+    let lag = if ddata_all >= n as u64 {
+        last_change.duration_since(caught_up)
+    } else {
+        Duration::ZERO
+    };
     drop(spb_host);
 
     // --- 3. the broker's ceiling: mosquitto_sub consumes the same load -------
@@ -419,7 +434,9 @@ fn main() {
     );
     if sparkplug {
         println!(
-            "  sparkplug                   on: {ddata_seen} DDATA reached a QoS 0 host by the sentinel's ack"
+            "  sparkplug                   on: {ddata_seen} DDATA at a QoS 0 host by the sentinel's ack, \
+             {ddata_all} of {n} in all ({:.2}s later)",
+            lag.as_secs_f64()
         );
     }
     println!(

@@ -2,6 +2,12 @@
 //! will (NDEATH with this connection's bdSeq), births once the primary
 //! host (if any) is online, then the feed of committed device changes and
 //! the host's commands, one at a time, so `seq` needs no lock.
+//!
+//! QoS: births, live data and DDEATH go out at QoS 0, as Sparkplug says
+//! (the QoS 1 window would cap the node below ingest's rate, and a lost
+//! one is healed by the rebirth of the next connection); historical data
+//! (the host's only copy of what it missed) and device commands at QoS 1;
+//! the NDEATH will at QoS 1.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -400,7 +406,7 @@ impl Node {
         st.seq = 0;
         let now = wall_millis();
         let seq = Self::next_seq(st);
-        link.publish(Message::new(
+        link.publish_qos0(Message::new(
             self.settings.topic("NBIRTH"),
             payload::encode(now, Some(seq), &metrics),
         ))
@@ -434,7 +440,7 @@ impl Node {
         let seq = Self::next_seq(st);
         let bytes = payload::encode(wall_millis(), Some(seq), &d.birth());
         d.born = true;
-        link.publish(Message::new(
+        link.publish_qos0(Message::new(
             self.settings.device_topic("DBIRTH", id),
             bytes,
         ))
@@ -447,7 +453,7 @@ impl Node {
         }
         d.born = false;
         let seq = Self::next_seq(st);
-        link.publish(Message::new(
+        link.publish_qos0(Message::new(
             self.settings.device_topic("DDEATH", id),
             payload::encode(wall_millis(), Some(seq), &[]),
         ))
@@ -547,7 +553,7 @@ impl Node {
                                     Some(s),
                                     &d.data(&names, false, ts_ms),
                                 );
-                                link.publish(Message::new(
+                                link.publish_qos0(Message::new(
                                     self.settings.device_topic("DDATA", &device),
                                     bytes,
                                 ))
