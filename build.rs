@@ -14,9 +14,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let fds = protox::compile(&protos, ["proto"])?;
-    prost_build::Config::new()
-        .btree_map(["."])
-        .compile_fds(fds)?;
+    let mut config = prost_build::Config::new();
+    config.btree_map(["."]);
+    // The edge node sends and reads scalar metrics only: Sparkplug's
+    // templates, data sets, property sets and metadata decode as an empty
+    // message (their bytes skipped), so their code is not in the binary.
+    for opaque in [
+        "Template",
+        "DataSet",
+        "PropertyValue",
+        "PropertySet",
+        "PropertySetList",
+        "MetaData",
+    ] {
+        config.extern_path(
+            format!(".org.eclipse.tahu.protobuf.Payload.{opaque}"),
+            "crate::sparkplug::payload::Opaque",
+        );
+    }
+    config.compile_fds(fds)?;
     drop_unwind_tables()?;
     Ok(())
 }

@@ -16,6 +16,11 @@ mod pb {
     include!(concat!(env!("OUT_DIR"), "/org.eclipse.tahu.protobuf.rs"));
 }
 
+/// What the node never reads or writes (templates, data sets, property
+/// sets, metadata): decoded as nothing, its fields skipped (`build.rs`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Opaque {}
+
 use pb::payload::metric::Value as PbValue;
 use pb::DataType;
 
