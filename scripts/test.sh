@@ -73,6 +73,12 @@ grep -q "test result: ok" target/test-output.txt
 # The fault harness's line of counts per scenario (tests/faults/).
 cat target/tmp/faults-summary.txt 2>/dev/null || true
 
+# Not in the default features (the aarch64 size budget), so linted and
+# tested on its own.
+step "cargo feature sparkplug: clippy and tests/sparkplug.rs"
+cargo clippy --locked --all-targets --features sparkplug -- -D warnings
+cargo test --locked --features sparkplug --test sparkplug
+
 if ! $quick && [ -x scripts/ci-packaging.sh ]; then
   step "packaging checks (scripts/ci-packaging.sh)"
   scripts/ci-packaging.sh

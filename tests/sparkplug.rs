@@ -3,7 +3,8 @@
 //! `scripts/test.sh` makes; `KONSUL_TEST_PYTHON` names its python). The
 //! host decodes every message with its own protobuf code and prints it as
 //! a JSON line; the test plays the devices with a paho client. Every wait
-//! is on a message or an HTTP answer, with a deadline.
+//! is on a message or an HTTP answer, with a deadline. Built with the
+//! cargo feature `sparkplug` (`scripts/test.sh` runs it so).
 
 mod common;
 
