@@ -5,12 +5,34 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/konsul/edge/v1/sync.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
-    prost_build::Config::new()
-        .btree_map(["."])
-        .compile_fds(fds)?;
+    let mut protos = vec!["proto/konsul/edge/v1/sync.proto"];
+    // Sparkplug's own schema, Eclipse Tahu's text as published.
+    if std::env::var_os("CARGO_FEATURE_SPARKPLUG").is_some() {
+        protos.push("proto/sparkplug_b/sparkplug_b.proto");
+    }
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(&protos, ["proto"])?;
+    let mut config = prost_build::Config::new();
+    config.btree_map(["."]);
+    // The edge node sends and reads scalar metrics only: Sparkplug's
+    // templates, data sets, property sets and metadata decode as an empty
+    // message (their bytes skipped), so their code is not in the binary.
+    for opaque in [
+        "Template",
+        "DataSet",
+        "PropertyValue",
+        "PropertySet",
+        "PropertySetList",
+        "MetaData",
+    ] {
+        config.extern_path(
+            format!(".org.eclipse.tahu.protobuf.Payload.{opaque}"),
+            "crate::sparkplug::payload::Opaque",
+        );
+    }
+    config.compile_fds(fds)?;
     drop_unwind_tables()?;
     Ok(())
 }

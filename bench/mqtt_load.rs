@@ -2,6 +2,14 @@
 //!
 //!     cargo bench --bench mqtt_load
 //!     BENCH_DEVICES=1000 BENCH_N=100000 BENCH_PUBLISHERS=4 cargo bench --bench mqtt_load
+//!     BENCH_SPARKPLUG=1 cargo bench --features sparkplug --bench mqtt_load
+//!
+//! BENCH_SPARKPLUG=1 turns the Sparkplug B edge node on (a DBIRTH per
+//! device, a DDATA per telemetry message, on the same broker), so the
+//! ingest figure with and without it is the node's cost; a QoS 0
+//! subscriber to the node's DDATA and DBIRTH counts what a host would
+//! receive (a device's first telemetry after its registration is a DBIRTH,
+//! its new metrics need one; every later one a DDATA).
 //!
 //! Starts a private mosquitto (ephemeral port, no persistence) and the real
 //! daemon (release profile) with a fresh database, then:
@@ -182,6 +190,7 @@ fn main() {
     let devices = env_usize("BENCH_DEVICES", 1000);
     let n = env_usize("BENCH_N", 100_000);
     let publishers = env_usize("BENCH_PUBLISHERS", 4).max(1);
+    let sparkplug = env_usize("BENCH_SPARKPLUG", 0) == 1;
     let dir = tempfile::tempdir().unwrap();
     let (_broker, port) = broker(dir.path());
     let http_port = free_port();
@@ -196,9 +205,14 @@ fn main() {
              services: {{max_local_services: {cap}}}\n\
              devices: {{max_devices: {cap}, telemetry_max_size: 64Mi}}\n\
              mqtt: {{enabled: true, broker: \"tcp://127.0.0.1:{port}\", client_id: bench-edge, qos: 1}}\n\
-             acl: {{enabled: false}}\n",
+             acl: {{enabled: false}}\n{spb}",
             db = dir.path().join("konsul.db").display(),
-            cap = devices + 10
+            cap = devices + 10,
+            spb = if sparkplug {
+                "sparkplug: {enabled: true, group_id: bench}\n"
+            } else {
+                ""
+            },
         ),
     )
     .unwrap();
@@ -302,6 +316,24 @@ fn main() {
             }
         })
     };
+    // What a Sparkplug host would receive (QoS 0, as hosts subscribe).
+    let ddata = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let spb_host = sparkplug.then(|| {
+        let c = client(port, "bench-sparkplug-host");
+        let count = ddata.clone();
+        c.set_message_callback(move |_, m| {
+            if m.is_some() {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        c.subscribe_many(
+            &["spBv1.0/bench/DDATA/#", "spBv1.0/bench/DBIRTH/#"],
+            &[0, 0],
+        )
+        .wait()
+        .expect("subscribe");
+        c
+    });
     let cpu0 = cpu_secs(pid);
     let batches0 = metric(&api, "konsul_edge_mqtt_batches_total");
     let t0 = Instant::now();
@@ -323,6 +355,23 @@ fn main() {
     sampler.join().unwrap();
     let rss_load = *rss_peak.lock().unwrap();
     let hwm = rss_kib(pid, "VmHWM:");
+    let ddata_seen = ddata.load(std::sync::atomic::Ordering::Relaxed);
+    // The node publishes after each commit: how long until the host has
+    // one DDATA or DBIRTH per message (or the count stops moving for 2 s).
+    let (mut ddata_all, mut last_change, caught_up) = (ddata_seen, Instant::now(), Instant::now());
+    while sparkplug && ddata_all < n as u64 && last_change.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = ddata.load(std::sync::atomic::Ordering::Relaxed);
+        if now != ddata_all {
+            (ddata_all, last_change) = (now, Instant::now());
+        }
+    }
+    let lag = if ddata_all >= n as u64 {
+        last_change.duration_since(caught_up)
+    } else {
+        Duration::ZERO
+    };
+    drop(spb_host);
 
     // --- 3. the broker's ceiling: mosquitto_sub consumes the same load -------
     // A fresh broker of its own: on the first one the daemon's persistent
@@ -388,6 +437,13 @@ fn main() {
         ingest.as_secs_f64(),
         published.as_secs_f64()
     );
+    if sparkplug {
+        println!(
+            "  sparkplug                   on: {ddata_seen} DDATA/DBIRTH at a QoS 0 host by the sentinel's ack, \
+             {ddata_all} of {n} in all ({:.2}s later)",
+            lag.as_secs_f64()
+        );
+    }
     println!(
         "  daemon work                 {:.1} us CPU per message ({:.2} s CPU), {:.0} messages per store transaction",
         cpu * 1e6 / n as f64,

@@ -31,6 +31,28 @@ for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done
 
+# python_venv NAME PACKAGES...: a venv with pinned packages under
+# $KONSUL_TOOLS_DIR (made only when missing or when the pins change);
+# prints its python.
+python_venv() {
+  local name=$1; shift
+  local venv="${KONSUL_TOOLS_DIR:-/var/tmp/konsul-tools}/$name"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.pins" 2>/dev/null)" != "$*" ]; then
+    # Debian's python3 ships venv/ensurepip separately.
+    python3 -c 'import ensurepip' 2>/dev/null || {
+      sudo_if_needed apt-get update -qq
+      sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    }
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q "$@" >&2 && echo "$*" > "$venv/.pins"
+  fi
+  echo "$venv/bin/python"
+}
+
+# tests/sparkplug.rs: a third-party Sparkplug B host application.
+KONSUL_TEST_PYTHON=$(python_venv sparkplug-host pysparkplug==0.6.1 paho-mqtt==1.6.1 protobuf==7.36.2)
+export KONSUL_TEST_PYTHON
+
 step() { echo; echo "==> $*"; }
 started=$(date +%s)
 
@@ -50,6 +72,12 @@ cargo test --locked 2>&1 | tee target/test-output.txt
 grep -q "test result: ok" target/test-output.txt
 # The fault harness's line of counts per scenario (tests/faults/).
 cat target/tmp/faults-summary.txt 2>/dev/null || true
+
+# Not in the default features (the aarch64 size budget), so linted and
+# tested on its own.
+step "cargo feature sparkplug: clippy and tests/sparkplug.rs"
+cargo clippy --locked --all-targets --features sparkplug -- -D warnings
+cargo test --locked --features sparkplug --test sparkplug
 
 if ! $quick && [ -x scripts/ci-packaging.sh ]; then
   step "packaging checks (scripts/ci-packaging.sh)"

@@ -49,6 +49,8 @@ pub enum DaemonError {
     Mqtt(#[from] crate::mqtt::MqttError),
     #[error(transparent)]
     Dbus(Box<crate::dbus::DbusError>),
+    #[error("{0}")]
+    Sparkplug(String),
     #[error("firmware: {0}")]
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error("ota: {0}")]
@@ -198,10 +200,21 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         }
     };
     let metrics = Arc::new(Metrics::default());
-    let (devices, device_channels) = Devices::new(
+    #[allow(unused_mut)]
+    let (mut devices, device_channels) = Devices::new(
         registry.clone(),
         crate::devices::Settings::from_config(&config.devices),
     );
+    // Before any clone: ingest and the monitor feed the edge node.
+    #[cfg(feature = "sparkplug")]
+    let feed = config.sparkplug.enabled.then(|| devices.feed());
+    #[cfg(not(feature = "sparkplug"))]
+    if config.sparkplug.enabled {
+        store.close();
+        return Err(DaemonError::Sparkplug(
+            "sparkplug.enabled is set, but this build has no Sparkplug edge node (cargo feature `sparkplug`)".into(),
+        ));
+    }
     let firmware = match firmware_settings(&config, &format!("{scheme}://{addr}")) {
         Ok(f) => smol::block_on(crate::firmware::Artifacts::open(store.clone(), f)),
         Err(e) => Err(e),
@@ -308,6 +321,26 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         ex.spawn(engine.run(shutdown.clone())).detach();
     }
     let mqtt_task = bridge.map(|b| ex.spawn(b.run(shutdown.clone())));
+    #[cfg(feature = "sparkplug")]
+    let sparkplug_task = match feed {
+        None => None,
+        Some(feed) => {
+            let node = crate::mqtt::Settings::from_config(&config, store.node_id())
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    let s = crate::sparkplug::Settings::from_config(&config.sparkplug, b);
+                    crate::sparkplug::Node::new(s, api.clone(), feed).map_err(|e| e.to_string())
+                });
+            match node {
+                Ok(n) => Some(ex.spawn(n.run(shutdown.clone()))),
+                Err(e) => {
+                    shutdown.trigger();
+                    store.close();
+                    return Err(DaemonError::Sparkplug(e));
+                }
+            }
+        }
+    };
     let http_task = ex.spawn(server.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN));
     let unix_task =
         unix_server.map(|u| ex.spawn(u.serve(api.clone(), ex.clone(), shutdown.clone(), DRAIN)));
@@ -410,6 +443,11 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         }
         if let Some(t) = mqtt_task {
             // Says goodbye to the broker and applies what it had received.
+            t.await;
+        }
+        #[cfg(feature = "sparkplug")]
+        if let Some(t) = sparkplug_task {
+            // NDEATH before the disconnect, as Sparkplug asks.
             t.await;
         }
         fault.map_or(Ok(()), Err)

@@ -24,6 +24,8 @@ pub(crate) mod metrics;
 pub mod mqtt;
 pub mod ota;
 pub mod registry;
+#[cfg(feature = "sparkplug")]
+pub(crate) mod sparkplug;
 pub mod store;
 pub(crate) mod support;
 pub mod sync;

@@ -403,7 +403,7 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         DaemonError::SelfTest(_) => EX_SOFTWARE,
         // Not in RestartPreventExitStatus: systemd restarts the daemon.
         DaemonError::Fault(_) => EX_SOFTWARE,
-        DaemonError::Mqtt(_) => EX_CONFIG,
+        DaemonError::Mqtt(_) | DaemonError::Sparkplug(_) => EX_CONFIG,
         // No bus, or the name is taken: a restart later may succeed.
         DaemonError::Dbus(_) => EX_UNAVAILABLE,
         // The firmware directory cannot be created or read.

@@ -45,7 +45,7 @@ pub use keys::{base64_decode, parse_public_key};
 pub use sections::{
     parse_window, Acl, AclToken, BudgetPeriod, Cloud, ConflictResolution, DataBudget, Dbus,
     Devices, Firmware, Http, Mqtt, Ota, OtaBackend, Resources, RetryBackoff, RolloutDefaults,
-    Services, Storage, StorageType, Sync, SyncMode,
+    Services, Sparkplug, Storage, StorageType, Sync, SyncMode,
 };
 pub use types::{ByteSize, Duration, LogLevel, Mode};
 
@@ -85,6 +85,7 @@ pub struct Config {
     pub cloud: Cloud,
     pub storage: Storage,
     pub mqtt: Mqtt,
+    pub sparkplug: Sparkplug,
     pub services: Services,
     pub sync: Sync,
     pub http: Http,

@@ -190,6 +190,38 @@ impl Default for Mqtt {
     }
 }
 
+/// The Sparkplug B edge node (`crate::sparkplug`): the devices registered
+/// over MQTT, seen by SCADA. It connects with the `mqtt:` broker settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sparkplug {
+    pub enabled: bool,
+    pub group_id: String,
+    /// Empty: the node id.
+    pub edge_node_id: String,
+    /// Births wait for this host application's STATE `online`; while it is
+    /// offline, telemetry is kept in the store and replayed as historical.
+    pub primary_host_id: Option<String>,
+    /// Device types that become Sparkplug devices; empty: all.
+    pub device_types: Vec<String>,
+    /// Telemetry fields that become metrics; empty: every number, boolean
+    /// and string field.
+    pub fields: Vec<String>,
+}
+
+impl Default for Sparkplug {
+    fn default() -> Self {
+        Sparkplug {
+            enabled: false,
+            group_id: "konsul".into(),
+            edge_node_id: String::new(),
+            primary_host_id: None,
+            device_types: Vec::new(),
+            fields: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Services {

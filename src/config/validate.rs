@@ -15,6 +15,11 @@ pub(super) fn node_id_ok(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// A Sparkplug group, edge node or host id is one topic level.
+pub(crate) fn sparkplug_id_ok(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && !id.chars().any(|c| "/+#".contains(c) || c.is_control())
+}
+
 impl Config {
     /// Cross-field rules that a single key's type cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -48,6 +53,35 @@ impl Config {
                 "resources.memory_limit",
                 format!("{} is below the 4Mi minimum", self.resources.memory_limit),
             ));
+        }
+        if self.sparkplug.enabled {
+            if !self.mqtt.enabled {
+                return Err(bad(
+                    "sparkplug.enabled",
+                    "needs mqtt.enabled: the edge node uses the mqtt: broker settings".into(),
+                ));
+            }
+            let ids = [
+                ("sparkplug.group_id", Some(&self.sparkplug.group_id)),
+                ("sparkplug.edge_node_id", Some(&self.sparkplug.edge_node_id)),
+                (
+                    "sparkplug.primary_host_id",
+                    self.sparkplug.primary_host_id.as_ref(),
+                ),
+            ];
+            for (key, id) in ids {
+                // An empty edge_node_id takes the node id, checked above.
+                let Some(id) = id.filter(|id| !(key == "sparkplug.edge_node_id" && id.is_empty()))
+                else {
+                    continue;
+                };
+                if !sparkplug_id_ok(id) {
+                    return Err(bad(
+                        key,
+                        format!("`{id}`: use 1-128 characters, none of / + # or control characters (it is a topic level)"),
+                    ));
+                }
+            }
         }
         if self.cloud.sync_interval.is_zero() {
             return Err(bad("cloud.sync_interval", "must be greater than 0s".into()));

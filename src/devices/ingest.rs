@@ -11,7 +11,7 @@ use super::health::Signal;
 use super::monitor::set_alert;
 use super::redelivery::{self, Seen};
 use super::retention::{add_bytes, prune, row_bytes};
-use super::{Device, DeviceError, Devices, Effects, Outcome, Settings};
+use super::{Device, DeviceError, Devices, Effects, Feed, Outcome, Settings};
 use crate::clock::wall_millis;
 use crate::devices::payload::{self, Inbound, Registration};
 use crate::registry::{self, to_body as to_json, ServiceInput};
@@ -35,6 +35,7 @@ impl Devices {
         batch: Vec<(Inbound, Option<Seen>)>,
     ) -> Result<Vec<Outcome>, StoreError> {
         let settings = self.settings;
+        let feeding = self.feeding();
         let limits = self.registry.limits();
         // Validation that needs no store runs here, off the store thread.
         let prepared: Vec<(Prepared, Option<Seen>)> =
@@ -45,7 +46,10 @@ impl Devices {
             .call(move |db| {
                 db.tx(|tx| {
                     let now = wall_millis();
-                    let mut fx = Effects::default();
+                    let mut fx = Effects {
+                        feeding,
+                        ..Effects::default()
+                    };
                     let mut outcomes = Vec::with_capacity(prepared.len());
                     let recent = if prepared.iter().any(|(_, s)| s.is_some_and(|s| s.dup)) {
                         redelivery::recent(tx)?
@@ -268,6 +272,14 @@ fn apply_one(
                 .map_err(|e| tx.sql_error("write telemetry", e))?;
             fx.telemetry_bytes += row_bytes(&device, &body) as i64;
             fx.telemetry_rows += 1;
+            if fx.feeding {
+                fx.feed.push(Feed::Telemetry {
+                    device: device.clone(),
+                    seq: seq as u64,
+                    ts_ms: now,
+                    values: telemetry.values,
+                });
+            }
             fx.signals.push(Signal::Seen {
                 device,
                 at_ms: now,
@@ -405,6 +417,9 @@ fn register(
         interval_ms: device.telemetry_interval_ms,
         battery,
     });
+    if fx.feeding {
+        fx.feed.push(Feed::Registered(device));
+    }
     Ok(Outcome::Registered {
         device: id,
         modify_index,

@@ -31,6 +31,14 @@
 //! Pruning runs with ingest and on the monitor's timer (at the oldest row's
 //! expiry), never on a polling loop.
 //!
+//! The feed: with the Sparkplug edge node on, every committed registration,
+//! telemetry point and offline transition is also handed to it
+//! ([`Devices::feed`]) after the commit, with the values already parsed, so
+//! it need not read the store per message. The channel is bounded and never
+//! waited on (ingest must not slow down for a slow broker): when it is full,
+//! the event is dropped and `lost` is set, and the node rebuilds its view
+//! from the store (a rebirth).
+//!
 //! The parts, one job each: `ingest` (a batch of MQTT messages in one
 //! transaction), `monitor` (the health monitor's state in the store, and
 //! alerts), `retention` (pruning by age and size), `query` (what HTTP and
@@ -49,6 +57,8 @@ pub(crate) mod redelivery;
 mod retention;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -175,6 +185,35 @@ impl Settings {
     }
 }
 
+/// A committed change, for the Sparkplug edge node.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Feed {
+    Registered(Device),
+    Telemetry {
+        device: String,
+        /// The device's telemetry sequence number in the store.
+        seq: u64,
+        ts_ms: u64,
+        values: serde_json::Map<String, serde_json::Value>,
+    },
+    Offline {
+        device: String,
+    },
+}
+
+/// The receiving end of the feed.
+#[cfg_attr(not(feature = "sparkplug"), allow(dead_code))]
+pub(crate) struct FeedRx {
+    pub(crate) rx: async_channel::Receiver<Feed>,
+    /// Set when an event was dropped on a full channel: the receiver must
+    /// rebuild its view from the store.
+    pub(crate) lost: Arc<AtomicBool>,
+}
+
+/// Events the feed holds before it drops (a few seconds of a 1,000-device
+/// site at full rate).
+const FEED_QUEUE: usize = 4096;
+
 /// The device registry handle. Cheap to clone.
 #[derive(Clone)]
 pub struct Devices {
@@ -182,6 +221,7 @@ pub struct Devices {
     settings: Settings,
     signals: async_channel::Sender<Vec<Signal>>,
     alerts: async_channel::Sender<Alert>,
+    feed: Option<(async_channel::Sender<Feed>, Arc<AtomicBool>)>,
 }
 
 /// The receiving ends the daemon wires: the monitor's input and the alerts
@@ -203,6 +243,7 @@ impl Devices {
                 settings,
                 signals,
                 alerts,
+                feed: None,
             },
             Channels {
                 signals: signals_rx,
@@ -215,10 +256,31 @@ impl Devices {
         self.settings
     }
 
+    /// Turns the feed on; call before the handle is cloned (clones made
+    /// earlier do not feed).
+    #[cfg_attr(not(feature = "sparkplug"), allow(dead_code))]
+    pub(crate) fn feed(&mut self) -> FeedRx {
+        let (tx, rx) = async_channel::bounded(FEED_QUEUE);
+        let lost = Arc::new(AtomicBool::new(false));
+        self.feed = Some((tx, lost.clone()));
+        FeedRx { rx, lost }
+    }
+
+    fn feeding(&self) -> bool {
+        self.feed.is_some()
+    }
+
     async fn announce(&self, mut fx: Effects) {
         fx.coalesce_signals();
         for (kind, key) in fx.changed {
             self.registry.notify(kind, &key, ChangeOp::Upsert);
+        }
+        if let Some((tx, lost)) = &self.feed {
+            for f in fx.feed {
+                if tx.try_send(f).is_err() {
+                    lost.store(true, Ordering::Relaxed);
+                }
+            }
         }
         for a in fx.alerts {
             // Full means nobody drains (MQTT off) or the broker is far
@@ -240,6 +302,9 @@ struct Effects {
     telemetry_rows: usize,
     /// Added to the history's byte total once per batch.
     telemetry_bytes: i64,
+    /// Collect `feed` (the feed is on).
+    feeding: bool,
+    feed: Vec<Feed>,
 }
 
 impl Effects {

@@ -8,7 +8,7 @@ use rusqlite::params;
 
 use super::health::{self, Health, Transition};
 use super::retention::prune;
-use super::{Alert, Devices, Effects};
+use super::{Alert, Devices, Effects, Feed};
 use crate::clock::wall_millis;
 use crate::registry::{self, to_body as to_json};
 use crate::store::{Kind, StoreError, Tx};
@@ -68,13 +68,17 @@ impl Devices {
     /// transaction; then announces and queues the alerts for publishing.
     pub(crate) async fn record(&self, transitions: Vec<Transition>) -> Result<(), StoreError> {
         let settings = self.settings;
+        let feeding = self.feeding();
         let fx = self
             .registry
             .store()
             .call(move |db| {
                 db.tx(|tx| {
                     let now = wall_millis();
-                    let mut fx = Effects::default();
+                    let mut fx = Effects {
+                        feeding,
+                        ..Effects::default()
+                    };
                     for t in transitions {
                         match t {
                             Transition::Health { device, from, to } => {
@@ -85,6 +89,11 @@ impl Devices {
                                     .and_then(|mut s| s.execute(params![device, to.as_str()]))
                                     .map_err(|e| tx.sql_error("write device health", e))?;
                                 log::info!("device {device}: {} -> {}", from.as_str(), to.as_str());
+                                if to == Health::Offline && feeding {
+                                    fx.feed.push(Feed::Offline {
+                                        device: device.clone(),
+                                    });
+                                }
                                 if to == Health::Offline {
                                     let msg = format!("device {device} is offline");
                                     set_alert(

@@ -228,8 +228,8 @@ impl Bridge {
                             incoming,
                             gate: &self.gate,
                             metrics: &self.metrics,
-                            online: status_message(&self.settings, true),
-                            offline: status_message(&self.settings, false),
+                            online: Some(status_message(&self.settings, true)),
+                            offline: Some(status_message(&self.settings, false)),
                             shutdown,
                         },
                     )

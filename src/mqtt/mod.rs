@@ -59,7 +59,7 @@ mod bridge;
 #[cfg(feature = "mqtt")]
 pub mod client;
 #[cfg(feature = "mqtt")]
-mod gate;
+pub(crate) mod gate;
 mod ingest;
 #[cfg(feature = "mqtt")]
 mod outbox;

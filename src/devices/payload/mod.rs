@@ -11,7 +11,7 @@
 //!
 //! Topics (`{id}` is one level, 1-128 of `A-Z a-z 0-9 - _ . :`):
 //! `devices/{id}/register|telemetry|heartbeat|events|status` are input;
-//! `devices/{id}/ack|error|update` are the edge's own output (seen again
+//! `devices/{id}/ack|error|update|command` are the edge's own output (seen again
 //! when someone subscribes to `devices/#`): ignored without complaint, so
 //! the edge never answers its own messages. `devices/{id}/update/status`
 //! is a device's firmware update progress ([`UpdateReport`]), for the
@@ -124,7 +124,7 @@ pub fn parse(topic: &str, payload: &[u8], max: usize) -> Result<Inbound, Payload
         [_, _, "update", "status"] => "update/status",
         _ => return Err(unknown()),
     };
-    if matches!(kind, "ack" | "error" | "update") {
+    if matches!(kind, "ack" | "error" | "update" | "command") {
         return Ok(Inbound::Ignored);
     }
     if !matches!(
@@ -452,6 +452,7 @@ mod tests {
             "devices/a/ack",
             "devices/a/error",
             "devices/a/update",
+            "devices/a/command",
             "alerts/a",
             "edges/n/status",
             "$SYS/broker/uptime",

@@ -154,6 +154,41 @@ impl Link {
         }
     }
 
+    /// Publishes `m` at QoS 0: waits (asynchronously) for a connection and
+    /// hands it to the writer, whose bounded queue is the back-pressure.
+    /// Nothing is kept: a message the connection loses is gone, which is
+    /// what Sparkplug asks of births and data (a new connection births
+    /// again) and what lets them past the broker's QoS 1 window.
+    #[cfg_attr(not(feature = "sparkplug"), allow(dead_code))]
+    pub(crate) async fn publish_qos0(&self, m: Message) {
+        loop {
+            let ready = {
+                let s = self.lock();
+                match (&s.writer, s.version) {
+                    (Some(w), Some(v)) => Ok((w.clone(), v)),
+                    _ => Err(self.changed.listen()),
+                }
+            };
+            match ready {
+                Ok((w, v)) => {
+                    let mut bytes = Vec::new();
+                    Packet::Publish(Publish {
+                        dup: false,
+                        qos: 0,
+                        retain: m.retain,
+                        topic: m.topic,
+                        id: None,
+                        payload: m.payload,
+                    })
+                    .encode(v, &mut bytes);
+                    let _ = w.send(bytes).await;
+                    return;
+                }
+                Err(listener) => listener.await,
+            }
+        }
+    }
+
     /// Takes `m` into the window if there is a connection and room: the
     /// writer and the bytes to send; else something to wait on.
     #[allow(clippy::type_complexity)]
@@ -322,6 +357,24 @@ mod tests {
             link.attach(tx, Version::V311, true, 10);
             link.ack(&[b]).await;
             assert!(rx.try_recv().is_err(), "ack for the old connection dropped");
+        });
+    }
+
+    #[test]
+    fn qos0_publishes_take_no_window_and_are_not_resent() {
+        smol::block_on(async {
+            let link = Link::default();
+            let (tx, rx) = async_channel::bounded(16);
+            link.attach(tx.clone(), Version::V311, false, 1);
+            for _ in 0..3 {
+                link.publish_qos0(Message::new("a", "1")).await;
+            }
+            for _ in 0..3 {
+                assert_eq!(rx.try_recv().unwrap(), vec![0x30, 4, 0, 1, b'a', b'1']);
+            }
+            link.flushed().await;
+            link.attach(tx, Version::V311, true, 1);
+            assert!(rx.try_recv().is_err(), "nothing re-sent");
         });
     }
 

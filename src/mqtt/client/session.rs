@@ -268,8 +268,11 @@ pub(crate) struct Serve<'a> {
     pub(crate) incoming: &'a async_channel::Sender<Incoming>,
     pub(crate) gate: &'a crate::mqtt::gate::ByteGate,
     pub(crate) metrics: &'a Metrics,
-    pub(crate) online: Message,
-    pub(crate) offline: Message,
+    /// Published once subscribed (the bridge's retained status); none for
+    /// a client that publishes its own (the Sparkplug node's births).
+    pub(crate) online: Option<Message>,
+    /// Published before a clean disconnect, which fires no will.
+    pub(crate) offline: Option<Message>,
     pub(crate) shutdown: &'a Shutdown,
 }
 
@@ -447,8 +450,10 @@ pub(crate) async fn serve(c: Connection, s: Serve<'_>) -> Ended {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        s.link.publish(s.online.clone()).await;
-        s.metrics.mqtt.published(crate::metrics::Published::Status);
+        if let Some(online) = &s.online {
+            s.link.publish(online.clone()).await;
+            s.metrics.mqtt.published(crate::metrics::Published::Status);
+        }
         std::future::pending::<Result<(), ClientError>>().await
     };
     let stop = async {
@@ -475,7 +480,9 @@ pub(crate) async fn serve(c: Connection, s: Serve<'_>) -> Ended {
                 Timer::after(GOODBYE).await;
             })
             .await;
-        s.link.publish(s.offline.clone()).await;
+        if let Some(offline) = &s.offline {
+            s.link.publish(offline.clone()).await;
+        }
         s.link.flushed().await;
         let mut bytes = Vec::new();
         Packet::Disconnect { reason: 0 }.encode(version, &mut bytes);
