@@ -2,7 +2,7 @@
 //!
 //!     cargo bench --bench mqtt_load
 //!     BENCH_DEVICES=1000 BENCH_N=100000 BENCH_PUBLISHERS=4 cargo bench --bench mqtt_load
-//!     BENCH_SPARKPLUG=1 cargo bench --features sparkplug --bench mqtt_load
+//!     BENCH_SPARKPLUG=1 cargo bench --bench mqtt_load
 //!
 //! BENCH_SPARKPLUG=1 turns the Sparkplug B edge node on (a DBIRTH per
 //! device, a DDATA per telemetry message, on the same broker), so the

@@ -50,7 +50,7 @@ python_venv() {
 }
 
 # tests/sparkplug.rs: a third-party Sparkplug B host application.
-KONSUL_TEST_PYTHON=$(python_venv sparkplug-host pysparkplug==0.6.1 paho-mqtt==1.6.1 protobuf==7.36.2)
+KONSUL_TEST_PYTHON=$(python_venv test-python pysparkplug==0.6.1 paho-mqtt==1.6.1 protobuf==7.36.2)
 export KONSUL_TEST_PYTHON
 
 step() { echo; echo "==> $*"; }
@@ -72,12 +72,6 @@ cargo test --locked 2>&1 | tee target/test-output.txt
 grep -q "test result: ok" target/test-output.txt
 # The fault harness's line of counts per scenario (tests/faults/).
 cat target/tmp/faults-summary.txt 2>/dev/null || true
-
-# Not in the default features (the aarch64 size budget), so linted and
-# tested on its own.
-step "cargo feature sparkplug: clippy and tests/sparkplug.rs"
-cargo clippy --locked --all-targets --features sparkplug -- -D warnings
-cargo test --locked --features sparkplug --test sparkplug
 
 if ! $quick && [ -x scripts/ci-packaging.sh ]; then
   step "packaging checks (scripts/ci-packaging.sh)"
