@@ -17,7 +17,8 @@ sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use; installed only when missing.
 packages=(python3 cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl
-          u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools)
+          u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools
+          chromium chromium-driver python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,6 +53,9 @@ python_venv() {
 # tests/sparkplug.rs: a third-party Sparkplug B host application.
 KONSUL_TEST_PYTHON=$(python_venv test-python pysparkplug==0.6.1 paho-mqtt==1.6.1 protobuf==7.36.2)
 export KONSUL_TEST_PYTHON
+# tests/fleet_ui: the hub's fleet page in headless chromium.
+TEST_SELENIUM_PYTHON=$(python_venv selenium-4.51.0 selenium==4.51.0)
+export TEST_SELENIUM_PYTHON
 
 step() { echo; echo "==> $*"; }
 started=$(date +%s)
