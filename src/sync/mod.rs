@@ -86,6 +86,53 @@ pub mod testing {
         wire::encode(&req, compress)
     }
 
+    /// A request from `edge` carrying `devices` device records
+    /// (`{edge}-d{i}`, type sensor, firmware 1.0.0) and an active alert
+    /// for each of the first `alerts` of them: a simulated edge for the
+    /// fleet view's load check.
+    pub fn fleet_batch(edge: &str, devices: usize, alerts: usize, compress: bool) -> Vec<u8> {
+        let now = crate::clock::wall_millis();
+        let update =
+            |kind: wire::RecordKind, key: String, body: String, i: usize| wire::ServiceUpdate {
+                kind: kind as i32,
+                key,
+                body: body.into_bytes(),
+                hlc: crate::clock::Hlc::new(now, i as u16).0,
+                origin: edge.into(),
+                vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
+                ..Default::default()
+            };
+        let mut updates = Vec::new();
+        for i in 0..devices {
+            let id = format!("{edge}-d{i}");
+            updates.push(update(
+                wire::RecordKind::Device,
+                id.clone(),
+                format!(
+                    r#"{{"id":"{id}","type":"sensor","firmware_version":"1.0.0","telemetry_interval_ms":60000}}"#
+                ),
+                i,
+            ));
+            if i < alerts {
+                updates.push(update(
+                    wire::RecordKind::Alert,
+                    format!("{id}/low_battery"),
+                    format!(
+                        r#"{{"device_id":"{id}","name":"low_battery","severity":"warning","message":"battery 9%","active":true,"raised_at_ms":{now}}}"#
+                    ),
+                    devices + i,
+                ));
+            }
+        }
+        let req = wire::EdgeSyncRequest {
+            edge_id: edge.into(),
+            batch_id: wire::batch_id(edge, &updates),
+            pending_updates: updates,
+            ..Default::default()
+        };
+        wire::encode(&req, compress)
+    }
+
     /// A request from `edge` whose clock (`hlc`) reads `clock_ms`, carrying
     /// `n` KV updates stamped now: `distinct` gives each its own key
     /// (`{key}-{i}`) and a value of `value_len` bytes; otherwise all `n`
