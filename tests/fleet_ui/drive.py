@@ -34,12 +34,12 @@ def browser(profile):
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
 
 
-def row(el):
-    return {
-        "id": el.get_attribute("data-id"),
-        "cls": el.get_attribute("class") or "",
-        "cells": [td.text for td in el.find_elements(By.TAG_NAME, "td")],
-    }
+# Read in one script, between two of the page's renders.
+ROWS = """
+return Array.from(document.querySelectorAll(arguments[0])).map((r) => ({
+  id: r.dataset.id || null, cls: r.className,
+  cells: Array.from(r.cells).map((c) => c.innerText)}));
+"""
 
 
 def holds(d, step):
@@ -94,7 +94,7 @@ def run(d, shots, step):
             el.submit()
         return True
     if what == "rows":
-        return [row(r) for r in d.find_elements(By.CSS_SELECTOR, step.get("css", "#grid tbody tr"))]
+        return d.execute_script(ROWS, step.get("css", "#grid tbody tr"))
     if what == "js":
         return d.execute_script(step["script"])
     if what == "shot":

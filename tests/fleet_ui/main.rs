@@ -360,5 +360,43 @@ fn the_fleet_page_lists_edges_marks_stale_ones_shows_alerts_live_and_pauses_a_ro
     let kept = br.step(json!({"step": "js", "script": "return window.fleetMarker || null;"}));
     assert_eq!(kept, "kept", "the page reloaded");
     br.shot("stale");
+
+    // 6. A thousand more edges: the page shows its first page of them,
+    // pages on, and sorts on the hub.
+    for e in 0..1000 {
+        let body = konsul_edge::sync::testing::fleet_batch(&format!("sim-{e:04}"), 1, 0, false);
+        let r = request_anon(
+            &hub.addr,
+            "POST",
+            "/v1/edge/sync",
+            Some(&body),
+            &[("Content-Type", "application/x-protobuf")],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    br.wait("#range", json!({"text": "1-50 of 1002"}));
+    assert_eq!(br.rows().len(), 50);
+    br.click("#next");
+    br.wait("#range", json!({"text": "51-100 of 1002"}));
+    br.wait(
+        "#grid tbody tr[data-id='sim-0048']",
+        json!({"visible": true}),
+    );
+    br.click("#grid th[data-sort='devices']");
+    br.wait(
+        "#grid th[data-sort='devices']",
+        json!({"attrs": {"aria-sort": "ascending"}}),
+    );
+    br.click("#grid th[data-sort='devices']");
+    br.wait(
+        "#grid th[data-sort='devices']",
+        json!({"attrs": {"aria-sort": "descending"}}),
+    );
+    br.wait(
+        "#grid tbody tr:first-child",
+        json!({"attrs": {"data-id": "edge-b"}}),
+    );
+    br.wait("#range", json!({"text": "1-50 of 1002"}));
+    br.shot("thousand-edges");
     drop(a);
 }
