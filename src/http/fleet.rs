@@ -127,17 +127,14 @@ impl Page {
     }
 
     /// Sorts `rows` by the value under the sort key (numbers as numbers,
-    /// then by `tie`), and answers one page of them.
+    /// then by `tie` ascending), and answers one page of them.
     fn answer(&self, mut rows: Vec<Value>, tie: &str, extra: Map<String, Value>) -> Value {
         let key = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+        // Ties stay in id order whichever way the column sorts.
         rows.sort_by(|a, b| {
-            let o = cmp_json(&key(a, &self.sort), &key(b, &self.sort))
-                .then_with(|| cmp_json(&key(a, tie), &key(b, tie)));
-            if self.desc {
-                o.reverse()
-            } else {
-                o
-            }
+            let o = cmp_json(&key(a, &self.sort), &key(b, &self.sort));
+            if self.desc { o.reverse() } else { o }
+                .then_with(|| cmp_json(&key(a, tie), &key(b, tie)))
         });
         let total = rows.len();
         let items: Vec<Value> = rows
@@ -183,6 +180,21 @@ fn health_from_alerts(names: Option<&Vec<String>>) -> &'static str {
         Some(n) if n.iter().any(|a| a == "low_battery") => "low_battery",
         Some(_) => "alerting",
     }
+}
+
+/// The fields of a device record the devices list shows.
+#[derive(Default, serde::Deserialize)]
+struct DeviceBody {
+    #[serde(default)]
+    name: String,
+    #[serde(default, rename = "type")]
+    device_type: String,
+    #[serde(default)]
+    firmware_version: String,
+    #[serde(default)]
+    target_version: String,
+    #[serde(default)]
+    update_status: String,
 }
 
 fn field<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -289,29 +301,24 @@ impl App {
                     if edge.as_deref().is_some_and(|e| e != d.edge) {
                         continue;
                     }
-                    let body: Value = serde_json::from_str(&d.body).unwrap_or(Value::Null);
                     let h = health_from_alerts(active.get(&d.id));
                     if health.as_deref().is_some_and(|want| want != h) {
                         continue;
                     }
-                    let hay = [
-                        d.id.as_str(),
-                        field(&body, "name"),
-                        field(&body, "type"),
-                        field(&body, "firmware_version"),
-                        d.edge.as_str(),
-                    ];
+                    // A typed parse skips the fields the list does not show.
+                    let b: DeviceBody = serde_json::from_str(&d.body).unwrap_or_default();
+                    let hay = [&d.id, &b.name, &b.device_type, &b.firmware_version, &d.edge];
                     if !text.is_empty() && !hay.iter().any(|f| f.to_lowercase().contains(&text)) {
                         continue;
                     }
                     rows.push(json!({
                         "id": d.id,
                         "edge": d.edge,
-                        "name": field(&body, "name"),
-                        "type": field(&body, "type"),
-                        "firmware_version": field(&body, "firmware_version"),
-                        "target_version": field(&body, "target_version"),
-                        "update_status": field(&body, "update_status"),
+                        "name": b.name,
+                        "type": b.device_type,
+                        "firmware_version": b.firmware_version,
+                        "target_version": b.target_version,
+                        "update_status": b.update_status,
                         "health": h,
                         "alerts": active.get(&d.id).map_or(0, Vec::len),
                     }));

@@ -26,6 +26,11 @@ pub struct FleetEdge {
     pub devices: u64,
     /// Active alerts of this edge's devices.
     pub alerts: u64,
+    /// From the edge's latest host OTA report ('' without one): its
+    /// deployment's state and version, and the slot it boots from or to.
+    pub ota_state: String,
+    pub ota_version: String,
+    pub ota_slot: String,
 }
 
 /// A device record at the hub with the edge that owns it.
@@ -70,6 +75,7 @@ impl Db {
                 *alerts.entry(owner).or_default() += 1;
             }
         }
+        let ota = self.ota_reports()?;
         let mut conflicts: HashMap<String, u64> = HashMap::new();
         let mut stmt = self
             .conn
@@ -101,7 +107,11 @@ impl Db {
         let mut out = Vec::new();
         for row in rows {
             let (edge_id, last_seen_ms, last_index, applied) = row.map_err(err("fleet edges"))?;
+            let (ota_state, ota_version, ota_slot) = ota.get(&edge_id).cloned().unwrap_or_default();
             out.push(FleetEdge {
+                ota_state,
+                ota_version,
+                ota_slot,
                 conflicts: conflicts.get(&edge_id).copied().unwrap_or(0),
                 devices: devices.get(&edge_id).copied().unwrap_or(0),
                 alerts: alerts.get(&edge_id).copied().unwrap_or(0),
@@ -110,6 +120,47 @@ impl Db {
                 last_index,
                 applied,
             });
+        }
+        Ok(out)
+    }
+
+    /// Each edge's latest host OTA report (`status/{node}` rollout
+    /// records): node -> (state, version, slot).
+    fn ota_reports(&self) -> Result<HashMap<String, (String, String, String)>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Report {
+            node_id: String,
+            #[serde(default)]
+            state: String,
+            #[serde(default)]
+            version: String,
+            #[serde(default)]
+            from_slot: String,
+            #[serde(default)]
+            target_slot: String,
+        }
+        let err = |op| sql_err(&self.path, op);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT body FROM records WHERE kind = 'rollout' AND tombstone = 0
+                 AND key > 'status/' AND key < 'status0'",
+            )
+            .map_err(err("prepare ota reports"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(err("ota reports"))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let body = row.map_err(err("ota reports"))?;
+            if let Ok(r) = serde_json::from_str::<Report>(&body) {
+                let slot = match (r.from_slot.as_str(), r.target_slot.as_str()) {
+                    (f, "") => f.to_owned(),
+                    ("", t) => t.to_owned(),
+                    (f, t) => format!("{f} -> {t}"),
+                };
+                out.insert(r.node_id, (r.state, r.version, slot));
+            }
         }
         Ok(out)
     }

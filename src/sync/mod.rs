@@ -92,38 +92,51 @@ pub mod testing {
     /// fleet view's load check.
     pub fn fleet_batch(edge: &str, devices: usize, alerts: usize, compress: bool) -> Vec<u8> {
         let now = crate::clock::wall_millis();
-        let update =
-            |kind: wire::RecordKind, key: String, body: String, i: usize| wire::ServiceUpdate {
-                kind: kind as i32,
-                key,
-                body: body.into_bytes(),
-                hlc: crate::clock::Hlc::new(now, i as u16).0,
-                origin: edge.into(),
-                vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
-                ..Default::default()
-            };
-        let mut updates = Vec::new();
+        let mut records = Vec::new();
         for i in 0..devices {
             let id = format!("{edge}-d{i}");
-            updates.push(update(
-                wire::RecordKind::Device,
+            records.push((
+                "device",
                 id.clone(),
                 format!(
                     r#"{{"id":"{id}","type":"sensor","firmware_version":"1.0.0","telemetry_interval_ms":60000}}"#
                 ),
-                i,
             ));
             if i < alerts {
-                updates.push(update(
-                    wire::RecordKind::Alert,
+                records.push((
+                    "alert",
                     format!("{id}/low_battery"),
                     format!(
                         r#"{{"device_id":"{id}","name":"low_battery","severity":"warning","message":"battery 9%","active":true,"raised_at_ms":{now}}}"#
                     ),
-                    devices + i,
                 ));
             }
         }
+        record_batch(edge, &records, compress)
+    }
+
+    /// A request from `edge` carrying records given as (kind, key, body),
+    /// kind as the store names it (`device`, `alert`, `rollout`, ...).
+    pub fn record_batch(edge: &str, records: &[(&str, String, String)], compress: bool) -> Vec<u8> {
+        let now = crate::clock::wall_millis();
+        let updates: Vec<wire::ServiceUpdate> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (kind, key, body))| {
+                let kind = crate::store::Kind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == *kind)?;
+                Some(wire::ServiceUpdate {
+                    kind: wire::kind_to_wire(kind) as i32,
+                    key: key.clone(),
+                    body: body.clone().into_bytes(),
+                    hlc: crate::clock::Hlc::new(now, i as u16).0,
+                    origin: edge.into(),
+                    vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
+                    ..Default::default()
+                })
+            })
+            .collect();
         let req = wire::EdgeSyncRequest {
             edge_id: edge.into(),
             batch_id: wire::batch_id(edge, &updates),

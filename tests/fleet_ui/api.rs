@@ -155,6 +155,11 @@ fn fleet_routes_page_filter_sort_and_check_the_token() {
     assert_eq!(counts.len(), 120);
     assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
     assert_eq!((counts[0], counts[119]), (3, 0));
+    assert_eq!(
+        ids(&most, "edge_id")[..2],
+        ["sim-003", "sim-007"],
+        "ties in id order, whichever way the column sorts"
+    );
     let alerts: u64 = most["items"]
         .as_array()
         .unwrap()
@@ -169,8 +174,30 @@ fn fleet_routes_page_filter_sort_and_check_the_token() {
         "{fewest}"
     );
 
+    // An edge's latest host OTA report shows with it.
+    let report = r#"{"node_id":"sim-ota","deployment":"d1","rollout":"os-2","version":"2.0.0","state":"success","from_slot":"A","target_slot":"B","last_error":"","at_ms":1}"#;
+    let body = testing::record_batch(
+        "sim-ota",
+        &[("rollout", "status/sim-ota".into(), report.into())],
+        false,
+    );
+    let r = request_anon(
+        &hub.addr,
+        "POST",
+        "/v1/edge/sync",
+        Some(&body),
+        &[("Content-Type", "application/x-protobuf")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ota = ok_json(&hub, "/v1/edge/fleet/edges?q=sim-ota");
+    assert_eq!(ota["items"][0]["ota_state"], "success", "{ota}");
+    assert_eq!(ota["items"][0]["ota_version"], "2.0.0", "{ota}");
+    assert_eq!(ota["items"][0]["ota_slot"], "A -> B", "{ota}");
+    assert_eq!(ok_json(&hub, "/v1/edge/fleet/edges")["total"], 121);
+
     // Filters: text, staleness, edge, health.
     let found = ok_json(&hub, "/v1/edge/fleet/edges?q=SIM-01");
+    assert_eq!(ids(&found, "edge_id")[0], "sim-010");
     assert_eq!(found["total"], 10, "{found}");
     assert_eq!(ok_json(&hub, "/v1/edge/fleet/edges?stale=1")["total"], 0);
     let devs = ok_json(&hub, "/v1/edge/fleet/devices?edge=sim-003");

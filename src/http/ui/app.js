@@ -39,7 +39,9 @@ const VIEWS = {
       ['applied', 'Changes applied', (e) => num(e.applied), 1],
       ['conflicts', 'Conflicts', (e) => num(e.conflicts), 1],
       ['devices', 'Devices', (e) => num(e.devices), 1],
-      ['alerts', 'Active alerts', (e) => (e.alerts ? badge(e.alerts, 'bad') : '0'), 1]] },
+      ['alerts', 'Active alerts', (e) => (e.alerts ? badge(e.alerts, 'bad') : '0'), 1],
+      ['ota_state', 'Host OTA', (e) => (e.ota_state ? `${e.ota_state} ${e.ota_version}` : '')],
+      ['ota_slot', 'Slot', (e) => e.ota_slot]] },
   devices: { url: '/v1/edge/fleet/devices', sort: 'id', key: 'id', health: true,
     cols: [['id', 'Device', (d) => d.id], ['edge', 'Edge', (d) => d.edge || '(hub)'],
       ['type', 'Type', (d) => d.type],
@@ -142,6 +144,7 @@ async function refresh() {
     $('main').hidden = false;
     $('signout').hidden = !token();
     render();
+    if (st.view === 'rollouts') await hostRollouts();
     if (st.view === 'rollouts' && st.open) await detail();
   } catch (e) {
     failed(e);
@@ -229,6 +232,30 @@ function bar(done, total) {
 }
 const summary = (counts) => Object.entries(counts || {}).map((c) => c.join(' ')).join(', ');
 
+// Host (A/B) rollouts: a short list with each edge's latest report.
+async function hostRollouts() {
+  const box = $('host');
+  let list;
+  try {
+    list = await api('/v1/edge/ota/rollouts');
+  } catch (e) {
+    box.hidden = true;
+    return;
+  }
+  const h = document.createElement('h2');
+  h.textContent = 'Host rollouts';
+  const t = table(['Rollout', 'Version', 'Created', 'Edges by state', 'Edges'], list.map((r) => {
+    const states = r.edge_states || [];
+    const c = {};
+    for (const e of states) c[e.state] = (c[e.state] || 0) + 1;
+    return [r.id, r.version, when(r.created_ms), summary(c), states.map((e) =>
+      `${e.node_id}: ${e.state}` + (e.last_error ? ` (${e.last_error})` : '')).join(', ')];
+  }));
+  t.id = 'host-rollouts';
+  box.replaceChildren(h, list.length ? t : 'None.');
+  box.hidden = st.view !== 'rollouts';
+}
+
 async function detail() {
   const box = $('detail');
   if (!st.open || st.view !== 'rollouts') { box.hidden = true; return; }
@@ -295,6 +322,7 @@ function go(view) {
     $('chip').replaceChildren('edge ' + st.edge, x);
   }
   $('detail').hidden = true;
+  $('host').hidden = true;
   st.open = '';
   $('grid').tBodies[0].replaceChildren();
   refresh();
