@@ -16,7 +16,7 @@
 //! graceful stop. The page waits 2 s between polls.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -30,7 +30,7 @@ use super::query::{decoded, Query};
 use super::{Body, Resp};
 use crate::app::App;
 use crate::clock::wall_millis;
-use crate::store::{FleetEdge, StoreError};
+use crate::store::{Db, StoreError};
 use crate::support::Shutdown;
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
@@ -172,34 +172,28 @@ fn cmp_json(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// A device's health at the hub, from its active alerts.
-fn health_from_alerts(names: Option<&Vec<String>>) -> &'static str {
-    match names {
-        None => "ok",
-        Some(n) if n.iter().any(|a| a == "offline") => "offline",
-        Some(n) if n.iter().any(|a| a == "low_battery") => "low_battery",
-        Some(_) => "alerting",
+/// A device's health at the hub, from its active alerts (a mask of
+/// `ALERTING`, `LOW_BATTERY`, `OFFLINE`).
+fn health(mask: u64) -> &'static str {
+    match mask {
+        0 => "ok",
+        m if m & OFFLINE != 0 => "offline",
+        m if m & LOW_BATTERY != 0 => "low_battery",
+        _ => "alerting",
     }
 }
-
-/// The fields of a device record the devices list shows.
-#[derive(Default, serde::Deserialize)]
-struct DeviceBody {
-    #[serde(default)]
-    name: String,
-    #[serde(default, rename = "type")]
-    device_type: String,
-    #[serde(default)]
-    firmware_version: String,
-    #[serde(default)]
-    target_version: String,
-    #[serde(default)]
-    update_status: String,
-}
+const ALERTING: u64 = 1;
+const LOW_BATTERY: u64 = 2;
+const OFFLINE: u64 = 4;
 
 fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
+
+/// Work for the store thread. Every fleet route's store work answers one
+/// JSON value through this one type, so the binary carries one copy of
+/// the round trip rather than one per route.
+type Job = Box<dyn FnOnce(&mut Db) -> Result<Value, StoreError> + Send>;
 
 impl App {
     /// `/v1/edge/fleet/{what}`, on a hub.
@@ -219,7 +213,7 @@ impl App {
         if method != Method::GET {
             return ("/v1/edge/fleet", method_not_allowed("GET"));
         }
-        match what {
+        let (route, answer) = match what {
             "edges" => ("/v1/edge/fleet/edges", self.fleet_edges(hub, query).await),
             "devices" => ("/v1/edge/fleet/devices", self.fleet_devices(query).await),
             "alerts" => ("/v1/edge/fleet/alerts", self.fleet_alerts(query).await),
@@ -233,227 +227,189 @@ impl App {
             ),
             _ => (
                 "other",
-                error(
+                Err(error(
                     StatusCode::NOT_FOUND,
                     format!("no route for /v1/edge/fleet/{what}"),
-                ),
+                )),
             ),
+        };
+        (route, answer.map_or_else(|r| r, ok))
+    }
+
+    async fn fetch(&self, job: Job) -> Result<Value, Resp> {
+        match self.registry.store().call(job).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) | Err(e) => Err(app_error(e, &self.metrics)),
         }
     }
 
-    async fn fleet_edges(&self, hub: &crate::sync::Hub, query: &Query) -> Resp {
-        let page = match Page::from(query, "edge_id") {
-            Ok(p) => p,
-            Err(r) => return *r,
-        };
-        let edges: Vec<FleetEdge> = match self.registry.store().call(|db| db.fleet_edges()).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) | Err(e) => return app_error(e, &self.metrics),
-        };
+    async fn fleet_edges(&self, hub: &crate::sync::Hub, query: &Query) -> Result<Value, Resp> {
+        let page = Page::from(query, "edge_id").map_err(|r| *r)?;
         let now = wall_millis();
         let stale_after = hub.stale_after_ms();
         let only_stale = query.flag("stale");
-        let rows = edges
-            .into_iter()
-            .filter(|e| page.matches(&[&e.edge_id]))
-            .map(|e| {
-                let age = now.saturating_sub(e.last_seen_ms);
-                let mut v = json!(e);
-                v["age_ms"] = json!(age);
-                v["stale"] = json!(age > stale_after);
-                v
-            })
-            .filter(|v| !only_stale || v["stale"] == true)
-            .collect();
-        let mut extra = Map::new();
-        extra.insert("now_ms".into(), json!(now));
-        extra.insert("stale_after_ms".into(), json!(stale_after));
-        ok(page.answer(rows, "edge_id", extra))
+        self.fetch(Box::new(move |db| {
+            let rows = db
+                .fleet_edges()?
+                .into_iter()
+                .filter_map(|mut e| {
+                    let age = now.saturating_sub(e["last_seen_ms"].as_u64().unwrap_or(0));
+                    let stale = age > stale_after;
+                    if (only_stale && !stale) || !page.matches(&[field(&e, "edge_id")]) {
+                        return None;
+                    }
+                    e["age_ms"] = json!(age);
+                    e["stale"] = json!(stale);
+                    Some(e)
+                })
+                .collect();
+            let mut extra = Map::new();
+            extra.insert("now_ms".into(), json!(now));
+            extra.insert("stale_after_ms".into(), json!(stale_after));
+            Ok(page.answer(rows, "edge_id", extra))
+        }))
+        .await
     }
 
-    async fn fleet_devices(&self, query: &Query) -> Resp {
-        let page = match Page::from(query, "id") {
-            Ok(p) => p,
-            Err(r) => return *r,
-        };
+    /// Devices with health from their active alerts, then, for the page
+    /// answered only (at most `MAX_LIMIT` lookups by primary key), last
+    /// seen and battery from the newest telemetry point forwarded.
+    async fn fleet_devices(&self, query: &Query) -> Result<Value, Resp> {
+        let page = Page::from(query, "id").map_err(|r| *r)?;
         let edge = query.get("edge").map(str::to_owned);
-        let health = query
-            .get("health")
-            .filter(|h| !h.is_empty())
-            .map(str::to_owned);
-        let text = page.text.clone();
-        let found = self
-            .registry
-            .store()
-            .call(move |db| {
-                let mut active: HashMap<String, Vec<String>> = HashMap::new();
-                for (_, body) in db.fleet_alerts()? {
-                    let a: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                    if a["active"] == true {
-                        active
-                            .entry(field(&a, "device_id").to_owned())
-                            .or_default()
-                            .push(field(&a, "name").to_owned());
-                    }
+        let want = query.get("health").unwrap_or("").to_owned();
+        self.fetch(Box::new(move |db| {
+            let (mut count, mut mask) = (BTreeMap::new(), BTreeMap::new());
+            for r in db.fleet_alerts()? {
+                let a: Value = serde_json::from_str(&r[1]).unwrap_or(Value::Null);
+                if a["active"] == true {
+                    let d = field(&a, "device_id").to_owned();
+                    *count.entry(d.clone()).or_insert(0u64) += 1;
+                    *mask.entry(d).or_insert(0u64) |= match field(&a, "name") {
+                        "offline" => OFFLINE,
+                        "low_battery" => LOW_BATTERY,
+                        _ => ALERTING,
+                    };
                 }
-                let mut rows = Vec::new();
-                for d in db.fleet_devices()? {
-                    if edge.as_deref().is_some_and(|e| e != d.edge) {
-                        continue;
-                    }
-                    let h = health_from_alerts(active.get(&d.id));
-                    if health.as_deref().is_some_and(|want| want != h) {
-                        continue;
-                    }
-                    // A typed parse skips the fields the list does not show.
-                    let b: DeviceBody = serde_json::from_str(&d.body).unwrap_or_default();
-                    let hay = [&d.id, &b.name, &b.device_type, &b.firmware_version, &d.edge];
-                    if !text.is_empty() && !hay.iter().any(|f| f.to_lowercase().contains(&text)) {
-                        continue;
-                    }
-                    rows.push(json!({
-                        "id": d.id,
-                        "edge": d.edge,
-                        "name": b.name,
-                        "type": b.device_type,
-                        "firmware_version": b.firmware_version,
-                        "target_version": b.target_version,
-                        "update_status": b.update_status,
-                        "health": h,
-                        "alerts": active.get(&d.id).map_or(0, Vec::len),
-                    }));
-                }
-                Ok::<_, StoreError>(rows)
-            })
-            .await;
-        let rows = match found {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) | Err(e) => return app_error(e, &self.metrics),
-        };
-        let v = page.answer(rows, "id", Map::new());
-        self.with_last_seen(v).await
-    }
-
-    /// Adds last seen and battery (from the newest forwarded telemetry
-    /// point) to the devices of one page: at most `MAX_LIMIT` lookups by
-    /// primary key.
-    async fn with_last_seen(&self, mut v: Value) -> Resp {
-        let ids: Vec<String> = v["items"]
-            .as_array()
-            .map(|a| a.iter().map(|d| field(d, "id").to_owned()).collect())
-            .unwrap_or_default();
-        let seen = self
-            .registry
-            .store()
-            .call(move |db| {
-                ids.iter()
-                    .map(|id| db.last_received(id))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await;
-        let seen = match seen {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) | Err(e) => return app_error(e, &self.metrics),
-        };
-        if let Some(items) = v["items"].as_array_mut() {
-            for (d, s) in items.iter_mut().zip(seen) {
-                let (ts, payload) = s.unwrap_or((0, Vec::new()));
-                d["last_seen_ms"] = json!(ts.max(0));
-                let t: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
-                d["battery"] = t.get("battery").cloned().unwrap_or(Value::Null);
             }
-        }
-        ok(v)
+            let mut rows = Vec::new();
+            for r in db.fleet_devices()? {
+                let (id, owner) = (&r[0], &r[1]);
+                let h = health(mask.get(id).copied().unwrap_or(0));
+                if edge.as_ref().is_some_and(|e| e != owner) || (!want.is_empty() && want != h) {
+                    continue;
+                }
+                let b: Value = serde_json::from_str(&r[2]).unwrap_or(Value::Null);
+                let f = |k| field(&b, k);
+                if !page.matches(&[id, owner, f("name"), f("type"), f("firmware_version")]) {
+                    continue;
+                }
+                rows.push(json!({
+                    "id": id,
+                    "edge": owner,
+                    "name": f("name"),
+                    "type": f("type"),
+                    "firmware_version": f("firmware_version"),
+                    "target_version": f("target_version"),
+                    "update_status": f("update_status"),
+                    "health": h,
+                    "alerts": count.get(id).copied().unwrap_or(0),
+                }));
+            }
+            let mut v = page.answer(rows, "id", Map::new());
+            if let Some(items) = v["items"].as_array_mut() {
+                for d in items {
+                    let (ts, t) = db
+                        .last_received(field(d, "id"))?
+                        .unwrap_or((0, Value::Null));
+                    d["last_seen_ms"] = json!(ts);
+                    d["battery"] = t.get("battery").cloned().unwrap_or(Value::Null);
+                }
+            }
+            Ok(v)
+        }))
+        .await
     }
 
-    async fn fleet_alerts(&self, query: &Query) -> Resp {
-        let page = match Page::from(query, "raised_at_ms") {
-            Ok(p) => p,
-            Err(r) => return *r,
-        };
-        let mut page = page;
+    async fn fleet_alerts(&self, query: &Query) -> Result<Value, Resp> {
+        let mut page = Page::from(query, "raised_at_ms").map_err(|r| *r)?;
         // Newest first unless the page asks otherwise.
         if query.get("desc").is_none() {
             page.desc = true;
         }
-        let alerts = match self.registry.store().call(|db| db.fleet_alerts()).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) | Err(e) => return app_error(e, &self.metrics),
-        };
-        let edge = query.get("edge").filter(|e| !e.is_empty());
+        let edge = query.get("edge").unwrap_or("").to_owned();
         let active_only = query.flag("active");
-        let rows = alerts
-            .into_iter()
-            .filter_map(|(owner, body)| {
-                let mut a: Value = serde_json::from_str(&body).ok()?;
-                if edge.is_some_and(|e| e != owner) || (active_only && a["active"] != true) {
-                    return None;
-                }
-                if !page.matches(&[
-                    field(&a, "device_id"),
-                    field(&a, "name"),
-                    field(&a, "message"),
-                ]) {
-                    return None;
-                }
-                a["edge"] = json!(owner);
-                Some(a)
-            })
-            .collect();
-        ok(page.answer(rows, "device_id", Map::new()))
+        self.fetch(Box::new(move |db| {
+            let rows = db
+                .fleet_alerts()?
+                .into_iter()
+                .filter_map(|r| {
+                    let mut a: Value = serde_json::from_str(&r[1]).ok()?;
+                    let wanted = (edge.is_empty() || edge == r[0])
+                        && (!active_only || a["active"] == true)
+                        && page.matches(&[
+                            field(&a, "device_id"),
+                            field(&a, "name"),
+                            field(&a, "message"),
+                        ]);
+                    a["edge"] = json!(r[0]);
+                    wanted.then_some(a)
+                })
+                .collect();
+            Ok(page.answer(rows, "device_id", Map::new()))
+        }))
+        .await
     }
 
     /// A firmware rollout with its devices' states counted per edge and
     /// per wave: the rollout's own view has devices, not their edges.
-    async fn fleet_rollout(&self, id: String) -> Resp {
+    async fn fleet_rollout(&self, id: String) -> Result<Value, Resp> {
         let Some(rollouts) = &self.rollouts else {
-            return error(
+            return Err(error(
                 StatusCode::NOT_FOUND,
                 "firmware is not enabled on this node",
-            );
+            ));
         };
-        let (summary, devices) = match rollouts.get(id).await {
-            Ok(r) => r,
-            Err(e) => return app_error(e, &self.metrics),
-        };
-        let owners = match self.registry.store().call(|db| db.fleet_devices()).await {
-            Ok(Ok(d)) => d
-                .into_iter()
-                .map(|d| (d.id, d.edge))
-                .collect::<HashMap<_, _>>(),
-            Ok(Err(e)) | Err(e) => return app_error(e, &self.metrics),
-        };
-        let mut by_edge: HashMap<String, Map<String, Value>> = HashMap::new();
-        let mut by_wave: HashMap<String, Map<String, Value>> = HashMap::new();
-        let states: Vec<Value> = devices
-            .iter()
-            .map(|d| {
-                let mut v = json!(d);
-                let edge = owners.get(&d.device).cloned().unwrap_or_default();
-                let state = field(&v, "state").to_owned();
-                for (map, k) in [
-                    (&mut by_edge, edge.clone()),
-                    (&mut by_wave, d.wave.to_string()),
-                ] {
-                    let e = map.entry(k).or_default();
-                    let n = e.get(&state).and_then(Value::as_u64).unwrap_or(0);
-                    e.insert(state.clone(), json!(n + 1));
+        let (summary, devices) = rollouts
+            .get(id)
+            .await
+            .map_err(|e| app_error(e, &self.metrics))?;
+        let owners = self
+            .fetch(Box::new(|db| {
+                let mut m = Map::new();
+                for r in db.fleet_devices()? {
+                    m.insert(r[0].clone(), json!(r[1]));
                 }
-                v["edge"] = json!(edge);
-                v
-            })
-            .collect();
+                Ok(Value::Object(m))
+            }))
+            .await?;
+        let (mut by_edge, mut by_wave) = (Map::new(), Map::new());
+        let mut states = Vec::new();
+        for d in &devices {
+            let mut v = json!(d);
+            let edge = field(&owners, &d.device).to_owned();
+            let state = field(&v, "state").to_owned();
+            for (map, k) in [
+                (&mut by_edge, edge.clone()),
+                (&mut by_wave, d.wave.to_string()),
+            ] {
+                let e = map.entry(k).or_insert_with(|| json!({}));
+                e[&state] = json!(e[&state].as_u64().unwrap_or(0) + 1);
+            }
+            v["edge"] = json!(edge);
+            states.push(v);
+        }
         let mut v = json!(summary);
-        v["device_states"] = json!(states);
-        v["by_edge"] = json!(by_edge);
-        v["by_wave"] = json!(by_wave);
-        ok(v)
+        v["device_states"] = Value::Array(states);
+        v["by_edge"] = Value::Object(by_edge);
+        v["by_wave"] = Value::Object(by_wave);
+        Ok(v)
     }
 
     /// Answers `{"index": N}` once the store index is past `?index=`, or
     /// after `?wait_ms=` (at most `CHANGES_WAIT`; the same index), or at
     /// shutdown.
-    async fn fleet_changes(&self, req: &Request<Incoming>, query: &Query) -> Resp {
+    async fn fleet_changes(&self, req: &Request<Incoming>, query: &Query) -> Result<Value, Resp> {
         let since: u64 = query.get("index").and_then(|v| v.parse().ok()).unwrap_or(0);
         let wait = query
             .get("wait_ms")
@@ -462,38 +418,24 @@ impl App {
             .clamp(MIN_WAIT, CHANGES_WAIT);
         // Subscribe before reading the index: a change in between is seen.
         let mut feed = self.registry.subscribe();
-        let current = || async {
-            match self.registry.store().call(|db| db.current_index()).await {
-                Ok(Ok(i)) => Ok(i),
-                Ok(Err(e)) | Err(e) => Err(e),
-            }
-        };
-        let index = match current().await {
-            Ok(i) => i,
-            Err(e) => return app_error(e, &self.metrics),
-        };
-        if index > since || since == 0 {
-            return ok(json!({ "index": index }));
+        let index = || self.fetch(Box::new(|db| Ok(json!({ "index": db.current_index()? }))));
+        let now = index().await?;
+        if now["index"].as_u64().unwrap_or(0) > since || since == 0 {
+            return Ok(now);
         }
         let changed = async {
             let _ = feed.recv().await;
-            true
         };
         let timeout = async {
             async_io::Timer::after(wait).await;
-            false
         };
         let stop = async {
             match req.extensions().get::<Shutdown>() {
                 Some(s) => s.wait().await,
                 None => std::future::pending::<()>().await,
             }
-            false
         };
         changed.or(timeout).or(stop).await;
-        match current().await {
-            Ok(i) => ok(json!({ "index": i })),
-            Err(e) => app_error(e, &self.metrics),
-        }
+        index().await
     }
 }

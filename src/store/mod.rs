@@ -72,7 +72,6 @@ mod open;
 mod schema;
 mod sync_sql;
 mod tx;
-pub use fleet_sql::{FleetDevice, FleetEdge};
 pub use sync_sql::{reset_clock, ClockReset, ConflictRow, EdgeRow, ReceivedPoint, TelemetryRow};
 
 /// How many jobs may wait for the store thread before senders block.
