@@ -39,7 +39,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in ["index.html", "app.js", "app.css"] {
         let src = format!("src/http/ui/{f}");
         println!("cargo:rerun-if-changed={src}");
-        std::fs::write(out.join(format!("{f}.gz")), gzip(&std::fs::read(&src)?))?;
+        // Indentation and whole-line `//` comments go: the page's files
+        // have no multi-line strings they could be part of.
+        let text = std::fs::read_to_string(&src)?;
+        let squeezed: String = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        std::fs::write(out.join(format!("{f}.gz")), gzip(squeezed.as_bytes()))?;
     }
     Ok(())
 }

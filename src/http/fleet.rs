@@ -15,7 +15,6 @@
 //! `CHANGES_WAIT`, or at shutdown, so an open page never holds up a
 //! graceful stop. The page waits 2 s between polls.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -129,24 +128,50 @@ impl Page {
         })
     }
 
-    /// Sorts `rows` by the value under the sort key (numbers as numbers,
-    /// then by `tie` ascending), and answers one page of them.
+    /// Sorts `rows` by the value under the sort key (then by `tie`,
+    /// ascending whichever way the column sorts), and answers one page.
+    ///
+    /// Rows are ordered through text keys (numbers zero-padded) sorted as
+    /// `(String, String)` pairs, a sort the binary already carries: a sort
+    /// of JSON values with its own comparator cost kilobytes of code.
     fn answer(&self, mut rows: Vec<Value>, tie: &str, extra: Map<String, Value>) -> Value {
-        let key = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
-        // Ties stay in id order whichever way the column sorts.
-        rows.sort_by(|a, b| {
-            let o = cmp_json(&key(a, &self.sort), &key(b, &self.sort));
-            if self.desc { o.reverse() } else { o }
-                .then_with(|| cmp_json(&key(a, tie), &key(b, tie)))
-        });
-        let total = rows.len();
-        let items: Vec<Value> = rows
+        let text = |v: &Value| match v {
+            Value::Number(n) => format!("{:020}", n.as_u64().unwrap_or(0)),
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => u8::from(*b).to_string(),
+            _ => String::new(),
+        };
+        let mut keys: Vec<(String, String)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (text(&r[&self.sort]), format!("{}\0{i:010}", text(&r[tie]))))
+            .collect();
+        keys.sort();
+        // Descending: the runs of equal keys in reverse, each still in
+        // tie order.
+        let mut order = Vec::with_capacity(keys.len());
+        if self.desc {
+            let mut end = keys.len();
+            while end > 0 {
+                let mut start = end - 1;
+                while start > 0 && keys[start - 1].0 == keys[end - 1].0 {
+                    start -= 1;
+                }
+                order.extend(start..end);
+                end = start;
+            }
+        } else {
+            order.extend(0..keys.len());
+        }
+        let items = order
             .into_iter()
             .skip(self.offset)
             .take(self.limit)
+            .filter_map(|k| keys[k].1.rsplit('\0').next()?.parse::<usize>().ok())
+            .map(|i| std::mem::take(&mut rows[i]))
             .collect();
         let mut out = extra;
-        out.insert("total".into(), json!(total));
+        out.insert("total".into(), json!(keys.len()));
         out.insert("offset".into(), json!(self.offset));
         out.insert("limit".into(), json!(self.limit));
         out.insert("sort".into(), json!(self.sort));
@@ -157,21 +182,6 @@ impl Page {
 
     fn matches(&self, fields: &[&str]) -> bool {
         self.text.is_empty() || fields.iter().any(|f| f.to_lowercase().contains(&self.text))
-    }
-}
-
-fn cmp_json(a: &Value, b: &Value) -> Ordering {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x
-            .as_f64()
-            .unwrap_or(0.0)
-            .total_cmp(&y.as_f64().unwrap_or(0.0)),
-        (Value::String(x), Value::String(y)) => x.cmp(y),
-        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
-        (Value::Null, Value::Null) => Ordering::Equal,
-        (Value::Null, _) => Ordering::Less,
-        (_, Value::Null) => Ordering::Greater,
-        _ => a.to_string().cmp(&b.to_string()),
     }
 }
 
