@@ -15,7 +15,6 @@
 //! `CHANGES_WAIT`, or at shutdown, so an open page never holds up a
 //! graceful stop. The page waits 2 s between polls.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -56,7 +55,7 @@ pub(super) fn ui(method: &Method, rest: &str) -> Resp {
         "" | "index.html" => (INDEX_HTML, "text/html; charset=utf-8"),
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
         "app.css" => (APP_CSS, "text/css; charset=utf-8"),
-        _ => return error(StatusCode::NOT_FOUND, format!("no file /ui/{rest}")),
+        _ => return error(StatusCode::NOT_FOUND, "no such file under /ui/"),
     };
     let mut r = Response::new(Body::full(body));
     let h = r.headers_mut();
@@ -100,23 +99,19 @@ struct Page {
 impl Page {
     fn from(query: &Query, default_sort: &str) -> Result<Page, Box<Resp>> {
         let num = |k: &str, default: usize| match query.get(k) {
-            None | Some("") => Ok(default),
-            Some(v) => v.parse::<usize>().map_err(|_| {
-                Box::new(error(
-                    StatusCode::BAD_REQUEST,
-                    format!("{k}: `{v}` is not a non-negative integer"),
-                ))
-            }),
+            None | Some("") => Some(default),
+            Some(v) => v.parse::<usize>().ok(),
         };
-        let limit = num("limit", DEFAULT_LIMIT)?;
-        if !(1..=MAX_LIMIT).contains(&limit) {
+        let (Some(offset), Some(limit @ 1..=MAX_LIMIT)) =
+            (num("offset", 0), num("limit", DEFAULT_LIMIT))
+        else {
             return Err(Box::new(error(
                 StatusCode::BAD_REQUEST,
-                format!("limit: must be 1-{MAX_LIMIT}"),
+                "offset: a whole number; limit: a whole number 1-500",
             )));
-        }
+        };
         Ok(Page {
-            offset: num("offset", 0)?,
+            offset,
             limit,
             text: query.get("q").unwrap_or("").trim().to_lowercase(),
             sort: query
@@ -292,23 +287,28 @@ impl App {
         let edge = query.get("edge").map(str::to_owned);
         let want = query.get("health").unwrap_or("").to_owned();
         self.fetch(Box::new(move |db| {
-            let (mut count, mut mask) = (BTreeMap::new(), BTreeMap::new());
+            // Per device: [active alerts, mask]; serde_json's map, which
+            // the binary carries anyway.
+            let mut seen = Map::new();
             for r in db.fleet_alerts()? {
                 let a: Value = serde_json::from_str(&r[1]).unwrap_or(Value::Null);
                 if a["active"] == true {
                     let d = field(&a, "device_id").to_owned();
-                    *count.entry(d.clone()).or_insert(0u64) += 1;
-                    *mask.entry(d).or_insert(0u64) |= match field(&a, "name") {
+                    let bit = match field(&a, "name") {
                         "offline" => OFFLINE,
                         "low_battery" => LOW_BATTERY,
                         _ => ALERTING,
                     };
+                    let was = seen.get(&d).cloned().unwrap_or(json!([0, 0]));
+                    let n = was[0].as_u64().unwrap_or(0) + 1;
+                    seen.insert(d, json!([n, was[1].as_u64().unwrap_or(0) | bit]));
                 }
             }
+            let at = |id: &str, i: usize| seen.get(id).and_then(|v| v[i].as_u64()).unwrap_or(0);
             let mut rows = Vec::new();
             for r in db.fleet_devices()? {
                 let (id, owner) = (&r[0], &r[1]);
-                let h = health(mask.get(id).copied().unwrap_or(0));
+                let h = health(at(id, 1));
                 if edge.as_ref().is_some_and(|e| e != owner) || (!want.is_empty() && want != h) {
                     continue;
                 }
@@ -326,7 +326,7 @@ impl App {
                     "target_version": f("target_version"),
                     "update_status": f("update_status"),
                     "health": h,
-                    "alerts": count.get(id).copied().unwrap_or(0),
+                    "alerts": at(id, 0),
                 }));
             }
             let mut v = page.answer(rows, "id", Map::new());

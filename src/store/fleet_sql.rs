@@ -10,9 +10,7 @@
 //! one row reader: the page's routes cost the binary a few KB, not one
 //! generic instantiation per row type (the edge binary has a size budget).
 
-use std::collections::BTreeMap;
-
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::{sql_err, Db, StoreError};
 
@@ -54,32 +52,35 @@ impl Db {
     /// counts and, from its latest host OTA report, the deployment's state,
     /// version and slots ('' without one).
     pub fn fleet_edges(&self) -> Result<Vec<Value>, StoreError> {
-        let mut devices: BTreeMap<String, u64> = BTreeMap::new();
+        // Counts per edge in serde_json's map, which the binary carries
+        // anyway (a map type of our own costs its code).
+        let mut devices = Map::new();
         for r in self.text_rows(
             "fleet device counts",
             "SELECT owner, CAST(count(*) AS TEXT) FROM records
              WHERE kind = 'device' AND tombstone = 0 GROUP BY owner",
             None,
         )? {
-            devices.insert(r[0].clone(), num(&r[1]));
+            devices.insert(r[0].clone(), num(&r[1]).into());
         }
         // Alert bodies are read here: the SQLite builds we link may lack
         // the JSON functions.
-        let mut alerts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut alerts = Map::new();
         for r in self.fleet_alerts()? {
             if parse(&r[1])["active"] == true {
-                *alerts.entry(r[0].clone()).or_default() += 1;
+                let n = alerts.get(&r[0]).and_then(Value::as_u64).unwrap_or(0);
+                alerts.insert(r[0].clone(), (n + 1).into());
             }
         }
-        let mut conflicts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut conflicts = Map::new();
         for r in self.text_rows(
             "fleet conflicts",
             "SELECT edge, CAST(count(*) AS TEXT) FROM conflicts GROUP BY edge",
             None,
         )? {
-            conflicts.insert(r[0].clone(), num(&r[1]));
+            conflicts.insert(r[0].clone(), num(&r[1]).into());
         }
-        let mut ota = serde_json::Map::new();
+        let mut ota = Map::new();
         for r in self.text_rows(
             "fleet ota reports",
             "SELECT body FROM records WHERE kind = 'rollout' AND tombstone = 0
@@ -95,7 +96,7 @@ impl Db {
             };
             ota.insert(s("node_id"), json!([s("state"), s("version"), slot]));
         }
-        let count = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        let count = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
         Ok(self
             .text_rows(
                 "fleet edges",
