@@ -35,6 +35,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     config.compile_fds(fds)?;
     drop_unwind_tables()?;
+    if std::env::var_os("CARGO_FEATURE_FLEET_UI").is_none() {
+        return Ok(());
+    }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     for f in ["index.html", "app.js", "app.css"] {
         let src = format!("src/http/ui/{f}");

@@ -66,12 +66,15 @@ cargo fmt --all -- --check
 step "structure: no import cycle, no file over 800 lines, every module documented"
 python3 scripts/check-structure.py
 
-step "cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings (default features, then with the hub's fleet-ui)"
 cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features fleet-ui -- -D warnings
 
 step "cargo test"
 rm -f target/tmp/faults-summary.txt
 cargo test --locked 2>&1 | tee target/test-output.txt
+# The hub's fleet page is a feature of hub builds (decisions/0009).
+cargo test --locked --features fleet-ui --test fleet_ui 2>&1 | tee -a target/test-output.txt
 # Fail loudly if the harness ran nothing at all.
 grep -q "test result: ok" target/test-output.txt
 # The fault harness's line of counts per scenario (tests/faults/).

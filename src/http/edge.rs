@@ -192,6 +192,7 @@ impl App {
             r if r.starts_with("edge/firmware/") || r.starts_with("edge/rollouts/") => {
                 self.firmware_routes(req, method, rest, query).await
             }
+            #[cfg(feature = "fleet-ui")]
             r if r.starts_with("edge/fleet/") => {
                 self.fleet(req, method, &r["edge/fleet/".len()..], query)
                     .await

@@ -20,6 +20,7 @@ mod body;
 mod edge;
 mod errors;
 mod firmware;
+#[cfg(feature = "fleet-ui")]
 mod fleet;
 mod incoming;
 mod konsul;

@@ -69,6 +69,7 @@ fn valid_edge_id(id: &str) -> bool {
 impl Hub {
     /// An edge that has not synced for two intervals (and a few seconds
     /// for a slow round) is stale in the fleet view.
+    #[cfg(feature = "fleet-ui")]
     pub fn stale_after_ms(&self) -> u64 {
         self.sync_interval_ms.saturating_mul(2) + 5_000
     }
