@@ -17,7 +17,8 @@ sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use; installed only when missing.
 packages=(python3 cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl
-          u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools)
+          u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools
+          chromium chromium-driver python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,6 +53,9 @@ python_venv() {
 # tests/sparkplug.rs: a third-party Sparkplug B host application.
 KONSUL_TEST_PYTHON=$(python_venv test-python pysparkplug==0.6.1 paho-mqtt==1.6.1 protobuf==7.36.2)
 export KONSUL_TEST_PYTHON
+# tests/fleet_ui: the hub's fleet page in headless chromium.
+TEST_SELENIUM_PYTHON=$(python_venv selenium-4.51.0 selenium==4.51.0)
+export TEST_SELENIUM_PYTHON
 
 step() { echo; echo "==> $*"; }
 started=$(date +%s)
@@ -62,12 +66,15 @@ cargo fmt --all -- --check
 step "structure: no import cycle, no file over 800 lines, every module documented"
 python3 scripts/check-structure.py
 
-step "cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings (default features, then with the hub's fleet-ui)"
 cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features fleet-ui -- -D warnings
 
 step "cargo test"
 rm -f target/tmp/faults-summary.txt
 cargo test --locked 2>&1 | tee target/test-output.txt
+# The hub's fleet page is a feature of hub builds (decisions/0009).
+cargo test --locked --features fleet-ui --test fleet_ui 2>&1 | tee -a target/test-output.txt
 # Fail loudly if the harness ran nothing at all.
 grep -q "test result: ok" target/test-output.txt
 # The fault harness's line of counts per scenario (tests/faults/).

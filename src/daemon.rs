@@ -500,6 +500,7 @@ fn prepare(
                 strategy: crate::sync::client::strategy(config),
                 tombstone_retention_ms: config.sync.tombstone_retention.0.as_millis() as u64,
                 tokens,
+                sync_interval_ms: config.cloud.sync_interval.0.as_millis() as u64,
             })
         }
     };

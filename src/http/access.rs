@@ -49,7 +49,8 @@ pub(crate) fn route_access(method: &Method, path: &str) -> Option<(Resource, Cap
     let edge = |p: &str| Resource::Edge(p.to_owned());
     let write_or = |cap_read| if read { cap_read } else { Write };
     Some(match (head, rest) {
-        ("register", "") | ("batch", _) => return None,
+        // The fleet page's files hold no data; what they read is checked.
+        ("register", "") | ("batch", _) | ("ui", _) => return None,
         ("deregister", id) => (Resource::Service(decoded(id)), Deregister),
         ("heartbeat", id) => (Resource::Service(decoded(id)), Register),
         ("services", "") => (Resource::Service("*".into()), List),
@@ -67,6 +68,14 @@ pub(crate) fn route_access(method: &Method, path: &str) -> Option<(Resource, Cap
         ("metrics", "") => (Resource::Admin, Read),
         ("v1", rest) => {
             let rest = rest.strip_prefix("edge/")?;
+            // The fleet view reads what the routes it summarises read.
+            if let Some(view) = rest.strip_prefix("fleet/") {
+                return Some(match view.split_once('/') {
+                    Some(("rollouts", id)) => (edge(&format!("rollouts/{}", decoded(id))), Read),
+                    _ if view == "devices" || view == "alerts" => (edge(view), List),
+                    _ => (edge("edges"), List),
+                });
+            }
             let mut parts = rest.splitn(3, '/');
             let what = parts.next().unwrap_or("");
             let id = parts.next().map(decoded);

@@ -192,6 +192,11 @@ impl App {
             r if r.starts_with("edge/firmware/") || r.starts_with("edge/rollouts/") => {
                 self.firmware_routes(req, method, rest, query).await
             }
+            #[cfg(feature = "fleet-ui")]
+            r if r.starts_with("edge/fleet/") => {
+                self.fleet(req, method, &r["edge/fleet/".len()..], query)
+                    .await
+            }
             r if r.starts_with("edge/devices/") => {
                 self.device_route(method, &r["edge/devices/".len()..], query)
                     .await

@@ -20,6 +20,8 @@ mod body;
 mod edge;
 mod errors;
 mod firmware;
+#[cfg(feature = "fleet-ui")]
+mod fleet;
 mod incoming;
 mod konsul;
 mod query;
@@ -309,8 +311,11 @@ where
         Slot::Full(_) => (false, None),
         Slot::Reserve(r) => (true, Some(r.evicted.clone())),
     };
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let stopping = shutdown.clone();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let api = api.clone();
+        // A held request (the fleet page's long poll) ends at shutdown.
+        req.extensions_mut().insert(stopping.clone());
         async move {
             if reserve && !is_probe(&req) {
                 api.metrics.request("overloaded", 503);

@@ -243,6 +243,10 @@ impl App {
             ),
             ("batch", rest) => self.batch(req, method, rest).await,
             ("v1", rest) => self.edge(req, method, rest, &query).await,
+            #[cfg(feature = "fleet-ui")]
+            ("ui", _) if path == "/ui" => ("/ui", super::fleet::ui_redirect()),
+            #[cfg(feature = "fleet-ui")]
+            ("ui", rest) => ("/ui", super::fleet::ui(&method, rest)),
             _ => (
                 "other",
                 error(StatusCode::NOT_FOUND, format!("no route for {path}")),

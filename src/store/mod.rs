@@ -67,6 +67,8 @@ macro_rules! select_records {
 // After the macro: these modules use it.
 mod budget;
 mod db;
+#[cfg(feature = "fleet-ui")]
+mod fleet_sql;
 mod open;
 mod schema;
 mod sync_sql;

@@ -86,6 +86,66 @@ pub mod testing {
         wire::encode(&req, compress)
     }
 
+    /// A request from `edge` carrying `devices` device records
+    /// (`{edge}-d{i}`, type sensor, firmware 1.0.0) and an active alert
+    /// for each of the first `alerts` of them: a simulated edge for the
+    /// fleet view's load check.
+    pub fn fleet_batch(edge: &str, devices: usize, alerts: usize, compress: bool) -> Vec<u8> {
+        let now = crate::clock::wall_millis();
+        let mut records = Vec::new();
+        for i in 0..devices {
+            let id = format!("{edge}-d{i}");
+            records.push((
+                "device",
+                id.clone(),
+                format!(
+                    r#"{{"id":"{id}","type":"sensor","firmware_version":"1.0.0","telemetry_interval_ms":60000}}"#
+                ),
+            ));
+            if i < alerts {
+                records.push((
+                    "alert",
+                    format!("{id}/low_battery"),
+                    format!(
+                        r#"{{"device_id":"{id}","name":"low_battery","severity":"warning","message":"battery 9%","active":true,"raised_at_ms":{now}}}"#
+                    ),
+                ));
+            }
+        }
+        record_batch(edge, &records, compress)
+    }
+
+    /// A request from `edge` carrying records given as (kind, key, body),
+    /// kind as the store names it (`device`, `alert`, `rollout`, ...).
+    pub fn record_batch(edge: &str, records: &[(&str, String, String)], compress: bool) -> Vec<u8> {
+        let now = crate::clock::wall_millis();
+        let updates: Vec<wire::ServiceUpdate> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (kind, key, body))| {
+                let kind = crate::store::Kind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == *kind)?;
+                Some(wire::ServiceUpdate {
+                    kind: wire::kind_to_wire(kind) as i32,
+                    key: key.clone(),
+                    body: body.clone().into_bytes(),
+                    hlc: crate::clock::Hlc::new(now, i as u16).0,
+                    origin: edge.into(),
+                    vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let req = wire::EdgeSyncRequest {
+            edge_id: edge.into(),
+            batch_id: wire::batch_id(edge, &updates),
+            pending_updates: updates,
+            ..Default::default()
+        };
+        wire::encode(&req, compress)
+    }
+
     /// A request from `edge` whose clock (`hlc`) reads `clock_ms`, carrying
     /// `n` KV updates stamped now: `distinct` gives each its own key
     /// (`{key}-{i}`) and a value of `value_len` bytes; otherwise all `n`

@@ -54,6 +54,8 @@ pub struct Hub {
     pub tombstone_retention_ms: u64,
     /// Accepted bearer tokens; empty: no token required.
     pub tokens: Vec<String>,
+    /// `cloud.sync_interval`: how often its edges are expected to sync.
+    pub sync_interval_ms: u64,
 }
 
 fn valid_edge_id(id: &str) -> bool {
@@ -65,6 +67,13 @@ fn valid_edge_id(id: &str) -> bool {
 }
 
 impl Hub {
+    /// An edge that has not synced for two intervals (and a few seconds
+    /// for a slow round) is stale in the fleet view.
+    #[cfg(feature = "fleet-ui")]
+    pub fn stale_after_ms(&self) -> u64 {
+        self.sync_interval_ms.saturating_mul(2) + 5_000
+    }
+
     pub fn authorize(&self, header: Option<&str>) -> Result<(), ServeError> {
         if self.tokens.is_empty() {
             return Ok(());
