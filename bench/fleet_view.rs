@@ -10,95 +10,13 @@
 //! page of edges, edges sorted by device count with a text filter, the
 //! first page of devices and of alerts, and the whole `/v1/edge/edges`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::env_usize;
+use common::{call, connect, env_usize, start};
 use konsul_edge::sync::testing;
 
 #[path = "common.rs"]
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_konsul-edge");
-
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_hub(config: &Path) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(["hub", "--config"])
-        .arg(config)
-        .env("KONSUL_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains(" ready in "))
-        .expect("ready line");
-    std::thread::spawn(move || for _ in lines {});
-    let addr = ready
-        .split("://")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .expect("address in the ready line")
-        .to_string();
-    Proc { child, addr }
-}
-
-/// One request on a keep-alive connection; returns (status, body).
-fn call(
-    conn: &mut (BufReader<TcpStream>, TcpStream),
-    method: &str,
-    path: &str,
-    body: &[u8],
-    headers: &str,
-) -> (u16, Vec<u8>) {
-    write!(
-        conn.1,
-        "{method} {path} HTTP/1.1\r\nHost: b\r\n{headers}Content-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    conn.1.write_all(body).unwrap();
-    let mut line = String::new();
-    conn.0.read_line(&mut line).unwrap();
-    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut len = 0;
-    loop {
-        line.clear();
-        conn.0.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap();
-        }
-    }
-    let mut b = vec![0; len];
-    conn.0.read_exact(&mut b).unwrap();
-    (status, b)
-}
-
-fn connect(addr: &str) -> (BufReader<TcpStream>, TcpStream) {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    (BufReader::new(s.try_clone().unwrap()), s)
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -124,7 +42,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let hub = start_hub(&config);
+    let hub = start("hub", &config);
     let mut c = connect(&hub.addr);
     let t = Instant::now();
     for e in 0..edges {

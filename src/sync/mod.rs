@@ -302,7 +302,7 @@ impl SyncHandle {
     pub fn render_metrics(&self, out: &mut String) {
         let s = self.status();
         let c = &self.inner.counters;
-        let gauges = [
+        let mut gauges = vec![
             (
                 "konsul_edge_sync_online",
                 "1 when the last sync reached the hub.",
@@ -319,11 +319,8 @@ impl SyncHandle {
                 u64::from(s.queue_over_limit),
             ),
         ];
-        for (name, help, v) in gauges {
-            crate::metrics::sample(out, "gauge", name, help, v);
-        }
         if let Some(l) = s.link {
-            for (name, help, v) in [
+            gauges.extend([
                 (
                     "konsul_edge_sync_link_rate_bytes",
                     "Measured link rate, bytes per second on the wire.",
@@ -344,12 +341,10 @@ impl SyncHandle {
                     "Epoch ms of the next scheduled sync.",
                     l.next_sync_ms,
                 ),
-            ] {
-                crate::metrics::sample(out, "gauge", name, help, v);
-            }
+            ]);
         }
         if let Some(b) = s.data_budget {
-            for (name, help, v) in [
+            gauges.extend([
                 (
                     "konsul_edge_sync_data_budget_bytes",
                     "cloud.data_budget: bytes allowed this period.",
@@ -370,9 +365,10 @@ impl SyncHandle {
                     "1 while telemetry waits for the next period.",
                     u64::from(b.telemetry_held),
                 ),
-            ] {
-                crate::metrics::sample(out, "gauge", name, help, v);
-            }
+            ]);
+        }
+        for (name, help, v) in gauges {
+            crate::metrics::sample(out, "gauge", name, help, v);
         }
         let counters = [
             (
