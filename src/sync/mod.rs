@@ -54,36 +54,66 @@ pub mod testing {
         }
     }
 
-    /// A request from `edge` carrying `n` changed services, as an edge
-    /// would send it (for load generators).
-    pub fn service_batch(edge: &str, since: i64, n: usize, compress: bool) -> Vec<u8> {
-        let now = crate::clock::wall_millis();
-        let updates: Vec<wire::ServiceUpdate> = (0..n)
-            .map(|i| wire::ServiceUpdate {
-                kind: wire::RecordKind::Service as i32,
-                key: format!("{edge}-svc-{i}"),
-                name: format!("svc-{i}"),
-                body: format!(
-                    r#"{{"address":"10.{}.{}.{}","id":"{edge}-svc-{i}","name":"svc-{i}","port":8080,"tags":["pos","v2"]}}"#,
-                    i >> 16 & 255,
-                    i >> 8 & 255,
-                    i & 255
-                )
-                .into_bytes(),
-                hlc: crate::clock::Hlc::new(now, i as u16).0,
-                origin: edge.into(),
-                vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
-                ..Default::default()
-            })
-            .collect();
+    /// A version `edge` made of `key`, as its outbox would send it.
+    fn own_update(
+        edge: &str,
+        kind: i32,
+        key: String,
+        body: String,
+        hlc: u64,
+    ) -> wire::ServiceUpdate {
+        wire::ServiceUpdate {
+            kind,
+            key,
+            body: body.into_bytes(),
+            hlc,
+            origin: edge.into(),
+            vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// `edge`'s request carrying `updates`, encoded.
+    fn request(
+        edge: &str,
+        updates: Vec<wire::ServiceUpdate>,
+        since: i64,
+        hlc: u64,
+        compress: bool,
+    ) -> Vec<u8> {
         let req = wire::EdgeSyncRequest {
             edge_id: edge.into(),
             last_sync_index: since,
             batch_id: wire::batch_id(edge, &updates),
             pending_updates: updates,
+            hlc,
             ..Default::default()
         };
         wire::encode(&req, compress)
+    }
+
+    /// A request from `edge` carrying `n` changed services, as an edge
+    /// would send it (for load generators).
+    pub fn service_batch(edge: &str, since: i64, n: usize, compress: bool) -> Vec<u8> {
+        let now = crate::clock::wall_millis();
+        let updates = (0..n)
+            .map(|i| wire::ServiceUpdate {
+                name: format!("svc-{i}"),
+                ..own_update(
+                    edge,
+                    wire::RecordKind::Service as i32,
+                    format!("{edge}-svc-{i}"),
+                    format!(
+                        r#"{{"address":"10.{}.{}.{}","id":"{edge}-svc-{i}","name":"svc-{i}","port":8080,"tags":["pos","v2"]}}"#,
+                        i >> 16 & 255,
+                        i >> 8 & 255,
+                        i & 255
+                    ),
+                    crate::clock::Hlc::new(now, i as u16).0,
+                )
+            })
+            .collect();
+        request(edge, updates, since, 0, compress)
     }
 
     /// A request from `edge` carrying `devices` device records
@@ -119,31 +149,23 @@ pub mod testing {
     /// kind as the store names it (`device`, `alert`, `rollout`, ...).
     pub fn record_batch(edge: &str, records: &[(&str, String, String)], compress: bool) -> Vec<u8> {
         let now = crate::clock::wall_millis();
-        let updates: Vec<wire::ServiceUpdate> = records
+        let updates = records
             .iter()
             .enumerate()
             .filter_map(|(i, (kind, key, body))| {
                 let kind = crate::store::Kind::ALL
                     .into_iter()
                     .find(|k| k.as_str() == *kind)?;
-                Some(wire::ServiceUpdate {
-                    kind: wire::kind_to_wire(kind) as i32,
-                    key: key.clone(),
-                    body: body.clone().into_bytes(),
-                    hlc: crate::clock::Hlc::new(now, i as u16).0,
-                    origin: edge.into(),
-                    vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
-                    ..Default::default()
-                })
+                Some(own_update(
+                    edge,
+                    wire::kind_to_wire(kind) as i32,
+                    key.clone(),
+                    body.clone(),
+                    crate::clock::Hlc::new(now, i as u16).0,
+                ))
             })
             .collect();
-        let req = wire::EdgeSyncRequest {
-            edge_id: edge.into(),
-            batch_id: wire::batch_id(edge, &updates),
-            pending_updates: updates,
-            ..Default::default()
-        };
-        wire::encode(&req, compress)
+        request(edge, updates, 0, 0, compress)
     }
 
     /// A request from `edge` whose clock (`hlc`) reads `clock_ms`, carrying
@@ -161,29 +183,19 @@ pub mod testing {
     ) -> Vec<u8> {
         let now = crate::clock::Hlc::new(crate::clock::wall_millis(), 0).0;
         let value = "x".repeat(value_len);
-        let updates: Vec<wire::ServiceUpdate> = (0..n)
-            .map(|i| wire::ServiceUpdate {
-                kind: wire::RecordKind::Kv as i32,
-                key: if distinct {
+        let updates = (0..n)
+            .map(|i| {
+                let key = if distinct {
                     format!("{edge}/k-{i}")
                 } else {
                     format!("{edge}/k")
-                },
-                body: format!(r#"{{"value":"{value}"}}"#).into_bytes(),
-                hlc: now,
-                origin: edge.into(),
-                vector_clock: [(edge.to_string(), 1)].into_iter().collect(),
-                ..Default::default()
+                };
+                let body = format!(r#"{{"value":"{value}"}}"#);
+                own_update(edge, wire::RecordKind::Kv as i32, key, body, now)
             })
             .collect();
-        let req = wire::EdgeSyncRequest {
-            edge_id: edge.into(),
-            batch_id: wire::batch_id(edge, &updates),
-            pending_updates: updates,
-            hlc: crate::clock::Hlc::new(clock_ms, 0).0,
-            ..Default::default()
-        };
-        wire::encode(&req, compress)
+        let hlc = crate::clock::Hlc::new(clock_ms, 0).0;
+        request(edge, updates, 0, hlc, compress)
     }
 
     /// An empty response whose clock reads `clock_ms` (a hub that lost
