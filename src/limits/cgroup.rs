@@ -71,18 +71,6 @@ impl Cgroup {
         let mut out = Vec::new();
         let want = r.memory_limit.0;
         match self.memory_max {
-            Found::Absent => out.push(format!(
-                "{}/memory.max is absent (no cgroup v2 memory controller here): \
-                 resources.memory_limit {} is not enforced by the kernel",
-                self.dir.display(),
-                r.memory_limit
-            )),
-            Found::Unlimited => out.push(format!(
-                "{}/memory.max is `max`: resources.memory_limit {} is not enforced; \
-                 install the drop-in `konsul-edge systemd-dropin` writes",
-                self.dir.display(),
-                r.memory_limit
-            )),
             Found::Limit(have) if have.abs_diff(want) > MEMORY_SLACK => out.push(format!(
                 "{}/memory.max is {have} bytes but resources.memory_limit is {} ({want} bytes); \
                  re-run `konsul-edge systemd-dropin`",
@@ -90,20 +78,11 @@ impl Cgroup {
                 r.memory_limit
             )),
             Found::Limit(_) => {}
+            ref unenforced => {
+                out.push(self.unenforced(unenforced, "memory", "memory_limit", &r.memory_limit))
+            }
         }
         match self.cpu_max {
-            Found::Absent => out.push(format!(
-                "{}/cpu.max is absent (no cgroup v2 cpu controller here): \
-                 resources.cpu_limit {} is not enforced by the kernel",
-                self.dir.display(),
-                r.cpu_limit
-            )),
-            Found::Unlimited => out.push(format!(
-                "{}/cpu.max is `max`: resources.cpu_limit {} is not enforced; \
-                 install the drop-in `konsul-edge systemd-dropin` writes",
-                self.dir.display(),
-                r.cpu_limit
-            )),
             Found::Limit(have) if (have - r.cpu_limit).abs() > CPU_SLACK => out.push(format!(
                 "{}/cpu.max allows {have:.3} CPUs but resources.cpu_limit is {}; \
                  re-run `konsul-edge systemd-dropin`",
@@ -111,8 +90,33 @@ impl Cgroup {
                 r.cpu_limit
             )),
             Found::Limit(_) => {}
+            ref unenforced => {
+                out.push(self.unenforced(unenforced, "cpu", "cpu_limit", &r.cpu_limit))
+            }
         }
         out
+    }
+
+    /// The warning for `{controller}.max` absent or `max`: the kernel does
+    /// not enforce `resources.{key}`.
+    fn unenforced<T>(
+        &self,
+        found: &Found<T>,
+        controller: &str,
+        key: &str,
+        value: &dyn std::fmt::Display,
+    ) -> String {
+        let dir = self.dir.display();
+        match found {
+            Found::Unlimited => format!(
+                "{dir}/{controller}.max is `max`: resources.{key} {value} is not enforced; \
+                 install the drop-in `konsul-edge systemd-dropin` writes"
+            ),
+            _ => format!(
+                "{dir}/{controller}.max is absent (no cgroup v2 {controller} controller here): \
+                 resources.{key} {value} is not enforced by the kernel"
+            ),
+        }
     }
 }
 
