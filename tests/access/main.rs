@@ -19,7 +19,6 @@ use std::process::{Child, Command};
 
 use common::*;
 
-const NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 const DEV_TOKEN: &str = "developer-token-0123456789";
 
@@ -68,16 +67,6 @@ fn start(dir: &Path, bus: &Bus, acl_keys: &str, tokens: &str) -> Daemon {
     Daemon::start(dir)
 }
 
-fn as_user(nobody: bool, program: &str) -> Command {
-    if nobody {
-        let mut c = Command::new("setpriv");
-        c.args(NOBODY).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
 /// curl over the Unix socket: (status, body).
 fn unix_http(
     sock: &Path,
@@ -111,25 +100,7 @@ fn unix_http(
 
 /// gdbus call: (ok, output naming the D-Bus error on failure).
 fn dbus(bus: &Bus, nobody: bool, method: &str, args: &[&str]) -> (bool, String) {
-    let mut cmd = as_user(nobody, "gdbus");
-    cmd.args(["call", "--address", &bus.address])
-        .args([
-            "--dest",
-            "io.konsul.Edge1",
-            "--object-path",
-            "/io/konsul/Edge1",
-        ])
-        .args(["--timeout", "15", "--method", method])
-        .args(args);
-    let out = run_bounded(&mut cmd);
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    gdbus_call(&bus.address, nobody, method, args)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -575,3 +575,53 @@ pub fn private_bus_with(dir: &Path, rules: &str) -> (Child, String) {
         .expect("dbus-daemon printed no address");
     (child, address)
 }
+
+/// setpriv's arguments that drop a root test to the unprivileged `nobody`.
+pub const NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+
+/// `program`, run as `nobody` when asked (through setpriv).
+pub fn as_user(nobody: bool, program: &str) -> Command {
+    if nobody {
+        let mut c = Command::new("setpriv");
+        c.args(NOBODY).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs `cmd` bounded: (success, stdout followed by stderr), where D-Bus
+/// tools name the error on failure.
+pub fn run_to_text(cmd: &mut Command) -> (bool, String) {
+    let out = run_bounded(cmd);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `gdbus call` of `iface_method` on the daemon's object on the bus at
+/// `address`: for calls with `a{sv}` arguments (GVariant text syntax),
+/// which dbus-send cannot build.
+pub fn gdbus_call(
+    address: &str,
+    nobody: bool,
+    iface_method: &str,
+    args: &[&str],
+) -> (bool, String) {
+    let mut cmd = as_user(nobody, "gdbus");
+    cmd.args(["call", "--address", address])
+        .args([
+            "--dest",
+            "io.konsul.Edge1",
+            "--object-path",
+            "/io/konsul/Edge1",
+        ])
+        .args(["--timeout", "15", "--method", iface_method])
+        .args(args);
+    run_to_text(&mut cmd)
+}

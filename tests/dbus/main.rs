@@ -22,7 +22,6 @@ use common::*;
 
 const NAME: &str = "io.konsul.Edge1";
 const PATH: &str = "/io/konsul/Edge1";
-const NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
 
 /// Which policy the private bus enforces.
 enum Policy {
@@ -91,13 +90,7 @@ fn lines_of(
 
 /// `[setpriv ...] busctl --address=A <args>`.
 fn busctl(bus: &Bus, as_nobody: bool, args: &[&str]) -> Output {
-    let mut cmd = if as_nobody {
-        let mut c = Command::new("setpriv");
-        c.args(NOBODY).arg("busctl");
-        c
-    } else {
-        Command::new("busctl")
-    };
+    let mut cmd = as_user(as_nobody, "busctl");
     cmd.arg(format!("--address={}", bus.address))
         .arg("--timeout=15")
         .args(args);
@@ -127,60 +120,20 @@ fn call_json(
 
 /// dbus-send, which names the D-Bus error on failure: (success, output).
 fn dbus_send(bus: &Bus, as_nobody: bool, iface_method: &str, args: &[&str]) -> (bool, String) {
-    let mut cmd = if as_nobody {
-        let mut c = Command::new("setpriv");
-        c.args(NOBODY).arg("dbus-send");
-        c
-    } else {
-        Command::new("dbus-send")
-    };
+    let mut cmd = as_user(as_nobody, "dbus-send");
     cmd.arg(format!("--bus={}", bus.address))
         .args(["--print-reply", "--reply-timeout=15000"])
         .arg(format!("--dest={NAME}"))
         .arg(PATH)
         .arg(iface_method)
         .args(args);
-    let out = run_bounded(&mut cmd);
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    run_to_text(&mut cmd)
 }
 
 /// gdbus, for calls with `a{sv}` arguments (GVariant text syntax), which
 /// dbus-send cannot build; it names the D-Bus error on failure.
 fn gdbus(bus: &Bus, as_nobody: bool, iface_method: &str, args: &[&str]) -> (bool, String) {
-    let mut cmd = if as_nobody {
-        let mut c = Command::new("setpriv");
-        c.args(NOBODY).arg("gdbus");
-        c
-    } else {
-        Command::new("gdbus")
-    };
-    cmd.args([
-        "call",
-        "--address",
-        &bus.address,
-        "--dest",
-        NAME,
-        "--object-path",
-        PATH,
-    ])
-    .args(["--timeout", "15", "--method", iface_method])
-    .args(args);
-    let out = run_bounded(&mut cmd);
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    gdbus_call(&bus.address, as_nobody, iface_method, args)
 }
 
 /// Unpacks busctl's JSON for a{sv}: {"key": {"type":..,"data":..}} -> data.
