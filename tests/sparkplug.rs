@@ -15,8 +15,8 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use common::broker::Broker;
+use common::device::Device;
 use common::*;
-use paho_mqtt as paho;
 use serde_json::{json, Value};
 
 const GROUP: &str = "plant";
@@ -138,63 +138,14 @@ fn metric<'a>(msg: &'a Value, name: &str) -> &'a Value {
 
 // --- devices and the daemon --------------------------------------------------------
 
-struct Device {
-    cli: paho::Client,
-    rx: paho::SyncReceiver<Option<paho::Message>>,
-}
-
 impl Device {
-    fn connect(broker: &Broker, id: &str, subscribe: &[&str]) -> Device {
-        let cli = paho::Client::new(
-            paho::CreateOptionsBuilder::new()
-                .server_uri(broker.url())
-                .client_id(id)
-                .persistence(paho::PersistenceType::None)
-                .finalize(),
-        )
-        .unwrap();
-        let rx = cli.start_consuming();
-        cli.connect(
-            paho::ConnectOptionsBuilder::new_v3()
-                .clean_session(true)
-                .connect_timeout(DEADLINE)
-                .finalize(),
-        )
-        .expect("device connects");
-        for t in subscribe {
-            cli.subscribe(t, 1).unwrap();
-        }
-        Device { cli, rx }
-    }
-
-    fn publish(&self, topic: &str, payload: String) {
-        self.cli
-            .publish(paho::Message::new(topic, payload.into_bytes(), 1))
-            .expect("publish");
-    }
-
-    fn expect(&self, topic: &str) -> Value {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("nothing on {topic} within {DEADLINE:?}"));
-            match self.rx.recv_timeout(left) {
-                Ok(Some(m)) if m.topic() == topic => {
-                    return serde_json::from_slice(m.payload()).expect("JSON")
-                }
-                Ok(_) => continue,
-                Err(_) => panic!("nothing on {topic} within {DEADLINE:?}"),
-            }
-        }
-    }
-
     fn register(&self, id: &str) {
         self.publish(
             &format!("devices/{id}/register"),
             json!({"type": "sensor", "name": format!("sensor {id}"), "location": "hall 2",
                    "telemetry_interval": "1h", "metadata": {"line": "a"}})
             .to_string(),
+            1,
         );
         assert_eq!(
             self.expect(&format!("devices/{id}/ack"))["status"],
@@ -267,6 +218,7 @@ fn births_decode_with_types_and_seq_wraps_past_255() {
     dev.publish(
         "devices/d1/telemetry",
         json!({"temperature": 21.5, "count": 0, "ok": true, "mode": "auto"}).to_string(),
+        1,
     );
     let dbirth = host.next_where("DBIRTH with telemetry", |v| {
         v["type"] == "DBIRTH"
@@ -283,7 +235,7 @@ fn births_decode_with_types_and_seq_wraps_past_255() {
 
     // 300 data messages: seq goes past 255 and wraps to 0.
     for i in 1..=300 {
-        dev.publish("devices/d1/telemetry", json!({"count": i}).to_string());
+        dev.publish("devices/d1/telemetry", json!({"count": i}).to_string(), 1);
     }
     let last = host.next_where("DDATA count 300", |v| {
         v["type"] == "DDATA" && v["metrics"][0]["value"] == 300
@@ -388,6 +340,7 @@ fn dcmd_reaches_the_device_topic() {
     dev.publish(
         "devices/d1/telemetry",
         json!({"setpoint": 42.5}).to_string(),
+        1,
     );
     host.next_where("setpoint", |v| {
         (v["type"] == "DBIRTH" || v["type"] == "DDATA")
@@ -412,7 +365,7 @@ fn with_the_primary_host_offline_telemetry_is_kept_and_replayed_as_history() {
     let dev = Device::connect(&broker, "dev-1", &["devices/d1/ack"]);
     dev.register("d1");
     for i in 1..=5 {
-        dev.publish("devices/d1/telemetry", json!({"count": i}).to_string());
+        dev.publish("devices/d1/telemetry", json!({"count": i}).to_string(), 1);
     }
     stored(&d, "d1", 5);
     assert!(
@@ -435,7 +388,7 @@ fn with_the_primary_host_offline_telemetry_is_kept_and_replayed_as_history() {
     assert_eq!(history, vec![1, 2, 3, 4, 5]);
 
     // Live again.
-    dev.publish("devices/d1/telemetry", json!({"count": 6}).to_string());
+    dev.publish("devices/d1/telemetry", json!({"count": 6}).to_string(), 1);
     let live = host.next_of("DDATA", Some("d1"));
     assert_eq!(live["metrics"][0]["value"], 6);
     assert_eq!(live["metrics"][0]["historical"], false);
@@ -446,7 +399,7 @@ fn with_the_primary_host_offline_telemetry_is_kept_and_replayed_as_history() {
     host.send(json!({"op": "state", "host": "scada", "online": false}));
     d.wait_log(|l| l.contains("primary host offline"))
         .expect("the node hears the host go");
-    dev.publish("devices/d1/telemetry", json!({"count": 7}).to_string());
+    dev.publish("devices/d1/telemetry", json!({"count": 7}).to_string(), 1);
     stored(&d, "d1", 7);
     host.send(json!({"op": "state", "host": "scada", "online": true}));
     host.next_of("NBIRTH", None);

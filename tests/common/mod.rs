@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod device;
 pub mod throttle;
 
 use std::io::{BufRead, BufReader, Read, Write};
