@@ -60,6 +60,7 @@ mod bridge;
 pub mod client;
 #[cfg(feature = "mqtt")]
 pub(crate) mod gate;
+#[cfg(feature = "mqtt")]
 mod ingest;
 #[cfg(feature = "mqtt")]
 mod outbox;
