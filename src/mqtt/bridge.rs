@@ -259,26 +259,27 @@ impl Bridge {
                 }
             }
             self.metrics.mqtt.connected.store(0, Ordering::Relaxed);
-            if !self.backoff(&mut attempt, shutdown).await {
+            if !backoff(&mut attempt, shutdown).await {
                 return;
             }
         }
     }
+}
 
-    /// Sleeps the next backoff step; false if shutdown came first.
-    async fn backoff(&self, attempt: &mut u32, shutdown: &Shutdown) -> bool {
-        let delay = backoff_delay(*attempt, fastrand::f64());
-        *attempt = attempt.saturating_add(1);
-        async {
-            async_io::Timer::after(delay).await;
-            true
-        }
-        .or(async {
-            shutdown.wait().await;
-            false
-        })
-        .await
+/// Sleeps the next reconnect backoff step (and counts the attempt); false
+/// if shutdown came first.
+pub(crate) async fn backoff(attempt: &mut u32, shutdown: &Shutdown) -> bool {
+    let delay = backoff_delay(*attempt, fastrand::f64());
+    *attempt = attempt.saturating_add(1);
+    async {
+        async_io::Timer::after(delay).await;
+        true
     }
+    .or(async {
+        shutdown.wait().await;
+        false
+    })
+    .await
 }
 
 fn status_message(s: &Settings, online: bool) -> Message {

@@ -75,6 +75,8 @@ use std::path::PathBuf;
 use serde_json::json;
 
 #[cfg(feature = "mqtt")]
+pub(crate) use bridge::backoff;
+#[cfg(feature = "mqtt")]
 pub use bridge::{backoff_delay, Bridge};
 #[cfg(feature = "mqtt")]
 pub use ingest::MAX_BATCH;

@@ -24,7 +24,7 @@ use crate::clock::wall_millis;
 use crate::devices::health::Health;
 use crate::devices::{Feed, FeedRx};
 use crate::metrics::Metrics;
-use crate::mqtt::backoff_delay;
+use crate::mqtt::backoff;
 use crate::mqtt::client::session::{self, Ended, Serve};
 use crate::mqtt::client::{ClientError, Connect, Incoming, Link, Message, Options, Version, Will};
 use crate::mqtt::gate::ByteGate;
@@ -215,18 +215,7 @@ impl Node {
                     }
                 }
             }
-            let delay = backoff_delay(attempt, fastrand::f64());
-            attempt = attempt.saturating_add(1);
-            let go_on = async {
-                async_io::Timer::after(delay).await;
-                true
-            }
-            .or(async {
-                shutdown.wait().await;
-                false
-            })
-            .await;
-            if !go_on {
+            if !backoff(&mut attempt, &shutdown).await {
                 return;
             }
         }
