@@ -107,11 +107,15 @@ impl MqttMetrics {
         }
     }
 
-    pub fn ingest_queued(&self, used: usize, limit: usize) {
+    /// The gate's bound, once per bridge.
+    pub fn ingest_limit(&self, limit: usize) {
+        self.ingest_limit.store(limit as u64, Ordering::Relaxed);
+    }
+
+    pub fn ingest_queued(&self, used: usize) {
         self.ingest_queued.store(used as u64, Ordering::Relaxed);
         self.ingest_queued_peak
             .fetch_max(used as u64, Ordering::Relaxed);
-        self.ingest_limit.store(limit as u64, Ordering::Relaxed);
     }
 
     fn render(&self, out: &mut String) {

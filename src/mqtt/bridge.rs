@@ -138,7 +138,7 @@ impl Bridge {
     /// had already received.
     pub async fn run(self, shutdown: Shutdown) {
         let stop_ingest = Shutdown::default();
-        self.metrics.mqtt.ingest_queued(0, self.gate.limit());
+        self.metrics.mqtt.ingest_limit(self.gate.limit());
         let (in_tx, in_rx) = async_channel::bounded(QUEUE);
         let ingest = Ingest {
             outbox: self.outbox.clone(),

@@ -111,9 +111,7 @@ impl Ingest {
         let acks: Vec<_> = batch.iter().filter_map(|m| m.ack).collect();
         self.link.ack(&acks).await;
         self.gate.release(batch.iter().map(|m| m.held).sum());
-        self.metrics
-            .mqtt
-            .ingest_queued(self.gate.used(), self.gate.limit());
+        self.metrics.mqtt.ingest_queued(self.gate.used());
     }
 
     async fn apply(&mut self, batch: &[Incoming]) {

@@ -341,7 +341,7 @@ pub(crate) async fn serve(c: Connection, s: Serve<'_>) -> Ended {
                     };
                     blocked.store(true, Ordering::Relaxed);
                     let held = s.gate.acquire(p.payload.len()).await;
-                    s.metrics.mqtt.ingest_queued(s.gate.used(), s.gate.limit());
+                    s.metrics.mqtt.ingest_queued(s.gate.used());
                     let sent = s
                         .incoming
                         .send(Incoming {
