@@ -263,7 +263,9 @@ impl App {
                 .filter_map(|mut e| {
                     let age = now.saturating_sub(e["last_seen_ms"].as_u64().unwrap_or(0));
                     let stale = age > stale_after;
-                    if (only_stale && !stale) || !page.matches(&[field(&e, "edge_id")]) {
+                    if (only_stale && !stale)
+                        || !page.matches(&[field(&e, "edge_id"), field(&e, "version")])
+                    {
                         return None;
                     }
                     e["age_ms"] = json!(age);

@@ -49,8 +49,9 @@ impl Db {
     }
 
     /// Every edge that ever synced, with its device and active alert
-    /// counts and, from its latest host OTA report, the deployment's state,
-    /// version and slots ('' without one).
+    /// counts, from its latest host OTA report the deployment's state,
+    /// version and slots ('' without one), and what it last said of itself
+    /// (version, pending changes, sync failures; null if it never did).
     pub fn fleet_edges(&self) -> Result<Vec<Value>, StoreError> {
         // Counts per edge in serde_json's map, which the binary carries
         // anyway (a map type of our own costs its code).
@@ -101,7 +102,7 @@ impl Db {
             .text_rows(
                 "fleet edges",
                 "SELECT edge_id, CAST(last_seen_ms AS TEXT), CAST(last_index AS TEXT),
-                        CAST(applied AS TEXT) FROM edges",
+                        CAST(applied AS TEXT), status FROM edges",
                 None,
             )?
             .into_iter()
@@ -110,6 +111,9 @@ impl Db {
                     .get(&r[0])
                     .cloned()
                     .unwrap_or_else(|| json!(["", "", ""]));
+                // The edge's self-report; null fields for an edge too old
+                // to send one.
+                let said = parse(&r[4]);
                 json!({
                     "edge_id": r[0],
                     "last_seen_ms": num(&r[1]),
@@ -121,6 +125,11 @@ impl Db {
                     "ota_state": o[0],
                     "ota_version": o[1],
                     "ota_slot": o[2],
+                    "version": said["version"],
+                    "pending_changes": said["pending_changes"],
+                    "failed_rounds": said["failed_rounds"],
+                    "last_error": said["last_error"],
+                    "last_error_ms": said["last_error_ms"],
                 })
             })
             .collect())

@@ -194,6 +194,12 @@ pub const MIGRATIONS: &[&str] = &[
         digests BLOB    NOT NULL
     );
     "#,
+    // 7: what each edge last said of itself in its sync request (version,
+    // pending changes, sync failures; JSON, '' for an edge that never
+    // sent it), for the hub's fleet view.
+    r#"
+    ALTER TABLE edges ADD COLUMN status TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;

@@ -313,19 +313,24 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Records a sync from `edge`; `status` (the edge's self-report as
+    /// JSON) replaces the kept one when the edge sent one.
     pub fn edge_seen(
         &mut self,
         edge: &str,
         at_ms: u64,
         index: u64,
         applied: u64,
+        status: Option<&str>,
     ) -> Result<(), StoreError> {
         self.inner
             .execute(
-                "INSERT INTO edges (edge_id, last_seen_ms, last_index, applied) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO edges (edge_id, last_seen_ms, last_index, applied, status)
+                 VALUES (?1, ?2, ?3, ?4, coalesce(?5, ''))
                  ON CONFLICT (edge_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms,
-                   last_index = excluded.last_index, applied = applied + excluded.applied",
-                params![edge, at_ms as i64, index as i64, applied as i64],
+                   last_index = excluded.last_index, applied = applied + excluded.applied,
+                   status = coalesce(?5, status)",
+                params![edge, at_ms as i64, index as i64, applied as i64, status],
             )
             .map_err(self.err("record edge"))?;
         Ok(())

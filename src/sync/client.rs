@@ -96,6 +96,10 @@ struct Adaptive {
     /// The last round's bytes on the link beyond its request body
     /// (headers, TLS, the answer): the data budget's estimate of the next.
     overhead: u64,
+    /// The latest failed round, reported to the hub with the next request
+    /// that gets through (an operator there sees a flaky link that has
+    /// since recovered).
+    last_failure: Option<(String, Instant)>,
 }
 
 pub fn strategy(config: &Config) -> MergeStrategy {
@@ -172,6 +176,7 @@ impl SyncClient {
                     .as_ref()
                     .map(|b| DataBudget::new(b.limit.0, b.period, wall_millis())),
                 overhead: 1024,
+                last_failure: None,
             }),
         })
     }
@@ -258,6 +263,7 @@ impl SyncClient {
                         log::debug!("sync attempt {failures} failed: {e}");
                     }
                     let msg = e.to_string();
+                    self.adaptive(|a| a.last_failure = Some((msg.clone(), Instant::now())));
                     self.handle.update(|s| {
                         s.online = false;
                         s.last_error = Some(msg);
@@ -374,6 +380,22 @@ impl SyncClient {
         Ok(false)
     }
 
+    /// How this edge is doing, for the hub's fleet view: the outbox beyond
+    /// the `sending` changes of this request, and the failures so far.
+    fn self_report(&self, sending: u64) -> wire::pb::EdgeStatus {
+        let (last_error, ago) = self.adaptive(|a| match &a.last_failure {
+            Some((msg, at)) => (msg.clone(), at.elapsed()),
+            None => (String::new(), Duration::ZERO),
+        });
+        wire::pb::EdgeStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pending_changes: self.handle.status().pending_changes.saturating_sub(sending),
+            failed_rounds: self.handle.counters().failures.load(Ordering::Relaxed),
+            last_error,
+            last_error_ago_ms: u64::try_from(ago.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
     fn counters_requests(&self) -> u64 {
         self.handle.counters().requests.load(Ordering::Relaxed)
     }
@@ -395,6 +417,7 @@ impl SyncClient {
         let full = state.full || since == 0;
         let telemetry_room = state.telemetry_room(max_bytes);
         let edge_id = self.registry.store().node_id().to_owned();
+        let sent_now = state.updates.len() as u64;
         let mut req = EdgeSyncRequest {
             batch_id: if state.updates.is_empty() {
                 String::new()
@@ -410,6 +433,7 @@ impl SyncClient {
             )
             .unwrap_or(u32::MAX),
             hlc: Hlc::new(wall_millis(), 0).0,
+            status: Some(self.self_report(sent_now)),
             ..Default::default()
         };
         let seqs = state.seqs;

@@ -168,6 +168,27 @@ pub mod testing {
         request(edge, updates, 0, 0, compress)
     }
 
+    /// A request from `edge` with no records, only its self-report
+    /// (`status`: version, pending changes, failed rounds, last error and
+    /// how many ms ago); `None` sends a request from before the report
+    /// existed.
+    pub fn status_report(edge: &str, status: Option<(&str, u64, u64, &str, u64)>) -> Vec<u8> {
+        let req = wire::EdgeSyncRequest {
+            edge_id: edge.into(),
+            status: status.map(
+                |(version, pending, failed, error, ago)| wire::pb::EdgeStatus {
+                    version: version.into(),
+                    pending_changes: pending,
+                    failed_rounds: failed,
+                    last_error: error.into(),
+                    last_error_ago_ms: ago,
+                },
+            ),
+            ..Default::default()
+        };
+        wire::encode(&req, false)
+    }
+
     /// A request from `edge` whose clock (`hlc`) reads `clock_ms`, carrying
     /// `n` KV updates stamped now: `distinct` gives each its own key
     /// (`{key}-{i}`) and a value of `value_len` bytes; otherwise all `n`

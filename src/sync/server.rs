@@ -126,6 +126,7 @@ impl Hub {
                     .collect()
             })
             .unwrap_or_default();
+        let status = request.head.status.take();
         let req = &request.head;
         let page = match req.max_response_bytes as usize {
             0 => DEFAULT_PAGE,
@@ -198,6 +199,7 @@ impl Hub {
                         now,
                         resp.current_index as u64,
                         u64::from(resp.applied),
+                        status.as_ref().map(|s| edge_status_json(s, now)).as_deref(),
                     )?;
                     resp.batch_id = batch.clone();
                     let own = tx.current_index()?;
@@ -213,6 +215,31 @@ impl Hub {
         }
         Ok(wire::encode(&resp, compressed))
     }
+}
+
+/// An edge's self-report as the hub keeps it for the fleet view: strings
+/// cut to a size a table cell can show (the request's own limits already
+/// bound them), the failure's time put on the hub's clock.
+fn edge_status_json(s: &wire::pb::EdgeStatus, now: u64) -> String {
+    fn clip(s: &str, max: usize) -> &str {
+        let mut end = s.len().min(max);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        &s[..end]
+    }
+    let last_error_ms = match s.last_error.is_empty() {
+        true => 0,
+        false => now.saturating_sub(s.last_error_ago_ms),
+    };
+    serde_json::json!({
+        "version": clip(&s.version, 64),
+        "pending_changes": s.pending_changes,
+        "failed_rounds": s.failed_rounds,
+        "last_error": clip(&s.last_error, 512),
+        "last_error_ms": last_error_ms,
+    })
+    .to_string()
 }
 
 /// Adds changed records to `resp` until `page` encoded bytes; sets

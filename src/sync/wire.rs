@@ -146,6 +146,8 @@ pub(crate) struct RequestHead {
     pub telemetry: Option<pb::TelemetryBatch>,
     #[prost(uint64, tag = "9")]
     pub hlc: u64,
+    #[prost(message, optional, tag = "10")]
+    pub status: Option<pb::EdgeStatus>,
 }
 
 const UPDATES_FIELD: u32 = 3;

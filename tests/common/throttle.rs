@@ -21,6 +21,8 @@ struct Shape {
     /// connection per sync round, the longest round.
     longest_ms: AtomicU64,
     stop: AtomicBool,
+    /// The link is cut: connections are accepted and closed at once.
+    down: AtomicBool,
 }
 
 pub struct Throttle {
@@ -46,6 +48,9 @@ impl Throttle {
                     return;
                 }
                 let Ok(down) = conn else { continue };
+                if s.down.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let Ok(up) = TcpStream::connect(&upstream) else {
                     continue;
                 };
@@ -68,6 +73,11 @@ impl Throttle {
             }
         });
         Throttle { addr, shape }
+    }
+
+    /// Cuts the link (`true`) or restores it.
+    pub fn set_down(&self, down: bool) {
+        self.shape.down.store(down, Ordering::Relaxed);
     }
 
     pub fn set(&self, rate: u64, latency: Duration) {

@@ -10,6 +10,7 @@
 mod common;
 
 mod api;
+mod edge_report;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -294,13 +295,15 @@ fn the_fleet_page_lists_edges_marks_stale_ones_shows_alerts_live_and_pauses_a_ro
     let devices = |id: &str| {
         rows.iter()
             .find(|r| r["id"] == id)
-            .map(|r| cell(r, 6))
+            .map(|r| cell(r, 9))
             .unwrap_or_default()
     };
     assert_eq!(devices("edge-a"), "2", "{rows:?}");
     assert_eq!(devices("edge-b"), "3", "{rows:?}");
     for r in &rows {
         assert!(!r["cls"].as_str().unwrap_or("").contains("stale"), "{r}");
+        // Each edge says which version it runs in its sync request.
+        assert_eq!(cell(r, 1), env!("CARGO_PKG_VERSION"), "{r}");
     }
     br.shot("edges");
     // The page is not reloaded from here on: a reload would lose this.

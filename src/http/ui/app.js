@@ -26,16 +26,26 @@ function badge(text, cls) {
 }
 const HEALTH = { ok: 'good', alerting: 'warn', low_battery: 'warn', offline: 'bad' };
 const isStale = (e) => Date.now() + st.skew - e.last_seen_ms > st.data.stale_after_ms;
+// Failed sync rounds since the edge started; the last error on hover.
+function syncErrors(e) {
+  if (!e.failed_rounds) return num(e.failed_rounds);
+  const s = document.createElement('span');
+  s.title = e.last_error;
+  s.append(badge(e.failed_rounds, 'warn'), ` last ${age(e.last_error_ms)}: ${e.last_error.slice(0, 60)}`);
+  return s;
+}
 
 // [key, title, render(row) -> text or node, numeric]
 const VIEWS = {
   edges: { url: '/v1/edge/fleet/edges', sort: 'edge_id', only: ['stale', 'Stale only'],
     key: 'edge_id', click: (e) => { st.edge = e.edge_id; go('devices'); },
     rowClass: (e) => (isStale(e) ? 'stale click' : 'click'),
-    cols: [['edge_id', 'Edge', (e) => e.edge_id],
+    cols: [['edge_id', 'Edge', (e) => e.edge_id], ['version', 'Version', (e) => num(e.version)],
       ['stale', 'Sync', (e) => (isStale(e) ? badge('stale', 'bad') : badge('in sync', 'good'))],
       ['last_seen_ms', 'Last sync', (e) => when(e.last_seen_ms)],
       ['age_ms', 'Age', (e) => age(e.last_seen_ms)],
+      ['pending_changes', 'Pending', (e) => num(e.pending_changes), 1],
+      ['failed_rounds', 'Sync errors', syncErrors, 1],
       ['applied', 'Changes applied', (e) => num(e.applied), 1],
       ['conflicts', 'Conflicts', (e) => num(e.conflicts), 1],
       ['devices', 'Devices', (e) => num(e.devices), 1],
