@@ -37,6 +37,12 @@ ifeq ($(BR2_PACKAGE_KONSUL_EDGE_MQTT),y)
 # stack sync links anyway: no C library, no cmake, no OpenSSL.
 KONSUL_EDGE_CARGO_FEATURES += mqtt
 endif
+ifeq ($(BR2_PACKAGE_KONSUL_EDGE_SPARKPLUG),y)
+KONSUL_EDGE_CARGO_FEATURES += sparkplug
+endif
+ifeq ($(BR2_PACKAGE_KONSUL_EDGE_FLEET_UI),y)
+KONSUL_EDGE_CARGO_FEATURES += fleet-ui
+endif
 # Sync, D-Bus and OTA are always built in: no options.
 
 KONSUL_EDGE_CARGO_OPTS = --no-default-features \

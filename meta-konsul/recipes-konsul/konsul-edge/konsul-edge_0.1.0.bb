@@ -47,11 +47,17 @@ inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
 #
 # Default: link the image's libsqlite3 (one copy, security updates via the
 # sqlite3 recipe) instead of the SQLite amalgamation bundled in the binary.
-PACKAGECONFIG ??= "mqtt"
+PACKAGECONFIG ??= "mqtt sparkplug"
 PACKAGECONFIG[bundled-sqlite] = "bundled-sqlite,,,"
 # The MQTT bridge: our own client in Rust (docs/decisions/0021), TLS
 # through rustls as for sync: no cmake, no OpenSSL.
 PACKAGECONFIG[mqtt] = "mqtt,,,"
+# The Sparkplug B edge node on the same client, idle until
+# `sparkplug.enabled` in edge.yaml (docs/decisions/0022). Needs mqtt.
+PACKAGECONFIG[sparkplug] = "sparkplug,,,"
+# The hub's fleet page at /ui/ (docs/decisions/0009): for images that run
+# `konsul-edge hub`; about 38 KB an edge image need not carry.
+PACKAGECONFIG[fleet-ui] = "fleet-ui,,,"
 # D-Bus (zbus, pure Rust), sync and OTA are always built in: no flags. D-Bus
 # needs a bus daemon (dbus or dbus-broker) at run time, which every systemd
 # image has. See docs/decisions/0013-zbus.md.
