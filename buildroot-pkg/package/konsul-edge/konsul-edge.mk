@@ -39,6 +39,9 @@ KONSUL_EDGE_CARGO_FEATURES += mqtt
 endif
 ifeq ($(BR2_PACKAGE_KONSUL_EDGE_SPARKPLUG),y)
 KONSUL_EDGE_CARGO_FEATURES += sparkplug
+# Eclipse Tahu's schema, compiled into the binary's message code.
+KONSUL_EDGE_LICENSE += , EPL-2.0 (Sparkplug B schema)
+KONSUL_EDGE_LICENSE_FILES += proto/sparkplug_b/sparkplug_b.proto
 endif
 ifeq ($(BR2_PACKAGE_KONSUL_EDGE_FLEET_UI),y)
 KONSUL_EDGE_CARGO_FEATURES += fleet-ui

@@ -17,9 +17,13 @@ CVE_PRODUCT = "konsul-edge"
 #   cargo tree -e normal --target aarch64-unknown-linux-gnu --prefix none -f '{p} {l}' | sort -u
 LICENSE = "Apache-2.0 & MIT & BSD-3-Clause & ISC & Zlib"
 LICENSE:append = "${@bb.utils.contains('PACKAGECONFIG', 'bundled-sqlite', ' & PD', '', d)}"
+# The Sparkplug B schema (Eclipse Tahu's sparkplug_b.proto, EPL-2.0) is
+# compiled into the binary's message code when that feature is on.
+LICENSE:append = "${@bb.utils.contains('PACKAGECONFIG', 'sparkplug', ' & EPL-2.0', '', d)}"
 # LICENSE is the repository's own (Apache-2.0); the crates' licenses above
 # travel in their crate archives.
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
+LIC_FILES_CHKSUM:append = "${@bb.utils.contains('PACKAGECONFIG', 'sparkplug', ' file://proto/sparkplug_b/sparkplug_b.proto;beginline=1;endline=7;md5=030d91fcc47d0f3d747006e3a6f3d48b', '', d)}"
 
 # Without the bundled-sqlite feature (the default, below) libsqlite3-sys
 # links the image's libsqlite3, found through pkg-config. rusqlite 0.43
