@@ -157,11 +157,7 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             return Err(e);
         }
     };
-    let admin_tokens = match (&config.mode, &config.sync.auth_token_file) {
-        (Mode::Hub, Some(file)) => vec![file.clone()],
-        _ => Vec::new(),
-    };
-    let acl = match crate::acl::Acl::load(&config.acl, admin_tokens) {
+    let acl = match crate::acl::Acl::load(&config.acl, admin_token_files(&config)) {
         Ok(a) => a,
         Err(e) => {
             store.close();
@@ -673,4 +669,20 @@ pub fn selftest(dir: &std::path::Path) -> Result<String, DaemonError> {
         crate::store::SCHEMA_VERSION,
         dir.display()
     ))
+}
+
+/// A hub's sync tokens are admin tokens too.
+fn admin_token_files(config: &Config) -> Vec<PathBuf> {
+    match (&config.mode, &config.sync.auth_token_file) {
+        (Mode::Hub, Some(file)) => vec![file.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Loads the access policy as a start would (token files' modes and
+/// lengths, policy files), so `check-config` passes only what starts.
+pub fn check_access(config: &Config) -> Result<(), DaemonError> {
+    crate::acl::Acl::load(&config.acl, admin_token_files(config))
+        .map(drop)
+        .map_err(Into::into)
 }

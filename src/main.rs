@@ -296,6 +296,11 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok((c, sources)) => {
+                // What `run` refuses after the file parsed: token files
+                // others can read, short tokens, bad policy files.
+                if let Err(e) = daemon::check_access(&c) {
+                    return daemon_failure(e);
+                }
                 for name in &sources.ignored_env {
                     eprintln!("warning: {name} names no configuration key; ignored");
                 }

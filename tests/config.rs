@@ -317,3 +317,42 @@ fn init_and_every_board_config_ship_the_same_local_access() {
     let v: Value = serde_norway::from_str(&std::fs::read_to_string(&dev).unwrap()).unwrap();
     assert_eq!(v["http"]["unix_socket"].as_str(), Some("./data/api.sock"));
 }
+
+/// `check-config` refuses the token files `run` refuses (readable by other
+/// users, too short), with the same message and exit code: a config it
+/// passes must start.
+#[test]
+fn check_config_refuses_the_token_files_run_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = d.join("ops.token");
+    for (secret, mode, expect) in [
+        ("a-long-enough-secret-0123", 0o644, "lets other users read"),
+        ("short", 0o600, "at least 16 characters"),
+    ] {
+        std::fs::write(&token, secret).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let config = common::write_config(
+            d,
+            &format!(
+                "acl:\n  enabled: true\n  tokens:\n    - name: ops\n      file: {}\n      policies: [\"builtin:admin\"]\n",
+                token.display()
+            ),
+        );
+        let checked = check(&config, &[]);
+        let started = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        for (what, out) in [("check-config", &checked), ("run", &started)] {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{what} ({expect}): {err}");
+            assert!(
+                err.contains(expect) && err.contains("ops.token"),
+                "{what}: {err}"
+            );
+        }
+    }
+}
