@@ -264,8 +264,11 @@ pub fn builtin() -> Vec<Policy> {
     let every = [
         Read, Write, List, Delete, Register, Deregister, Create, Restore, Export, Import, Admin,
     ];
+    // What every local user may read. `sync` is in `status` anyway and
+    // in D-Bus's Sync properties, which any bus peer reads.
     let edge_reads = vec![
         path("status", &[Read]),
+        path("sync", &[Read]),
         path("services", &[Read, List]),
         path("devices/**", &[Read, List]),
         path("devices", &[Read, List]),
@@ -291,7 +294,7 @@ pub fn builtin() -> Vec<Policy> {
         Policy {
             name: "builtin:anonymous".into(),
             description: "local apps: read the catalogue and KV, register new services, \
-                          read devices and alerts; nothing else"
+                          read devices, alerts and the sync state; nothing else"
                 .into(),
             kv: vec![path("**", &[Read, List])],
             service: vec![NameRule {

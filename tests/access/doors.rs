@@ -166,3 +166,35 @@ fn the_same_bad_request_gets_the_same_class_over_http_and_dbus() {
     assert!(!full.text().contains(".db"), "{}", full.text());
     assert!(!out.contains(".db"), "{out}");
 }
+
+/// The sync state is one read with one answer: a local user who may read
+/// it on D-Bus (the Sync properties) and in `/v1/edge/status` may read it
+/// at `/v1/edge/sync` too, over TCP and the Unix socket.
+#[test]
+fn a_user_who_reads_the_sync_state_through_one_door_reads_it_through_every_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = shipped_bus(dir.path());
+    let d = start(dir.path(), &bus, "", "");
+    let (ok, props) = dbus(
+        &bus,
+        true,
+        "org.freedesktop.DBus.Properties.GetAll",
+        &["io.konsul.Edge1.Sync"],
+    );
+    assert!(ok && props.contains("PendingChanges"), "{props}");
+    let status = request_anon(&d.addr, "GET", "/v1/edge/status", None, &[]);
+    assert_eq!(status.status, 200, "{}", status.text());
+    assert!(status.json()["sync"].is_object(), "{}", status.text());
+
+    let r = request_anon(&d.addr, "GET", "/v1/edge/sync", None, &[]);
+    assert_eq!(r.status, 200, "anonymous GET /v1/edge/sync: {}", r.text());
+    assert_eq!(
+        r.json()["pending_changes"],
+        status.json()["sync"]["pending_changes"]
+    );
+    let (code, body) = unix_http(&d.dir.join("api.sock"), true, "GET", "/v1/edge/sync", None);
+    assert_eq!(code, 200, "nobody over the Unix socket: {body}");
+    // Reading is all it grants.
+    let r = request_anon(&d.addr, "POST", "/v1/edge/sync/now", None, &[]);
+    assert!(r.status == 401 || r.status == 403, "{}", r.text());
+}
