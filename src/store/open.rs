@@ -132,10 +132,18 @@ impl Db {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(damaged("read user_version"))?;
         if !ours {
-            let tables: i64 = conn
-                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+            // One statement, one snapshot: another opener of the same new
+            // file may commit its first migration between two reads (an id
+            // of 0 with tables would look like a stranger's file).
+            let (app_id, tables, version): (i32, i64, i64) = conn
+                .query_row(
+                    "SELECT a.application_id, (SELECT count(*) FROM sqlite_schema), u.user_version
+                     FROM pragma_application_id a, pragma_user_version u",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
                 .map_err(damaged("list tables"))?;
-            if app_id != 0 || tables > 0 || version != 0 {
+            if app_id != APPLICATION_ID && (app_id != 0 || tables > 0 || version != 0) {
                 return Err(StoreError::NotKonsul {
                     path,
                     detail: format!("application_id {app_id:#x}, {tables} tables"),
@@ -151,8 +159,7 @@ impl Db {
         }
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql_err(&path, "busy_timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(damaged("enable WAL"))?;
+        enable_wal(&conn).map_err(damaged("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(damaged("set synchronous"))?;
         conn.pragma_update(None, "foreign_keys", "ON")
@@ -187,7 +194,7 @@ impl Db {
             budget: Budget::new(opts.max_size, page_size),
         };
         db.apply_budget()?;
-        db.migrate(version)?;
+        db.migrate()?;
         db.load_identity()?;
         if lost {
             db.run_tx(|tx| {
@@ -207,25 +214,38 @@ impl Db {
         Ok(db)
     }
 
-    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
-        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(from as usize) {
-            let to = i as i64 + 1;
-            let path = self.path.clone();
+    /// Brings the schema to [`schema::LATEST`], one migration per
+    /// transaction. Each takes the write lock first (IMMEDIATE) and reads
+    /// the version again under it: another process opening the same new
+    /// file may have migrated since `open` read it, and SQLite would
+    /// otherwise let both run migration 1.
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        loop {
             let tx = self
                 .conn
-                .transaction()
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(sql_err(&path, "begin migration"))?;
-            if from == 0 && i == 0 {
+            let from: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(sql_err(&path, "read user_version"))?;
+            let Some(sql) = usize::try_from(from)
+                .ok()
+                .and_then(|i| schema::MIGRATIONS.get(i))
+            else {
+                return Ok(());
+            };
+            if from == 0 {
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(sql_err(&path, "set application_id"))?;
             }
+            let to = from + 1;
             tx.execute_batch(sql).map_err(sql_err(&path, "migrate"))?;
             tx.pragma_update(None, "user_version", to)
                 .map_err(sql_err(&path, "set user_version"))?;
             tx.commit().map_err(sql_err(&path, "commit migration"))?;
             log::info!("{}: schema migrated to version {to}", path.display());
         }
-        Ok(())
     }
 
     fn load_identity(&mut self) -> Result<(), StoreError> {
@@ -249,17 +269,45 @@ impl Db {
             }
             Some(_) => {}
             None => {
+                // Another process opening the new file may have written
+                // it since the read: keep the first, as above.
                 self.conn
                     .execute(
-                        "INSERT INTO meta (key, value) VALUES ('node_id', ?1)",
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?1)",
                         [&self.node_id],
                     )
                     .map_err(sql_err(&path, "write node_id"))?;
+                let id: String = self
+                    .conn
+                    .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| {
+                        r.get(0)
+                    })
+                    .map_err(sql_err(&path, "read node_id"))?;
+                self.node_id = id;
             }
         }
         let hlc: u64 = self.meta_u64("hlc")?;
         self.clock = HlcClock::new(Hlc(hlc));
         Ok(())
+    }
+}
+
+/// Switching a new file to WAL takes it exclusively for a moment, and
+/// SQLite answers "busy" at once rather than calling the busy handler, so
+/// a second opener of the same new file waits here (at most 5 s, as the
+/// busy timeout). Runs on the store's own thread, before it serves.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(e)
+                if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            done => return done,
+        }
     }
 }
 

@@ -247,3 +247,41 @@ fn telemetry_is_evicted_before_state_writes_are_refused() {
     assert_eq!(left, 0, "state was refused while telemetry remained");
     s.close();
 }
+
+/// Two processes opening one new database at once (the daemon and a CLI
+/// tool, or a unit restarted over a slow start) both get it: migrations
+/// and the identity are written once, by whoever takes the write lock
+/// first, and the other sees them.
+#[test]
+fn openers_racing_on_one_new_database_all_open_it() {
+    use std::sync::{Arc, Barrier};
+    for round in 0..8 {
+        let d = tempfile::tempdir().unwrap();
+        let start = Arc::new(Barrier::new(4));
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let path = d.path().join("k.db");
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    Store::open(StoreOptions {
+                        path,
+                        max_size: 8 << 20,
+                        node_id: "n1".into(),
+                    })
+                    .map(|s| {
+                        let id = s.node_id().to_owned();
+                        s.close();
+                        id
+                    })
+                })
+            })
+            .collect();
+        for o in openers {
+            match o.join().unwrap() {
+                Ok(id) => assert_eq!(id, "n1"),
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+    }
+}
