@@ -365,3 +365,31 @@ fn repair_clock_brings_a_hub_clock_back_from_the_year_3000() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to change"));
 }
+
+/// Far above a debug build's idle edge (about 20 MiB), far below what
+/// decoding a 30 MiB answer costs (the decompressed bytes, then the
+/// decoded record: 60 MiB on top).
+const EDGE_PEAK_KIB: u64 = 48 << 10;
+
+#[test]
+fn an_edge_refuses_an_answer_far_larger_than_the_page_it_asked_for_before_decoding_it() {
+    // 1.4 MiB on the wire, 30 MiB decoded: under the 32 MiB any answer
+    // may be, far over the 256 KiB page the edge asks for.
+    let hub = fake_hub(testing::response_of_bytes(30 << 20));
+    let dir = tempfile::tempdir().unwrap();
+    edge_config(dir.path(), "edge-a", &hub);
+    let edge = Daemon::start(dir.path());
+    let s = sync_status(&edge);
+    let err = s["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("decodes to") && err.contains("limit"),
+        "the edge took a 30 MiB answer: {s}"
+    );
+    let peak = vm_hwm_kib(edge.pid());
+    assert!(
+        peak < EDGE_PEAK_KIB,
+        "the edge reached {} MiB refusing the answer",
+        peak >> 10
+    );
+    assert_eq!(kv(&edge, "big"), None, "nothing of the answer was applied");
+}

@@ -418,6 +418,7 @@ impl SyncClient {
         let telemetry_room = state.telemetry_room(max_bytes);
         let edge_id = self.registry.store().node_id().to_owned();
         let sent_now = state.updates.len() as u64;
+        let page = self.limits.response_bytes(super::server::DEFAULT_PAGE);
         let mut req = EdgeSyncRequest {
             batch_id: if state.updates.is_empty() {
                 String::new()
@@ -428,10 +429,7 @@ impl SyncClient {
             last_sync_index: since as i64,
             pending_updates: state.updates,
             full_sync: full,
-            max_response_bytes: u32::try_from(
-                self.limits.response_bytes(super::server::DEFAULT_PAGE),
-            )
-            .unwrap_or(u32::MAX),
+            max_response_bytes: u32::try_from(page).unwrap_or(u32::MAX),
             hlc: Hlc::new(wall_millis(), 0).0,
             status: Some(self.self_report(sent_now)),
             ..Default::default()
@@ -494,7 +492,7 @@ impl SyncClient {
         counters
             .bytes_received
             .fetch_add(resp_bytes.len() as u64, Ordering::Relaxed);
-        let resp: EdgeSyncResponse = wire::decode(&resp_bytes, self.compress, "EdgeSyncResponse")?;
+        let resp = wire::decode_response(&resp_bytes, self.compress, page)?;
         if resp.full_sync_required {
             log::warn!("hub collected deletes this edge has not seen; starting a full sync");
             self.registry

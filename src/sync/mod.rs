@@ -229,6 +229,24 @@ pub mod testing {
         wire::encode(&resp, compress)
     }
 
+    /// A response carrying one KV record whose body is `len` bytes of
+    /// one letter: tiny compressed, `len` decoded (a hub, or something
+    /// posing as one, that ignores the page the edge asked for).
+    pub fn response_of_bytes(len: usize) -> Vec<u8> {
+        let resp = wire::EdgeSyncResponse {
+            cloud_updates: vec![own_update(
+                "hub",
+                wire::RecordKind::Kv as i32,
+                "big".into(),
+                "x".repeat(len),
+                crate::clock::Hlc::new(crate::clock::wall_millis(), 0).0,
+            )],
+            current_index: 1,
+            ..Default::default()
+        };
+        wire::encode(&resp, true)
+    }
+
     /// (updates, current_index, more) of an encoded response.
     pub fn response_summary(data: &[u8], compressed: bool) -> Result<(usize, i64, bool), String> {
         let r: wire::EdgeSyncResponse =

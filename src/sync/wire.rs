@@ -33,7 +33,9 @@ pub(crate) use pb::{EdgeSyncRequest, EdgeSyncResponse, FieldStamp, RecordKind, S
 pub const MAX_COMPRESSED: usize = 8 << 20;
 /// Largest decompressed response (snappy states it up front, so this is
 /// checked before allocating). Responses are paged by the hub to at most
-/// 4 MiB plus one record.
+/// 4 MiB plus one record; an edge allows the page it asked for plus
+/// [`RESPONSE_SLACK`] ([`decode_response`]), less than this with a small
+/// `memory_limit`.
 pub const MAX_DECODED: usize = 32 << 20;
 /// Largest decoded request a hub accepts: what one request may cost it.
 /// The client's batches ([`UPDATE_BYTES`] + [`TELEMETRY_BYTES`] + the head)
@@ -97,6 +99,28 @@ pub fn decode<M: Message + Default>(
 ) -> Result<M, WireError> {
     let bytes = decompress(body, compressed, MAX_DECODED)?;
     M::decode(&bytes[..]).map_err(|source| WireError::Decode { what, source })
+}
+
+/// Beyond the page an edge asks for, what a hub's answer may hold: the
+/// one record that crosses the page boundary (as large as any request
+/// could have carried it) and the conflict and telemetry lists.
+const RESPONSE_SLACK: usize = MAX_REQUEST_DECODED + (1 << 20);
+
+/// Decodes a hub's answer to a request that asked for `page` bytes: an
+/// answer that says it decodes to more is refused before anything is
+/// decompressed, so a hub (or something posing as one) cannot make an
+/// edge with a small `memory_limit` allocate 32 MiB twice.
+pub(crate) fn decode_response(
+    body: &[u8],
+    compressed: bool,
+    page: usize,
+) -> Result<EdgeSyncResponse, WireError> {
+    let max = page.saturating_add(RESPONSE_SLACK).min(MAX_DECODED);
+    let bytes = decompress(body, compressed, max)?;
+    EdgeSyncResponse::decode(&bytes[..]).map_err(|source| WireError::Decode {
+        what: "EdgeSyncResponse",
+        source,
+    })
 }
 
 /// The message bytes of `body`, at most `max` of them: a compressed body's
