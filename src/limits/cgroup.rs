@@ -72,9 +72,9 @@ impl Cgroup {
         let want = r.memory_limit.0;
         match self.memory_max {
             Found::Limit(have) if have.abs_diff(want) > MEMORY_SLACK => out.push(format!(
-                "{}/memory.max is {have} bytes but resources.memory_limit is {} ({want} bytes); \
+                "{} is {have} bytes but resources.memory_limit is {} ({want} bytes); \
                  re-run `konsul-edge systemd-dropin`",
-                self.dir.display(),
+                self.dir.join("memory.max").display(),
                 r.memory_limit
             )),
             Found::Limit(_) => {}
@@ -84,9 +84,9 @@ impl Cgroup {
         }
         match self.cpu_max {
             Found::Limit(have) if (have - r.cpu_limit).abs() > CPU_SLACK => out.push(format!(
-                "{}/cpu.max allows {have:.3} CPUs but resources.cpu_limit is {}; \
+                "{} allows {have:.3} CPUs but resources.cpu_limit is {}; \
                  re-run `konsul-edge systemd-dropin`",
-                self.dir.display(),
+                self.dir.join("cpu.max").display(),
                 r.cpu_limit
             )),
             Found::Limit(_) => {}
@@ -106,14 +106,16 @@ impl Cgroup {
         key: &str,
         value: &dyn std::fmt::Display,
     ) -> String {
-        let dir = self.dir.display();
+        // join, not "{dir}/": the root cgroup's dir ends in a slash.
+        let file = self.dir.join(format!("{controller}.max"));
+        let file = file.display();
         match found {
             Found::Unlimited => format!(
-                "{dir}/{controller}.max is `max`: resources.{key} {value} is not enforced; \
+                "{file} is `max`: resources.{key} {value} is not enforced; \
                  install the drop-in `konsul-edge systemd-dropin` writes"
             ),
             _ => format!(
-                "{dir}/{controller}.max is absent (no cgroup v2 {controller} controller here): \
+                "{file} is absent (no cgroup v2 {controller} controller here): \
                  resources.{key} {value} is not enforced by the kernel"
             ),
         }
