@@ -20,20 +20,6 @@ const FAST: u64 = 1_000_000;
 const LATENCY: Duration = Duration::from_millis(300);
 const LONG: Duration = Duration::from_secs(120);
 
-fn hub() -> (tempfile::TempDir, Daemon) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("edge.yaml"),
-        format!(
-            "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n",
-            dir.path().join("hub.db").display()
-        ),
-    )
-    .unwrap();
-    let hub = Daemon::start_hub(dir.path());
-    (dir, hub)
-}
-
 fn edge_config(dir: &Path, hub: &str, cloud_extra: &str, extra: &str) {
     std::fs::write(
         dir.join("edge.yaml"),
@@ -77,7 +63,7 @@ fn write_keys(d: &Daemon, prefix: &str, n: usize) {
 
 #[test]
 fn a_throttled_link_gets_batches_sized_to_it_and_ten_thousand_changes_drain_within_budget() {
-    let (_hub_dir, hub) = hub();
+    let (_hub_dir, hub) = Daemon::plain_hub();
     let link = Throttle::start(&hub.addr, SLOW, LATENCY);
     let dir = tempfile::tempdir().unwrap();
     edge_config(
@@ -207,7 +193,7 @@ fn mqtt_extra(broker: &Broker) -> String {
 fn state_changes_overtake_queued_telemetry() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
-    let (_hub_dir, hub) = hub();
+    let (_hub_dir, hub) = Daemon::plain_hub();
     let link = Throttle::start(&hub.addr, SLOW, LATENCY);
     edge_config(dir.path(), &link.addr, "", &mqtt_extra(&broker));
     let edge = Daemon::start(dir.path());
@@ -245,7 +231,7 @@ fn state_changes_overtake_queued_telemetry() {
 fn a_daily_data_budget_holds_telemetry_back_but_not_state_changes() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
-    let (_hub_dir, hub) = hub();
+    let (_hub_dir, hub) = Daemon::plain_hub();
     let link = Throttle::start(&hub.addr, 0, Duration::ZERO);
     let budget = 64 * 1024;
     edge_config(

@@ -101,6 +101,23 @@ impl Daemon {
         Self::start_as(dir, "hub", &[])
     }
 
+    /// A hub named `hub` with nothing configured beyond its store and an
+    /// ephemeral port, in a temp dir that lives as long as the first
+    /// element.
+    pub fn plain_hub() -> (tempfile::TempDir, Daemon) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("edge.yaml"),
+            format!(
+                "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n",
+                dir.path().join("hub.db").display()
+            ),
+        )
+        .unwrap();
+        let hub = Daemon::start_hub(dir.path());
+        (dir, hub)
+    }
+
     pub fn start_as(dir: &Path, command: &str, env: &[(&str, &str)]) -> Daemon {
         let config = dir.join("edge.yaml");
         if !config.exists() {

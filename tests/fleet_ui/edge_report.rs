@@ -11,20 +11,6 @@ use super::common::*;
 use konsul_edge::sync::testing;
 use serde_json::Value;
 
-fn hub() -> (tempfile::TempDir, Daemon) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("edge.yaml"),
-        format!(
-            "node_id: hub\nstorage: {{path: {}}}\nhttp: {{listen: '127.0.0.1:0'}}\n",
-            dir.path().join("hub.db").display()
-        ),
-    )
-    .unwrap();
-    let hub = Daemon::start_hub(dir.path());
-    (dir, hub)
-}
-
 /// The hub's fleet row for `edge`, once `pred` holds for it.
 fn edge_row(hub: &Daemon, edge: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     wait_for(what, Duration::from_secs(40), || {
@@ -52,7 +38,7 @@ fn send(hub: &Daemon, body: &[u8]) {
 
 #[test]
 fn an_edge_reports_its_version_backlog_and_sync_failures_to_the_hub() {
-    let (_hub_dir, hub) = hub();
+    let (_hub_dir, hub) = Daemon::plain_hub();
     let link = Throttle::start(&hub.addr, 0, Duration::ZERO);
     link.set_down(true);
     let dir = tempfile::tempdir().unwrap();
@@ -100,7 +86,7 @@ fn an_edge_reports_its_version_backlog_and_sync_failures_to_the_hub() {
 
 #[test]
 fn the_hub_bounds_what_an_edge_reports_and_keeps_it_across_older_requests() {
-    let (_hub_dir, hub) = hub();
+    let (_hub_dir, hub) = Daemon::plain_hub();
     let long = "v".repeat(10_000);
     let error = "é".repeat(5_000);
     send(
