@@ -27,6 +27,7 @@
 
 mod budget;
 mod guard;
+mod hawkbit;
 mod init;
 mod keys;
 mod load;
@@ -38,6 +39,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use hawkbit::Hawkbit;
 pub use init::render_init;
 #[cfg(test)]
 pub(crate) use keys::ED25519_SPKI_PREFIX;
@@ -94,6 +96,7 @@ pub struct Config {
     pub acl: Acl,
     pub ota: Ota,
     pub firmware: Firmware,
+    pub hawkbit: Hawkbit,
 }
 
 /// Where a loaded config came from, for `check-config` and the start-up log.

@@ -188,7 +188,15 @@ impl Config {
             ));
         }
         self.check_storage()?;
-        self.validate_ota()
+        self.validate_ota()?;
+        self.hawkbit.check().map_err(|(key, m)| bad(key, m))?;
+        if self.hawkbit.enabled() && self.ota.backend == OtaBackend::None {
+            return Err(bad(
+                "hawkbit.server",
+                "the DDI client installs through the A/B coordinator: set ota.backend".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_ota(&self) -> Result<(), ConfigError> {
