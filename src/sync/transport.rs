@@ -236,8 +236,23 @@ impl Client {
         limit: usize,
         wire: &Arc<WireCount>,
     ) -> Result<Vec<u8>, TransportError> {
+        self.request(hyper::Method::POST, path, body, headers, limit, wire)
+            .await
+    }
+
+    /// Like [`Client::post`] with any method (a DDI client also GETs and
+    /// PUTs). An `Authorization` among `headers` replaces the bearer token.
+    pub async fn request(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+        limit: usize,
+        wire: &Arc<WireCount>,
+    ) -> Result<Vec<u8>, TransportError> {
         let url = format!("{}{path}", self.endpoint.url);
-        let work = self.post_inner(&url, path, body, headers, limit, wire);
+        let work = self.post_inner(method, &url, path, body, headers, limit, wire);
         let timeout = async {
             async_io::Timer::after(self.timeout).await;
             Err(TransportError::Timeout {
@@ -323,6 +338,20 @@ impl Client {
         bytes_per_sec: u64,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<u64, TransportError> {
+        self.get_to_file_with(path, dest, bytes_per_sec, progress, &[])
+            .await
+    }
+
+    /// [`Client::get_to_file`] with extra request headers (an
+    /// `Authorization` among them replaces the bearer token).
+    pub async fn get_to_file_with(
+        &self,
+        path: &str,
+        dest: &Path,
+        bytes_per_sec: u64,
+        progress: &(dyn Fn(u64) + Sync),
+        headers: &[(&str, &str)],
+    ) -> Result<u64, TransportError> {
         let url = format!("{}{path}", self.endpoint.url);
         let ep = &self.endpoint;
         let file_err = |source| TransportError::File {
@@ -337,7 +366,13 @@ impl Client {
         if offset > 0 {
             b = b.header(hyper::header::RANGE, format!("bytes={offset}-"));
         }
-        if let Some(t) = &self.token {
+        let own_auth = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        if let (Some(t), false) = (&self.token, own_auth) {
             b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let req = b
@@ -369,8 +404,10 @@ impl Client {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn post_inner(
         &self,
+        method: hyper::Method,
         url: &str,
         path: &str,
         body: Vec<u8>,
@@ -386,13 +423,18 @@ impl Client {
         let _ = stream.get_ref().set_nodelay(true);
         let stream = Metered::new(stream, wire.clone());
         let request = |host: &str| {
-            let mut b = hyper::Request::post(format!("{}{path}", ep.base))
+            let mut b = hyper::Request::builder()
+                .method(method.clone())
+                .uri(format!("{}{path}", ep.base))
                 .header(hyper::header::HOST, host)
                 .header(hyper::header::CONTENT_LENGTH, body.len());
+            let own_auth = headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
             for (k, v) in headers {
                 b = b.header(*k, *v);
             }
-            if let Some(t) = &self.token {
+            if let (Some(t), false) = (&self.token, own_auth) {
                 b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
             }
             b.body(Full::new(Bytes::from(body.clone())))
