@@ -82,12 +82,14 @@ pub mod backend;
 pub mod bundle;
 mod commands;
 mod coordinator;
+mod external;
 mod gate;
 mod metrics;
 pub mod rollout;
 mod shell;
 mod writer;
 
+pub use external::External;
 pub use metrics::render_metrics;
 
 use std::path::{Path, PathBuf};
@@ -224,6 +226,9 @@ pub struct Deployment {
     /// The hub rollout this deployment carries out; empty for a local
     /// install.
     pub rollout: String,
+    /// The external update server's job this deployment carries out
+    /// (`hawkbit:<action>`, `external`); empty otherwise.
+    pub external: String,
     /// The rollout's override of `ota.maintenance_window`.
     pub maintenance_window: Option<String>,
     /// (`created_ms`, id) of the newest hub rollout this node has acted on;
@@ -474,6 +479,7 @@ impl Ota {
                             "deployment": d2.id,
                             "rollout": d2.rollout,
                             "source": d2.source,
+                            "external": d2.external,
                             "version": d2.version,
                             "state": d2.state.as_str(),
                             "from_slot": d2.from_slot,
