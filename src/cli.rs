@@ -319,6 +319,31 @@ fn ota_text(j: &Json) -> String {
     if !s("last_error").is_empty() {
         let _ = writeln!(out, "last error:  {}", s("last_error"));
     }
+    if let Some(h) = j.get("hawkbit").filter(|h| h.is_object()) {
+        let hs = |k: &str| h[k].as_str().unwrap_or_default().to_owned();
+        let _ = writeln!(
+            out,
+            "hawkbit:     {} as {}",
+            hs("server"),
+            hs("controller_id")
+        );
+        if !hs("action").is_empty() {
+            let _ = writeln!(
+                out,
+                "  action:    {} ({})",
+                hs("action"),
+                hs("action_phase")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  polls:     {} ({} failed), feedback sent {}, pending {}",
+            h["polls"], h["poll_errors"], h["feedback_sent"], h["feedback_pending"]
+        );
+        if !hs("last_error").is_empty() {
+            let _ = writeln!(out, "  error:     {}", hs("last_error"));
+        }
+    }
     for l in j["log"].as_array().into_iter().flatten() {
         let at = l["at_ms"].as_u64().unwrap_or(0);
         let _ = writeln!(

@@ -55,6 +55,8 @@ pub enum DaemonError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error("ota: {0}")]
     Ota(#[from] crate::ota::OtaError),
+    #[error("{0}")]
+    Hawkbit(String),
     #[error(transparent)]
     Acl(#[from] crate::acl::AclError),
     /// Something inside the daemon broke while it ran.
@@ -268,9 +270,38 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             return Err(e.into());
         }
     };
+    // The DDI client drives the coordinator; only an edge has a slot to
+    // update (check-config refuses it without an OTA backend).
+    #[cfg(feature = "hawkbit")]
+    let hawkbit = if config.hawkbit.enabled() && config.mode == Mode::Edge {
+        match smol::block_on(crate::hawkbit::Hawkbit::open(
+            &config.hawkbit,
+            &config.ota,
+            ota.clone(),
+            store.clone(),
+        )) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                store.close();
+                return Err(DaemonError::Hawkbit(e.to_string()));
+            }
+        }
+    } else {
+        None
+    };
+    #[cfg(not(feature = "hawkbit"))]
+    if config.hawkbit.enabled() {
+        store.close();
+        return Err(DaemonError::Hawkbit(
+            "hawkbit.server is set, but this build has no DDI client (cargo feature `hawkbit`)"
+                .into(),
+        ));
+    }
     let api = Arc::new(App {
         acl,
         ota: ota.clone(),
+        #[cfg(feature = "hawkbit")]
+        hawkbit: hawkbit.clone(),
         registry,
         devices: devices.clone(),
         sync: sync.clone(),
@@ -383,6 +414,10 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
         // systemd and clients see, and the coordinator's first log line
         // (booted slot, state) always follows the ready line.
         ex.spawn(ota.run()).detach();
+        #[cfg(feature = "hawkbit")]
+        if let Some(h) = hawkbit {
+            ex.spawn(h.run()).detach();
+        }
 
         // Test hook: an error on the signal stream, on demand, so the
         // fault path (and its exit code) can be checked end to end.

@@ -17,6 +17,8 @@ pub mod daemon;
 pub(crate) mod dbus;
 pub mod devices;
 pub mod firmware;
+#[cfg(feature = "hawkbit")]
+pub mod hawkbit;
 pub mod http;
 pub mod limits;
 pub mod logging;

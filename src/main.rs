@@ -409,6 +409,8 @@ fn daemon_failure(e: DaemonError) -> ExitCode {
         // Not in RestartPreventExitStatus: systemd restarts the daemon.
         DaemonError::Fault(_) => EX_SOFTWARE,
         DaemonError::Mqtt(_) | DaemonError::Sparkplug(_) => EX_CONFIG,
+        // An unreadable token or CA file, or a build without the client.
+        DaemonError::Hawkbit(_) => EX_CONFIG,
         // No bus, or the name is taken: a restart later may succeed.
         DaemonError::Dbus(_) => EX_UNAVAILABLE,
         // The firmware directory cannot be created or read.

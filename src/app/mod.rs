@@ -37,6 +37,9 @@ pub struct App {
     pub limits: crate::limits::Limits,
     /// The A/B OTA coordinator.
     pub ota: crate::ota::Ota,
+    /// The hawkBit DDI client driving it, if configured.
+    #[cfg(feature = "hawkbit")]
+    pub hawkbit: Option<crate::hawkbit::Hawkbit>,
     pub max_body: u64,
     /// `KONSUL_TEST_HOOKS=1`: enables `/v1/edge/debug/*`.
     pub test_hooks: bool,
@@ -46,6 +49,27 @@ pub struct App {
 }
 
 impl App {
+    /// The OTA status every door shows: the coordinator's, with the
+    /// update server driving it (`hawkbit`) when there is one.
+    pub async fn ota_status(&self) -> Value {
+        #[allow(unused_mut)]
+        let mut j = self.ota.status_json().await;
+        #[cfg(feature = "hawkbit")]
+        if let (Some(h), Some(m)) = (&self.hawkbit, j.as_object_mut()) {
+            m.insert("hawkbit".into(), json!(h.status()));
+        }
+        j
+    }
+
+    /// The OTA metrics, with the update server's.
+    pub fn render_ota_metrics(&self, out: &mut String) {
+        crate::ota::render_metrics(&self.ota.status(), self.ota.enabled(), out);
+        #[cfg(feature = "hawkbit")]
+        if let Some(h) = &self.hawkbit {
+            h.render_metrics(out);
+        }
+    }
+
     /// Who is asking. A wrong token is an error, never anonymous.
     pub async fn identify(&self, caller: Caller) -> Result<Principal, AppError> {
         Ok(self.acl.identify_async(caller).await?)

@@ -538,7 +538,7 @@ impl OtaIface {
         self.0
             .allow(&hdr, Resource::Edge("ota".into()), Capability::Read)
             .await?;
-        Ok(to_dict(&self.0.api.ota.status_json().await))
+        Ok(to_dict(&self.0.api.ota_status().await))
     }
 
     /// "unavailable" (ota.backend: none), idle, downloading, verifying,

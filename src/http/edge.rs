@@ -51,7 +51,7 @@ impl App {
             "edge/ota" => (
                 "/v1/edge/ota",
                 match method {
-                    Method::GET => ok(self.ota.status_json().await),
+                    Method::GET => ok(self.ota_status().await),
                     _ => method_not_allowed("GET"),
                 },
             ),

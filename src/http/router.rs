@@ -265,7 +265,7 @@ impl App {
                 self.metrics.render_devices(&counts, &mut text);
                 self.sync.render_metrics(&mut text);
                 self.limits.render_metrics(&mut text);
-                crate::ota::render_metrics(&self.ota.status(), self.ota.enabled(), &mut text);
+                self.render_ota_metrics(&mut text);
                 let mut r = Response::new(Body::full(text));
                 r.headers_mut().insert(
                     CONTENT_TYPE,

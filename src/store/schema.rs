@@ -200,6 +200,24 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE edges ADD COLUMN status TEXT NOT NULL DEFAULT '';
     "#,
+    // 8: the hawkBit DDI client (src/hawkbit/). Local, never replicated:
+    // its state (the action in hand, the configData last sent) and the
+    // feedback the server has not acknowledged yet, oldest first. A row
+    // leaves the outbox only when the server answered 2xx; a `closed` row
+    // is written in the same transaction as the action's end.
+    r#"
+    CREATE TABLE hawkbit_state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE hawkbit_outbox (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        action     TEXT    NOT NULL,
+        execution  TEXT    NOT NULL,
+        body       TEXT    NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    "#,
 ];
 
 pub const LATEST: i64 = MIGRATIONS.len() as i64;
