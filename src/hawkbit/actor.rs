@@ -249,11 +249,21 @@ impl Hawkbit {
         } else {
             os_version().await
         };
+        let board = board().await;
+        // RAUC's `compatible` is what a RAUC-aware server (gooseBit) matches
+        // bundles against; SWUpdate-based servers read `hw_boardname`.
+        let compatible = match self.inner.ota.bootloader().await {
+            Ok(b) => b["compatible"].as_str().unwrap_or_default().to_owned(),
+            Err(_) => String::new(),
+        };
         json!({
             "node_id": self.inner.node_id,
+            "hw_boardname": if compatible.is_empty() { board.clone() } else { compatible },
             "version": version,
+            // What SWUpdate-based servers (gooseBit) read as the version.
+            "sw_version": version,
             "booted_slot": st.booted_slot,
-            "board": board().await,
+            "board": board,
             "konsul_edge": env!("CARGO_PKG_VERSION"),
         })
     }
@@ -382,6 +392,8 @@ impl Hawkbit {
             let href = image.href().unwrap_or_default().to_owned();
             let dest = part_path(&work, &action);
             let want = image.size;
+            let from = smol::fs::metadata(&dest).await.map_or(0, |m| m.len());
+            log::info!("hawkbit: action {action}: downloading {href} from byte {from} of {want}");
             let have = me
                 .inner
                 .server

@@ -4,8 +4,8 @@
 //! Feedback is written here before it is sent and deleted only when the
 //! server acknowledged it, so a link down for days, a power cut or a
 //! rollback to the old slot (whose binary has the same table) loses none.
-//! Unsent `proceeding` rows of an action are coalesced (only the newest
-//! progress matters); `closed` rows never are, and are written in the
+//! Unsent `proceeding` rows of an action are replaced by its next
+//! feedback (only the newest progress matters); `closed` rows never are, and are written in the
 //! same transaction as the action's end, so an action cannot end without
 //! its feedback queued, nor be reported twice.
 
@@ -113,7 +113,8 @@ pub(crate) async fn commit(
                 let c = tx.conn();
                 put_state(c, "action", &rec_json).map_err(|e| tx.sql_error("hawkbit state", e))?;
                 if let Some((ex, body)) = feedback {
-                    if ex == Execution::Proceeding {
+                    // Newer progress, or the end, replaces unsent progress.
+                    {
                         c.execute(
                             "DELETE FROM hawkbit_outbox WHERE action = ?1 AND execution = 'proceeding'",
                             [&action],

@@ -339,8 +339,14 @@ impl Backend {
             Backend::Rauc(r) => {
                 let slots = r.slots().await?;
                 let primary = r.primary_bootname(&slots).await.unwrap_or_default();
+                // What bundles must name (update servers match it to boards).
+                let compatible: String = match r.proxy().await {
+                    Ok(p) => p.get_property("Compatible").await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
                 Ok(serde_json::json!({
                     "primary": primary,
+                    "compatible": compatible,
                     "slots": slots.iter().map(|s| serde_json::json!({
                         "name": s.name, "bootname": s.bootname, "state": s.state,
                         "boot_status": s.boot_status,
