@@ -56,6 +56,9 @@ export KONSUL_TEST_PYTHON
 # tests/fleet_ui: the hub's fleet page in headless chromium.
 TEST_SELENIUM_PYTHON=$(python_venv selenium-4.51.0 selenium==4.51.0)
 export TEST_SELENIUM_PYTHON
+# tests/hawkbit.rs: gooseBit, a DDI server, for the hawkBit client.
+KONSUL_TEST_GOOSEBIT=$(python_venv goosebit-0.2.12 goosebit==0.2.12)
+export KONSUL_TEST_GOOSEBIT
 
 step() { echo; echo "==> $*"; }
 started=$(date +%s)
