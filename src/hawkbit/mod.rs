@@ -182,21 +182,21 @@ impl Hawkbit {
         let s = self.status();
         let _ = writeln!(
             out,
-            "# HELP konsul_hawkbit_polls_total Polls of the hawkBit controller base.\n\
-             # TYPE konsul_hawkbit_polls_total counter\n\
-             konsul_hawkbit_polls_total {}\n\
-             # HELP konsul_hawkbit_poll_errors_total Polls that failed.\n\
-             # TYPE konsul_hawkbit_poll_errors_total counter\n\
-             konsul_hawkbit_poll_errors_total {}\n\
-             # HELP konsul_hawkbit_feedback_sent_total Feedback the server acknowledged.\n\
-             # TYPE konsul_hawkbit_feedback_sent_total counter\n\
-             konsul_hawkbit_feedback_sent_total {}\n\
-             # HELP konsul_hawkbit_feedback_pending Feedback queued, not yet acknowledged.\n\
-             # TYPE konsul_hawkbit_feedback_pending gauge\n\
-             konsul_hawkbit_feedback_pending {}\n\
-             # HELP konsul_hawkbit_last_poll_timestamp_seconds When the last poll succeeded.\n\
-             # TYPE konsul_hawkbit_last_poll_timestamp_seconds gauge\n\
-             konsul_hawkbit_last_poll_timestamp_seconds {}",
+            "# HELP konsul_edge_hawkbit_polls_total Polls of the hawkBit controller base.\n\
+             # TYPE konsul_edge_hawkbit_polls_total counter\n\
+             konsul_edge_hawkbit_polls_total {}\n\
+             # HELP konsul_edge_hawkbit_poll_errors_total Polls that failed.\n\
+             # TYPE konsul_edge_hawkbit_poll_errors_total counter\n\
+             konsul_edge_hawkbit_poll_errors_total {}\n\
+             # HELP konsul_edge_hawkbit_feedback_sent_total Feedback the server acknowledged.\n\
+             # TYPE konsul_edge_hawkbit_feedback_sent_total counter\n\
+             konsul_edge_hawkbit_feedback_sent_total {}\n\
+             # HELP konsul_edge_hawkbit_feedback_pending Feedback queued, not yet acknowledged.\n\
+             # TYPE konsul_edge_hawkbit_feedback_pending gauge\n\
+             konsul_edge_hawkbit_feedback_pending {}\n\
+             # HELP konsul_edge_hawkbit_last_poll_timestamp_seconds When the last poll succeeded.\n\
+             # TYPE konsul_edge_hawkbit_last_poll_timestamp_seconds gauge\n\
+             konsul_edge_hawkbit_last_poll_timestamp_seconds {}",
             s.polls,
             s.poll_errors,
             s.feedback_sent,
