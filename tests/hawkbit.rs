@@ -132,7 +132,9 @@ fn goosebit_shows_success_only_after_the_gate_and_feedback_survives_an_outage() 
     let st = rig.status();
     assert_eq!(st["hawkbit"]["feedback_pending"], 0, "{st}");
     assert!(
-        d.metric("konsul_edge_hawkbit_feedback_sent_total").unwrap_or(0) >= 1,
+        d.metric("konsul_edge_hawkbit_feedback_sent_total")
+            .unwrap_or(0)
+            >= 1,
         "the delivered feedback is counted"
     );
 }

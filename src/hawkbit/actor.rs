@@ -80,6 +80,20 @@ impl Hawkbit {
             self.inner.server.base_url(),
             self.inner.controller_id
         );
+        // The first configData should name the booted slot, which the
+        // coordinator learns just after it starts (RAUC may answer late);
+        // not for long, though: polling must not wait on a broken backend.
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let changed = self.inner.ota.changed();
+            if !self.inner.ota.status().booted_slot.is_empty() || Instant::now() >= until {
+                break;
+            }
+            smol::future::or(changed, async {
+                async_io::Timer::at(until).await;
+            })
+            .await;
+        }
         loop {
             let changed = self.inner.ota.changed();
             if let Some(r) = rec.as_mut() {
@@ -635,7 +649,7 @@ impl Hawkbit {
         let path = format!("cancelAction/{}", c.id);
         let confirm = |details: &str| {
             ddi::feedback(
-                Execution::Closed,
+                Execution::Canceled,
                 Finished::Success,
                 None,
                 &[details.to_owned()],
@@ -647,7 +661,7 @@ impl Hawkbit {
         else {
             // Nothing of it here (never started, or already over).
             let fb = confirm("nothing in progress for that action");
-            return outbox::queue(&self.inner.store, path, Execution::Closed, fb).await;
+            return outbox::queue(&self.inner.store, path, Execution::Canceled, fb).await;
         };
         if r.error == format!("cancel {} refused", c.id) {
             return Ok(());
@@ -677,7 +691,7 @@ impl Hawkbit {
                 outbox::queue(
                     &self.inner.store,
                     path,
-                    Execution::Closed,
+                    Execution::Canceled,
                     confirm("cancelled before the slot write"),
                 )
                 .await
@@ -688,7 +702,7 @@ impl Hawkbit {
                 log::info!("hawkbit: cancel of action {} refused: {why}", r.id);
                 let fb = ddi::feedback(
                     Execution::Rejected,
-                    Finished::Failure,
+                    Finished::None,
                     None,
                     &[format!("cannot cancel: {why}")],
                 );

@@ -172,6 +172,9 @@ pub(crate) struct CancelStop {
 pub(crate) enum Execution {
     Proceeding,
     Closed,
+    /// Confirms a `cancelAction`.
+    Canceled,
+    /// Refuses a `cancelAction` (the action carries on).
     Rejected,
 }
 
@@ -180,6 +183,7 @@ impl Execution {
         match self {
             Execution::Proceeding => "proceeding",
             Execution::Closed => "closed",
+            Execution::Canceled => "canceled",
             Execution::Rejected => "rejected",
         }
     }
@@ -206,8 +210,16 @@ pub(crate) fn feedback(
     if let Some((cnt, of)) = progress {
         result["progress"] = json!({ "cnt": cnt, "of": of });
     }
+    let ms = crate::clock::wall_millis();
+    // Older servers read `time` (the DDI reference's `yyyyMMddTHHmmss`),
+    // newer ones `timestamp` (ms); both ignore the one they do not know.
     json!({
-        "timestamp": crate::clock::wall_millis(),
+        "time": crate::clock::rfc3339(ms)
+            .chars()
+            .filter(|c| c.is_ascii_digit() || *c == 'T')
+            .take(15)
+            .collect::<String>(),
+        "timestamp": ms,
         "status": {
             "execution": execution,
             "result": result,

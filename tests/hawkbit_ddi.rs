@@ -1,0 +1,214 @@
+//! The hawkBit DDI client against a recording of hawkBit's documented DDI
+//! JSON (tests/common/ddi_server.rs, NOT a real hawkBit) for what gooseBit
+//! does not exercise: our signed image with its manifest as a second
+//! artifact on the GRUB backend, `cancelAction` before and after the slot
+//! write, `maintenanceWindow`, and a deployment with a second chunk.
+//! GRUB's environment is real (`grub-editenv`, tests/common/ota_rig.rs).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+#[path = "common/ddi_server.rs"]
+mod ddi_server;
+#[path = "common/ota_rig.rs"]
+mod ota_rig;
+
+use ddi_server::DdiServer;
+use ota_rig::*;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn rig(srv: &DdiServer, ota_extra: &str) -> Option<Rig> {
+    if !have("grub-editenv") {
+        return None;
+    }
+    let top = format!("hawkbit:\n  server: {}\n  poll_floor: 1s\n", srv.url());
+    Some(Rig::with(Flavor::Grub, ota_extra, &top))
+}
+
+/// Puts `name` (an image signed by the rig, and its manifest) on the server.
+fn serve_image(srv: &DdiServer, rig: &Rig, name: &str, data: &[u8], version: &str) {
+    let p = rig.image(name, data, version, None);
+    let manifest = std::fs::read(format!("{}.manifest", p.display())).unwrap();
+    srv.with(|s| {
+        s.files.insert(name.into(), data.to_vec());
+        s.files.insert(format!("{name}.manifest"), manifest);
+    });
+}
+
+fn last_feedback(srv: &DdiServer, path: &str) -> Option<Value> {
+    srv.feedback_to(path).last().cloned()
+}
+
+fn wait_feedback(srv: &DdiServer, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_for(&format!("feedback on {path}"), LONG, || {
+        srv.feedback_to(path).into_iter().find(|f| pred(f))
+    })
+}
+
+fn execution(f: &Value) -> &str {
+    f["status"]["execution"].as_str().unwrap_or("")
+}
+
+/// (f) Our signed image and its manifest, two artifacts of the OS chunk,
+/// through the GRUB backend: installed, rebooted, the gate commits, and
+/// only then `closed` + `success` from the new slot with its version.
+#[test]
+fn a_signed_image_on_grub_reports_success_only_from_the_committed_new_slot() {
+    let srv = DdiServer::start();
+    let Some(mut rig) = rig(&srv, "") else { return };
+    rig.healthy(true);
+    let img = new_image(0x42, 300_000);
+    serve_image(&srv, &rig, "rootfs-2.0.img", &img, "2.0");
+    let chunk = srv.chunk(
+        "os",
+        "rootfs",
+        "2.0",
+        &["rootfs-2.0.img", "rootfs-2.0.img.manifest"],
+    );
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("7", "forced", None, vec![chunk])));
+    let mut d = rig.start();
+    wait(&d, "running the reboot command");
+    assert_eq!(&rig.slot("B")[..img.len()], &img[..]);
+    wait_feedback(&srv, "deploymentBase/7", |f| {
+        f["status"]["result"]["progress"]["cnt"] == 5
+    });
+    let fb = srv.feedback_to("deploymentBase/7");
+    assert!(
+        fb.iter().all(|f| execution(f) == "proceeding"),
+        "nothing closed before the reboot: {fb:?}"
+    );
+    let cnts: Vec<u64> = fb
+        .iter()
+        .filter_map(|f| f["status"]["result"]["progress"]["cnt"].as_u64())
+        .collect();
+    assert!(
+        cnts.windows(2).all(|w| w[0] <= w[1]) && cnts.contains(&5),
+        "{cnts:?}"
+    );
+    d.kill9();
+
+    assert_eq!(rig.boot(), "B");
+    let d = rig.start();
+    wait(&d, "-> committed");
+    let closed = wait_feedback(&srv, "deploymentBase/7", |f| execution(f) == "closed");
+    assert_eq!(
+        closed["status"]["result"]["finished"], "success",
+        "{closed}"
+    );
+    let details = closed["status"]["details"].to_string();
+    assert!(
+        details.contains("running version 2.0 on slot B"),
+        "{details}"
+    );
+    let cfg = srv.with(|s| s.config_data.last().cloned()).unwrap();
+    assert_eq!(cfg["data"]["booted_slot"], "B", "{cfg}");
+}
+
+/// cancelAction: honoured while downloading (no slot written, the partial
+/// file removed), refused with `rejected` once the slot was written, and
+/// that update carries on.
+#[test]
+fn cancel_is_honoured_before_the_slot_write_and_refused_after_it() {
+    let srv = DdiServer::start();
+    let Some(rig) = rig(&srv, "  download_rate: 20Ki\n") else {
+        return;
+    };
+    rig.healthy(true);
+    let big = new_image(0x10, 400_000);
+    serve_image(&srv, &rig, "big.img", &big, "3.0");
+    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("10", "forced", None, vec![chunk])));
+    let d = rig.start();
+    wait(&d, "hawkbit: action 10: downloading");
+    srv.with(|s| s.cancel = Some(json!({"id": "11", "cancelAction": {"stopId": "10"}})));
+    let f = wait_feedback(&srv, "cancelAction/11", |_| true);
+    assert_eq!(execution(&f), "canceled", "{f}");
+    assert_eq!(f["status"]["result"]["finished"], "success");
+    assert!(!rig.path("ota/hawkbit-10.part").exists());
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE], "no slot written");
+    assert_eq!(ota(&d)["state"], "idle");
+
+    let small = new_image(0x20, 30_000);
+    serve_image(&srv, &rig, "small.img", &small, "4.0");
+    let chunk = srv.chunk("os", "rootfs", "4.0", &["small.img", "small.img.manifest"]);
+    srv.with(|s| {
+        s.cancel = None;
+        s.deployment = Some(DdiServer::deployment("20", "forced", None, vec![chunk]));
+    });
+    wait(&d, "-> pending-reboot");
+    srv.with(|s| s.cancel = Some(json!({"id": "21", "cancelAction": {"stopId": "20"}})));
+    let f = wait_feedback(&srv, "cancelAction/21", |_| true);
+    assert_eq!(execution(&f), "rejected", "{f}");
+    assert!(
+        f["status"]["details"]
+            .to_string()
+            .contains("pending-reboot"),
+        "{f}"
+    );
+    assert_eq!(ota(&d)["state"], "pending-reboot", "the update carries on");
+    assert!(
+        last_feedback(&srv, "deploymentBase/20").is_some_and(|f| execution(&f) == "proceeding"),
+        "the action is not closed"
+    );
+}
+
+/// A second chunk (not the OS) is refused with feedback rather than
+/// ignored; `maintenanceWindow: unavailable` downloads and waits, and the
+/// install starts once the window is `available`.
+#[test]
+fn the_maintenance_window_holds_the_install_and_a_second_chunk_is_refused() {
+    let srv = DdiServer::start();
+    let Some(rig) = rig(&srv, "") else { return };
+    let img = new_image(0x30, 40_000);
+    serve_image(&srv, &rig, "w.img", &img, "5.0");
+    let os = srv.chunk("os", "rootfs", "5.0", &["w.img", "w.img.manifest"]);
+    let app = srv.chunk("bApp", "sensor-fw", "1.2", &["w.img"]);
+    srv.with(|s| {
+        s.deployment = Some(DdiServer::deployment(
+            "40",
+            "forced",
+            None,
+            vec![os.clone(), app],
+        ))
+    });
+    let d = rig.start();
+    let f = wait_feedback(&srv, "deploymentBase/40", |f| execution(f) == "closed");
+    assert_eq!(f["status"]["result"]["finished"], "failure");
+    assert!(
+        f["status"]["details"]
+            .to_string()
+            .contains("only the OS chunk"),
+        "{f}"
+    );
+
+    srv.with(|s| {
+        s.deployment = Some(DdiServer::deployment(
+            "30",
+            "attempt",
+            Some("unavailable"),
+            vec![os.clone()],
+        ))
+    });
+    wait_feedback(&srv, "deploymentBase/30", |f| {
+        f["status"]["details"].to_string().contains("downloaded")
+    });
+    let seen = srv.with(|s| s.deployment_gets);
+    wait_for("three more polls of the action", LONG, || {
+        (srv.with(|s| s.deployment_gets) >= seen + 3).then_some(())
+    });
+    assert_eq!(ota(&d)["state"], "idle", "held outside the window");
+    srv.with(|s| {
+        s.deployment = Some(DdiServer::deployment(
+            "30",
+            "attempt",
+            Some("available"),
+            vec![os],
+        ))
+    });
+    wait(&d, "-> pending-reboot");
+    assert_eq!(&rig.slot("B")[..img.len()], &img[..]);
+}
