@@ -175,9 +175,11 @@ fn a_failed_gate_rolls_back_and_goosebit_shows_the_failure_with_details() {
     assert!(log.contains("health gate failed"), "{log}");
 }
 
-/// (c): a download whose digest does not match what gooseBit announced,
-/// and then a bundle signed outside RAUC's keyring: both refused before
-/// any slot write, both reported as failures.
+/// (c): a bundle signed outside RAUC's keyring, then a download whose
+/// digest does not match what gooseBit announced: both refused before any
+/// slot write, both reported as failures. The operator then fixes the file
+/// and forces the same software again (gooseBit's action id is the
+/// software's): a new attempt, which installs.
 #[test]
 fn a_bad_digest_or_signature_is_refused_before_any_slot_write() {
     let Some((mut rig, g)) = setup("") else {
@@ -186,15 +188,28 @@ fn a_bad_digest_or_signature_is_refused_before_any_slot_write() {
     rig.start_rauc("A");
     let d = start(&rig);
     wait_long(&d, "hawkbit: configData sent");
-    let bundle = rig.bundle("v2", &[0x22; 80_000], "2.0.0", "ca");
+    let evil = rig.bundle("evil", &[0xee; 50_000], "6.6.6", "evil");
+    let sw_evil = g.upload(&evil);
+    g.assign(NODE, sw_evil, false);
+    let line = wait_long(&d, &format!("hawkbit: action {sw_evil} failed"));
+    assert!(line.contains("RAUC refused the bundle"), "{line}");
+    wait_long(
+        &d,
+        &format!("closed feedback for deploymentBase/{sw_evil} delivered"),
+    );
+    assert_eq!(g.state(NODE), "error");
+
+    let payload = [0x22; 80_000];
+    let bundle = rig.bundle("v2", &payload, "2.0.0", "ca");
     let sw = g.upload(&bundle);
     // The stored file changes after gooseBit took its sha1.
     let stored = g.artifact("v2.raucb");
-    let mut bytes = std::fs::read(&stored).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&stored, bytes).unwrap();
-    g.assign(NODE, sw, false);
+    let good = std::fs::read(&stored).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    std::fs::write(&stored, &bad).unwrap();
+    g.assign(NODE, sw, true);
     let line = wait_long(&d, &format!("hawkbit: action {sw} failed"));
     assert!(line.contains("digest mismatch"), "{line}");
     wait_long(
@@ -203,17 +218,6 @@ fn a_bad_digest_or_signature_is_refused_before_any_slot_write() {
     );
     assert_eq!(g.state(NODE), "error");
     assert!(g.device_log(NODE).contains("digest mismatch"));
-
-    let evil = rig.bundle("evil", &[0xee; 50_000], "6.6.6", "evil");
-    let sw2 = g.upload(&evil);
-    g.assign(NODE, sw2, true);
-    let line = wait_long(&d, &format!("hawkbit: action {sw2} failed"));
-    assert!(line.contains("RAUC refused the bundle"), "{line}");
-    wait_long(
-        &d,
-        &format!("closed feedback for deploymentBase/{sw2} delivered"),
-    );
-    assert_eq!(g.state(NODE), "error");
     assert_eq!(
         std::fs::read(rig.path("B.img")).unwrap(),
         vec![b'b'; SLOT_SIZE],
@@ -223,6 +227,15 @@ fn a_bad_digest_or_signature_is_refused_before_any_slot_write() {
         !rig.bootstate().contains("primary=B"),
         "{}",
         rig.bootstate()
+    );
+
+    std::fs::write(&stored, &good).unwrap();
+    g.assign(NODE, sw, true);
+    wait_long(&d, &format!("hawkbit: action {sw} offered again"));
+    wait_long(&d, "-> pending-reboot");
+    assert_eq!(
+        &std::fs::read(rig.path("B.img")).unwrap()[..payload.len()],
+        &payload[..]
     );
 }
 

@@ -37,6 +37,7 @@
 //! Not handled yet: chunks other than the OS chunk (a device firmware
 //! chunk is refused with feedback rather than ignored).
 
+mod action;
 mod actor;
 mod ddi;
 mod outbox;
@@ -63,6 +64,12 @@ pub enum HawkbitError {
     Transport { url: String, source: TransportError },
     #[error("{url}: {detail}")]
     Server { url: String, detail: String },
+    #[error("{url}: digest mismatch: the server gave {want}, the file has {got}; refused before any slot write")]
+    Digest {
+        url: String,
+        want: String,
+        got: String,
+    },
     #[error("{path}: {source}")]
     File {
         path: PathBuf,

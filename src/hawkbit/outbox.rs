@@ -218,3 +218,86 @@ pub(crate) async fn count(store: &Store) -> Result<u64, HawkbitError> {
         })
         .await??)
 }
+
+/// Whether feedback for `action` (`deploymentBase/<id>`) is still queued.
+pub(crate) async fn pending_for(store: &Store, action: String) -> Result<bool, HawkbitError> {
+    Ok(store
+        .call(move |db| {
+            db.conn()
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM hawkbit_outbox WHERE action = ?1)",
+                    [&action],
+                    |r| r.get::<_, bool>(0),
+                )
+                .map_err(|e| db.sql_error("hawkbit outbox", e))
+        })
+        .await??)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(crate::store::StoreOptions {
+            path: dir.join("k.db"),
+            max_size: 8 << 20,
+            node_id: "t".into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn progress_coalesces_closed_stays_and_all_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut r = ActionRec {
+            id: "7".into(),
+            ..Default::default()
+        };
+        smol::block_on(async {
+            for n in 1..=3 {
+                let fb = (Execution::Proceeding, json!({ "n": n }));
+                commit(&store, &r, Some(fb)).await.unwrap();
+            }
+            assert_eq!(count(&store).await.unwrap(), 1, "unsent progress replaced");
+            let cancel = json!({"c": 1});
+            queue(&store, "cancelAction/8".into(), Execution::Canceled, cancel)
+                .await
+                .unwrap();
+            r.phase = Phase::Closed;
+            commit(&store, &r, Some((Execution::Closed, json!({"end": 1}))))
+                .await
+                .unwrap();
+            assert_eq!(
+                count(&store).await.unwrap(),
+                2,
+                "closed replaced the progress"
+            );
+        });
+        store.close();
+
+        let store = open(dir.path());
+        smol::block_on(async {
+            assert_eq!(load_action(&store).await.unwrap(), Some(r.clone()));
+            let first = oldest(&store).await.unwrap().unwrap();
+            assert_eq!(first.action, "cancelAction/8", "oldest first");
+            sent(&store, first.seq).await.unwrap();
+            let next = oldest(&store).await.unwrap().unwrap();
+            assert_eq!(
+                (next.action.as_str(), next.execution.as_str()),
+                ("deploymentBase/7", "closed")
+            );
+            assert!(pending_for(&store, "deploymentBase/7".into())
+                .await
+                .unwrap());
+            sent(&store, next.seq).await.unwrap();
+            assert!(!pending_for(&store, "deploymentBase/7".into())
+                .await
+                .unwrap());
+            assert!(oldest(&store).await.unwrap().is_none());
+        });
+        store.close();
+    }
+}
