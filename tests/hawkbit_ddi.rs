@@ -156,13 +156,31 @@ fn cancel_is_honoured_before_the_slot_write_and_refused_after_it() {
     );
 }
 
-/// A second chunk (not the OS) is refused with feedback rather than
-/// ignored; `maintenanceWindow: unavailable` downloads and waits, and the
-/// install starts once the window is `available`.
+/// An artifact larger than `ota.staging_max_size` is refused before it is
+/// fetched; a second chunk (not the OS) is refused with feedback rather
+/// than ignored; `maintenanceWindow: unavailable` downloads and waits, and
+/// the install starts once the window is `available`.
 #[test]
 fn the_maintenance_window_holds_the_install_and_a_second_chunk_is_refused() {
     let srv = DdiServer::start();
-    let Some(rig) = rig(&srv, "") else { return };
+    let Some(rig) = rig(&srv, "  staging_max_size: 100Ki\n") else {
+        return;
+    };
+    let huge = new_image(0x50, 150_000);
+    serve_image(&srv, &rig, "huge.img", &huge, "9.0");
+    let chunk = srv.chunk("os", "rootfs", "9.0", &["huge.img", "huge.img.manifest"]);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("50", "forced", None, vec![chunk])));
+    let d = rig.start();
+    let f = wait_feedback(&srv, "deploymentBase/50", |f| execution(f) == "closed");
+    assert_eq!(f["status"]["result"]["finished"], "failure");
+    assert!(
+        f["status"]["details"]
+            .to_string()
+            .contains("staging_max_size"),
+        "{f}"
+    );
+    assert_eq!(srv.with(|s| s.downloads), 0, "nothing fetched");
+
     let img = new_image(0x30, 40_000);
     serve_image(&srv, &rig, "w.img", &img, "5.0");
     let os = srv.chunk("os", "rootfs", "5.0", &["w.img", "w.img.manifest"]);
@@ -175,7 +193,6 @@ fn the_maintenance_window_holds_the_install_and_a_second_chunk_is_refused() {
             vec![os.clone(), app],
         ))
     });
-    let d = rig.start();
     let f = wait_feedback(&srv, "deploymentBase/40", |f| execution(f) == "closed");
     assert_eq!(f["status"]["result"]["finished"], "failure");
     assert!(

@@ -143,6 +143,15 @@ impl Hawkbit {
         else {
             return Some((os, Some("the OS chunk has no artifact".into())));
         };
+        if image.size > self.inner.staging_max {
+            return Some((
+                os,
+                Some(format!(
+                    "{}: {} bytes is larger than ota.staging_max_size ({} bytes); not downloaded",
+                    image.filename, image.size, self.inner.staging_max
+                )),
+            ));
+        }
         if image.href().is_none() {
             return Some((os, Some(format!("{}: no download link", image.filename))));
         }

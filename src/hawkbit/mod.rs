@@ -105,6 +105,8 @@ struct Inner {
     store: Store,
     /// `ota.download_rate`: the same cap as every host bundle download.
     bytes_per_sec: u64,
+    /// `ota.staging_max_size`: a larger artifact is refused unfetched.
+    staging_max: u64,
     status: Mutex<Status>,
 }
 
@@ -164,6 +166,7 @@ impl Hawkbit {
                 ota,
                 store,
                 bytes_per_sec: ota_cfg.download_rate.0,
+                staging_max: ota_cfg.staging_max_size.0,
                 status: Mutex::new(status),
             }),
         })

@@ -35,6 +35,8 @@ pub struct State {
     pub deployment_gets: usize,
     /// `Range` headers seen on artifact downloads.
     pub ranges: Vec<String>,
+    /// Artifact GETs so far.
+    pub downloads: usize,
 }
 
 pub struct DdiServer {
@@ -199,6 +201,7 @@ fn serve(c: TcpStream, port: u16, st: &Mutex<State>) {
             .as_deref()
             .and_then(|r| r.strip_prefix("bytes="))
             .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+        s.downloads += 1;
         if let Some(r) = &range {
             s.ranges.push(r.clone());
         }
