@@ -43,6 +43,9 @@ KONSUL_EDGE_CARGO_FEATURES += sparkplug
 KONSUL_EDGE_LICENSE += , EPL-2.0 (Sparkplug B schema)
 KONSUL_EDGE_LICENSE_FILES += proto/sparkplug_b/sparkplug_b.proto
 endif
+ifeq ($(BR2_PACKAGE_KONSUL_EDGE_HAWKBIT),y)
+KONSUL_EDGE_CARGO_FEATURES += hawkbit
+endif
 ifeq ($(BR2_PACKAGE_KONSUL_EDGE_FLEET_UI),y)
 KONSUL_EDGE_CARGO_FEATURES += fleet-ui
 endif

@@ -51,7 +51,7 @@ inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
 #
 # Default: link the image's libsqlite3 (one copy, security updates via the
 # sqlite3 recipe) instead of the SQLite amalgamation bundled in the binary.
-PACKAGECONFIG ??= "mqtt sparkplug"
+PACKAGECONFIG ??= "mqtt sparkplug hawkbit"
 PACKAGECONFIG[bundled-sqlite] = "bundled-sqlite,,,"
 # The MQTT bridge: our own client in Rust (docs/decisions/0021), TLS
 # through rustls as for sync: no cmake, no OpenSSL.
@@ -59,6 +59,9 @@ PACKAGECONFIG[mqtt] = "mqtt,,,"
 # The Sparkplug B edge node on the same client, idle until
 # `sparkplug.enabled` in edge.yaml (docs/decisions/0022). Needs mqtt.
 PACKAGECONFIG[sparkplug] = "sparkplug,,,"
+# The hawkBit DDI client: hawkBit, gooseBit and servers built on hawkBit
+# drive the A/B coordinator; idle until `hawkbit.server` (docs/decisions/0032).
+PACKAGECONFIG[hawkbit] = "hawkbit,,,"
 # The hub's fleet page at /ui/ (docs/decisions/0009): for images that run
 # `konsul-edge hub`; about 38 KB an edge image need not carry.
 PACKAGECONFIG[fleet-ui] = "fleet-ui,,,"
