@@ -50,26 +50,8 @@ impl Ota {
             ));
         }
         let cur = self.deployment();
-        if !cur.state.accepts_install() {
-            return Err(OtaError::Busy(cur.state.as_str()));
-        }
-        if self.inner.jobs.live() > 0 {
-            // A failed or timed-out step's writer has not stopped yet: a new
-            // install would give the slot a second writer.
-            return Err(OtaError::Busy("stopping the last install's writer"));
-        }
+        let superseded = self.make_way(backend, &cur).await?;
         let id = format!("local-{}", now_ms());
-        let superseded = if cur.state == State::PendingReboot {
-            // As for a hub rollout: cancel the installed update first (the
-            // booted slot is primary again), so a failure of this install
-            // cannot leave the bootloader set to boot an update that
-            // nothing tracks any more.
-            backend.rollback(&cur.target_slot, &cur.from_slot).await?;
-            format!(" (cancels {} {} awaiting its reboot)", cur.id, cur.version)
-        } else {
-            String::new()
-        };
-        self.clean_work_dir().await;
         let d = Deployment {
             id: id.clone(),
             version: manifest
@@ -376,6 +358,35 @@ impl Ota {
             )));
         }
         Ok(())
+    }
+
+    /// What a new deployment from any input needs before it replaces
+    /// `cur` (called under `inner.lock`): `cur` accepts an install and no
+    /// writer of the last one is still alive (a second writer on one
+    /// slot). An update awaiting its reboot is cancelled first (the booted
+    /// slot is primary again), so a failure of the new one cannot leave
+    /// the bootloader set to boot an update nothing tracks any more; the
+    /// answer names it for the new deployment's first log line. Clears the
+    /// staging directory.
+    pub(super) async fn make_way(
+        &self,
+        backend: &Backend,
+        cur: &Deployment,
+    ) -> Result<String, OtaError> {
+        if !cur.state.accepts_install() {
+            return Err(OtaError::Busy(cur.state.as_str()));
+        }
+        if self.inner.jobs.live() > 0 {
+            return Err(OtaError::Busy("stopping the last install's writer"));
+        }
+        let superseded = if cur.state == State::PendingReboot {
+            backend.rollback(&cur.target_slot, &cur.from_slot).await?;
+            format!(" (cancels {} {} awaiting its reboot)", cur.id, cur.version)
+        } else {
+            String::new()
+        };
+        self.clean_work_dir().await;
+        Ok(superseded)
     }
 
     pub(super) async fn clean_work_dir(&self) {

@@ -58,19 +58,7 @@ impl Ota {
             // Handed over before a restart: nothing to do again.
             return Ok(());
         }
-        if !cur.state.accepts_install() {
-            return Err(OtaError::Busy(cur.state.as_str()));
-        }
-        if self.inner.jobs.live() > 0 {
-            return Err(OtaError::Busy("stopping the last install's writer"));
-        }
-        let superseded = if cur.state == State::PendingReboot {
-            backend.rollback(&cur.target_slot, &cur.from_slot).await?;
-            format!(" (cancels {} {} awaiting its reboot)", cur.id, cur.version)
-        } else {
-            String::new()
-        };
-        self.clean_work_dir().await;
+        let superseded = self.make_way(backend, &cur).await?;
         let staged = self.staged_path(&ext.id);
         smol::fs::rename(file, &staged)
             .await
