@@ -47,7 +47,7 @@ pub enum TransportError {
     },
     #[error("{url}: HTTP: {detail}")]
     Http { url: String, detail: String },
-    #[error("{url}: hub answered {status}: {body}")]
+    #[error("{url}: the server answered {status}: {body}")]
     Status {
         url: String,
         status: u16,
