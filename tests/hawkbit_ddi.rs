@@ -229,3 +229,40 @@ fn the_maintenance_window_holds_the_install_and_a_second_chunk_is_refused() {
     wait(&d, "-> pending-reboot");
     assert_eq!(&rig.slot("B")[..img.len()], &img[..]);
 }
+
+/// A new action offered while the last one is still downloading (hawkBit
+/// with multi-assignments, or a server that does not cancel first): the
+/// old one is closed as a failure naming its successor and its partial
+/// file goes, so the server does not wait on it forever and staging does
+/// not keep its bytes; the new one installs.
+#[test]
+fn an_action_superseded_while_downloading_is_closed_and_its_partial_file_removed() {
+    let srv = DdiServer::start();
+    let Some(rig) = rig(&srv, "  download_rate: 20Ki\n") else {
+        return;
+    };
+    let big = new_image(0x11, 400_000);
+    serve_image(&srv, &rig, "big.img", &big, "3.0");
+    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("60", "forced", None, vec![chunk])));
+    let d = rig.start();
+    wait(&d, "hawkbit: action 60: downloading");
+    let small = new_image(0x21, 30_000);
+    serve_image(&srv, &rig, "small.img", &small, "4.0");
+    let chunk = srv.chunk("os", "rootfs", "4.0", &["small.img", "small.img.manifest"]);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("61", "forced", None, vec![chunk])));
+    let f = wait_feedback(&srv, "deploymentBase/60", |f| execution(f) == "closed");
+    assert_eq!(f["status"]["result"]["finished"], "failure", "{f}");
+    assert!(
+        f["status"]["details"]
+            .to_string()
+            .contains("superseded by action 61"),
+        "{f}"
+    );
+    wait(&d, "-> pending-reboot");
+    assert!(
+        !rig.path("ota/hawkbit-60.part").exists(),
+        "the old partial file"
+    );
+    assert_eq!(&rig.slot("B")[..small.len()], &small[..]);
+}

@@ -88,8 +88,17 @@ impl Hawkbit {
             );
             return Ok(());
         }
-        // A new action supersedes one not yet handed over.
+        // A new action supersedes one not yet handed over. The old one is
+        // closed (the server would otherwise wait on it for ever) and its
+        // partial files go (staging would keep their bytes).
         *download = None;
+        if let Some(old) = rec
+            .as_mut()
+            .filter(|o| o.id != db.id && matches!(o.phase, Phase::Downloading | Phase::Downloaded))
+        {
+            let why = format!("superseded by action {} before it was installed", db.id);
+            self.close(old, Finished::Failure, vec![why]).await?;
+        }
         let mut r = ActionRec {
             id: db.id.clone(),
             ..Default::default()
