@@ -71,16 +71,7 @@ fn two_edges_with_the_same_service_and_key_each_keep_their_own() {
     assert_eq!(kv(&b, "app/mode").as_deref(), Some("b"));
     // The hub keeps both, and there was nothing to fight over.
     let hub = net.hub.as_ref().unwrap();
-    let mut addrs: Vec<String> = hub
-        .get("/services/")
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["address"].as_str().unwrap().to_owned())
-        .collect();
-    addrs.sort();
-    assert_eq!(addrs, ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(service_addresses(hub), ["10.0.0.1", "10.0.0.2"]);
     assert_eq!(hub.get("/v1/edge/conflicts").json(), serde_json::json!([]));
 
     // A loses its disk: it gets its own `pos` and `app/mode` back, not B's.

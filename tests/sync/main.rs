@@ -99,3 +99,17 @@ fn kv(d: &Daemon, key: &str) -> Option<String> {
     let r = d.get(&format!("/kv/{key}"));
     (r.status == 200).then(|| r.json()["value"].as_str().unwrap().to_owned())
 }
+
+/// The addresses of every service `d` lists, sorted.
+fn service_addresses(d: &Daemon) -> Vec<String> {
+    let mut addrs: Vec<String> = d
+        .get("/services/")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["address"].as_str().unwrap().to_owned())
+        .collect();
+    addrs.sort();
+    addrs
+}

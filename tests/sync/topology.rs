@@ -166,16 +166,7 @@ fn two_tills_with_the_same_service_behind_a_site_hub_both_reach_the_cloud() {
     }
     sync(&site);
     // The second till's record travels up qualified; both arrive.
-    let mut addrs: Vec<String> = cloud
-        .get("/services/")
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["address"].as_str().unwrap().to_owned())
-        .collect();
-    addrs.sort();
-    assert_eq!(addrs, ["10.1.1.1", "10.1.1.2"]);
+    assert_eq!(service_addresses(&cloud), ["10.1.1.1", "10.1.1.2"]);
     // Coming back down changes neither till.
     sync(&site);
     for (t, ip) in tills.iter().zip(["10.1.1.1", "10.1.1.2"]) {
