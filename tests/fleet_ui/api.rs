@@ -72,15 +72,7 @@ fn ok_json(hub: &Daemon, path: &str) -> Value {
 
 /// Edge `sim-NNN` syncs once with `n` devices, the first one alerting.
 fn sync_edge(hub: &Daemon, edge: &str, n: usize) {
-    let body = testing::fleet_batch(edge, n, 1, false);
-    let r = request_anon(
-        &hub.addr,
-        "POST",
-        "/v1/edge/sync",
-        Some(&body),
-        &[("Content-Type", "application/x-protobuf")],
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    super::post_sync(hub, &testing::fleet_batch(edge, n, 1, false));
 }
 
 /// Requests the hub let through its access check so far (this one too).

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::common::throttle::Throttle;
 use super::common::*;
+use super::post_sync;
 use konsul_edge::sync::testing;
 use serde_json::Value;
 
@@ -23,17 +24,6 @@ fn edge_row(hub: &Daemon, edge: &str, what: &str, pred: impl Fn(&Value) -> bool)
             .clone();
         pred(&row).then_some(row)
     })
-}
-
-fn send(hub: &Daemon, body: &[u8]) {
-    let r = request_anon(
-        &hub.addr,
-        "POST",
-        "/v1/edge/sync",
-        Some(body),
-        &[("Content-Type", "application/x-protobuf")],
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]
@@ -89,7 +79,7 @@ fn the_hub_bounds_what_an_edge_reports_and_keeps_it_across_older_requests() {
     let (_hub_dir, hub) = Daemon::plain_hub();
     let long = "v".repeat(10_000);
     let error = "é".repeat(5_000);
-    send(
+    post_sync(
         &hub,
         &testing::status_report("edge-h", Some((&long, 7, 2, &error, u64::MAX))),
     );
@@ -105,14 +95,14 @@ fn the_hub_bounds_what_an_edge_reports_and_keeps_it_across_older_requests() {
     assert_eq!(row["last_error_ms"], 0, "{row}");
 
     // An edge from before the report keeps the last one the hub had.
-    send(&hub, &testing::status_report("edge-h", None));
+    post_sync(&hub, &testing::status_report("edge-h", None));
     let row = edge_row(&hub, "edge-h", "the report after an older request", |_| {
         true
     });
     assert_eq!(row["pending_changes"], 7, "{row}");
 
     // An edge that never reported has nulls, not zeros that look like news.
-    send(&hub, &testing::status_report("edge-old", None));
+    post_sync(&hub, &testing::status_report("edge-old", None));
     let row = edge_row(&hub, "edge-old", "an edge without a report", |_| true);
     assert!(
         row["version"].is_null() && row["failed_rounds"].is_null(),

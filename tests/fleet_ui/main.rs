@@ -225,6 +225,19 @@ fn fleet_edges(hub: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value
     })
 }
 
+/// One sync request as an edge sends it (uncompressed), which the hub
+/// must take.
+fn post_sync(hub: &Daemon, body: &[u8]) {
+    let r = request_anon(
+        &hub.addr,
+        "POST",
+        "/v1/edge/sync",
+        Some(body),
+        &[("Content-Type", "application/x-protobuf")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 fn cell(row: &Value, i: usize) -> String {
     row["cells"][i].as_str().unwrap_or("").to_owned()
 }
@@ -367,15 +380,10 @@ fn the_fleet_page_lists_edges_marks_stale_ones_shows_alerts_live_and_pauses_a_ro
     // 6. A thousand more edges: the page shows its first page of them,
     // pages on, and sorts on the hub.
     for e in 0..1000 {
-        let body = konsul_edge::sync::testing::fleet_batch(&format!("sim-{e:04}"), 1, 0, false);
-        let r = request_anon(
-            &hub.addr,
-            "POST",
-            "/v1/edge/sync",
-            Some(&body),
-            &[("Content-Type", "application/x-protobuf")],
+        post_sync(
+            &hub,
+            &konsul_edge::sync::testing::fleet_batch(&format!("sim-{e:04}"), 1, 0, false),
         );
-        assert_eq!(r.status, 200, "{}", r.text());
     }
     br.wait("#range", json!({"text": "1-50 of 1002"}));
     assert_eq!(br.rows().len(), 50);
