@@ -266,3 +266,41 @@ fn an_action_superseded_while_downloading_is_closed_and_its_partial_file_removed
     );
     assert_eq!(&rig.slot("B")[..small.len()], &small[..]);
 }
+
+/// A server that keeps offering a cancel while it refuses feedback: one
+/// answer to it waits in the durable outbox, not one more per poll (the
+/// outbox would grow for as long as the server misbehaves); once the
+/// server takes feedback again, the answer arrives.
+#[test]
+fn a_cancel_offered_again_and_again_queues_one_answer() {
+    let srv = DdiServer::start();
+    let Some(rig) = rig(&srv, "  download_rate: 20Ki\n") else {
+        return;
+    };
+    let big = new_image(0x12, 400_000);
+    serve_image(&srv, &rig, "big.img", &big, "3.0");
+    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("70", "forced", None, vec![chunk])));
+    let d = rig.start();
+    wait(&d, "hawkbit: action 70: downloading");
+    srv.with(|s| {
+        s.refuse_feedback = true;
+        s.deployment = None;
+        s.cancel = Some(json!({"id": "71", "cancelAction": {"stopId": "70"}}));
+    });
+    let polls = |d: &Daemon| d.metric("konsul_edge_hawkbit_polls_total ").unwrap_or(0);
+    let from = polls(&d);
+    wait_for("six more polls", LONG, || {
+        (polls(&d) >= from + 6).then_some(())
+    });
+    let pending = d
+        .metric("konsul_edge_hawkbit_feedback_pending ")
+        .unwrap_or(0);
+    assert!(
+        pending <= 2,
+        "{pending} feedbacks queued after six polls of the same cancel"
+    );
+    srv.with(|s| s.refuse_feedback = false);
+    let f = wait_feedback(&srv, "cancelAction/71", |_| true);
+    assert_eq!(execution(&f), "canceled", "{f}");
+}

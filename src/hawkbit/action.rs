@@ -447,7 +447,13 @@ impl Hawkbit {
             .as_mut()
             .filter(|r| r.id == stop && r.phase != Phase::Closed)
         else {
-            // Nothing of it here (never started, or already over).
+            // Nothing of it here (never started, or already over). One
+            // answer per cancel waits in the outbox however often the
+            // server asks again: one that refuses feedback meanwhile would
+            // otherwise grow it by a row a poll.
+            if outbox::pending_for(&self.inner.store, path.clone()).await? {
+                return Ok(());
+            }
             let fb = confirm("nothing in progress for that action");
             return outbox::queue(&self.inner.store, path, Execution::Canceled, fb).await;
         };

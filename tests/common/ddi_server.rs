@@ -37,6 +37,8 @@ pub struct State {
     pub ranges: Vec<String>,
     /// Artifact GETs so far.
     pub downloads: usize,
+    /// Answer every feedback 503 (a server that is up but not taking it).
+    pub refuse_feedback: bool,
 }
 
 pub struct DdiServer {
@@ -223,6 +225,8 @@ fn serve(c: TcpStream, port: u16, st: &Mutex<State>) {
         s.config_data
             .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
         json_ok(&mut w, json!({}));
+    } else if method == "POST" && path.ends_with("/feedback") && s.refuse_feedback {
+        send(&mut w, "503 Service Unavailable", "", b"");
     } else if method == "POST" && path.ends_with("/feedback") {
         s.feedback.push((
             path.clone(),
