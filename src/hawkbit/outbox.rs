@@ -121,23 +121,34 @@ pub(crate) async fn commit(
                         )
                         .map_err(|e| tx.sql_error("hawkbit outbox", e))?;
                     }
-                    c.execute(
-                        "INSERT INTO hawkbit_outbox (action, execution, body, created_ms)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        rusqlite::params![
-                            action,
-                            ex.as_str(),
-                            body.to_string(),
-                            crate::clock::wall_millis() as i64
-                        ],
-                    )
-                    .map_err(|e| tx.sql_error("hawkbit outbox", e))?;
+                    insert(c, &action, ex, &body)
+                        .map_err(|e| tx.sql_error("hawkbit outbox", e))?;
                 }
                 Ok::<_, StoreError>(())
             })
         })
         .await??;
     Ok(())
+}
+
+/// One feedback row, stamped now.
+fn insert(
+    c: &rusqlite::Connection,
+    action: &str,
+    ex: Execution,
+    body: &serde_json::Value,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO hawkbit_outbox (action, execution, body, created_ms)
+         VALUES (?1, ?2, ?3, ?4)",
+        rusqlite::params![
+            action,
+            ex.as_str(),
+            body.to_string(),
+            crate::clock::wall_millis() as i64
+        ],
+    )
+    .map(drop)
 }
 
 /// Queues a feedback for another action (a refused cancel) without
@@ -150,19 +161,7 @@ pub(crate) async fn queue(
 ) -> Result<(), HawkbitError> {
     store
         .call(move |db| {
-            db.conn()
-                .execute(
-                    "INSERT INTO hawkbit_outbox (action, execution, body, created_ms)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    rusqlite::params![
-                        action,
-                        ex.as_str(),
-                        body.to_string(),
-                        crate::clock::wall_millis() as i64
-                    ],
-                )
-                .map(drop)
-                .map_err(|e| db.sql_error("hawkbit outbox", e))
+            insert(db.conn(), &action, ex, &body).map_err(|e| db.sql_error("hawkbit outbox", e))
         })
         .await??;
     Ok(())
