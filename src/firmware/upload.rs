@@ -1,5 +1,5 @@
-//! Writing artifacts: a streamed upload, or a fetch from the hub that
-//! resumes a partial file, both ending in the same verify, fsync, rename,
+//! Writing artifacts: a streamed upload, a fetch from the hub that
+//! resumes a partial file, or a file downloaded elsewhere, all ending in the same verify, fsync, rename,
 //! record sequence; and the quota's eviction that makes room first.
 //! Separate from `artifacts` because this is the only part that creates
 //! files and the only one that evicts.
@@ -287,6 +287,19 @@ impl Artifacts {
         fetcher
             .fetch(&format!("/v1/edge/firmware/{sha}"), &part, size, &|_| {})
             .await?;
+        self.import_file(part, meta).await
+    }
+
+    /// Stores a file already in the artifact directory (a fetch's partial
+    /// file, a hawkBit device chunk) like an upload: hashed as it is now
+    /// (it may have been resumed), verified, renamed into place. Content
+    /// that fails verification is deleted: bad bytes are never kept.
+    pub(crate) async fn import_file(
+        &self,
+        part: PathBuf,
+        meta: NewArtifact,
+    ) -> Result<Artifact, FirmwareError> {
+        check_meta(&meta)?;
         // Hash what is on disk (the file may have been resumed).
         let path = part.clone();
         // The closure runs on the blocking pool.

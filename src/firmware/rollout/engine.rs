@@ -140,6 +140,7 @@ impl Rollouts {
                             ),
                         }
                     }
+                    self.inner.ticked.notify(usize::MAX);
                     step.next_deadline
                 }
                 Err(StoreError::Closed) | Ok(Err(StoreError::Closed)) => return,

@@ -110,6 +110,8 @@ struct Inner {
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
     offers_tx: async_channel::Sender<Offer>,
+    /// Notified after every tick, for those that wait on a rollout's end.
+    ticked: event_listener::Event,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -134,6 +136,7 @@ impl Rollouts {
                     wake_tx,
                     wake_rx,
                     offers_tx,
+                    ticked: event_listener::Event::new(),
                 }),
             },
             offers_rx,
@@ -142,6 +145,13 @@ impl Rollouts {
 
     pub(crate) fn artifacts(&self) -> &Artifacts {
         &self.inner.artifacts
+    }
+
+    /// Fires after the next tick (a rollout may have moved on). Take it
+    /// before reading the rollouts, so no tick falls in between.
+    #[cfg_attr(not(feature = "hawkbit"), allow(dead_code))]
+    pub(crate) fn ticked(&self) -> event_listener::EventListener {
+        self.inner.ticked.listen()
     }
 
     /// Asks for a tick; wakes coalesce.
