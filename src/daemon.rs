@@ -278,6 +278,7 @@ pub fn run(config: Config, started: Instant) -> Result<(), DaemonError> {
             &config.hawkbit,
             &config.ota,
             ota.clone(),
+            engine.clone(),
             store.clone(),
         )) {
             Ok(h) => Some(h),

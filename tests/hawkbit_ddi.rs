@@ -2,7 +2,9 @@
 //! JSON (tests/common/ddi_server.rs, NOT a real hawkBit) for what gooseBit
 //! does not exercise: our signed image with its manifest as a second
 //! artifact on the GRUB backend, `cancelAction` before and after the slot
-//! write, `maintenanceWindow`, and a deployment with a second chunk.
+//! write, `maintenanceWindow`, a chunk naming no devices, and one action
+//! covering the host and MQTT devices (device chunks become firmware
+//! rollouts; a real mosquitto, devices simulated by paho clients).
 //! GRUB's environment is real (`grub-editenv`, tests/common/ota_rig.rs).
 
 mod common;
@@ -15,8 +17,12 @@ mod ddi_server;
 #[path = "common/ota_rig.rs"]
 mod ota_rig;
 
+use common::broker::Broker;
+use common::device::Device;
 use ddi_server::DdiServer;
+use konsul_edge::firmware::base64_encode;
 use ota_rig::*;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -157,8 +163,8 @@ fn cancel_is_honoured_before_the_slot_write_and_refused_after_it() {
 }
 
 /// An artifact larger than `ota.staging_max_size` is refused before it is
-/// fetched; a second chunk (not the OS) is refused with feedback rather
-/// than ignored; `maintenanceWindow: unavailable` downloads and waits, and
+/// fetched; a second chunk (not the OS) that names no devices is refused
+/// with feedback rather than ignored; `maintenanceWindow: unavailable` downloads and waits, and
 /// the install starts once the window is `available`.
 #[test]
 fn the_maintenance_window_holds_the_install_and_a_second_chunk_is_refused() {
@@ -303,4 +309,220 @@ fn a_cancel_offered_again_and_again_queues_one_answer() {
     srv.with(|s| s.refuse_feedback = false);
     let f = wait_feedback(&srv, "cancelAction/71", |_| true);
     assert_eq!(execution(&f), "canceled", "{f}");
+}
+
+// --- one action for the host and its MQTT devices ---------------------------
+
+/// A rig whose edge also bridges MQTT devices and takes firmware signed by
+/// `fw_key`.
+fn device_rig(srv: &DdiServer, broker: &Broker, fw_key: &Ed25519KeyPair) -> Option<Rig> {
+    if !have("grub-editenv") {
+        return None;
+    }
+    let top = format!(
+        "hawkbit:\n  server: {}\n  poll_floor: 1s\n\
+         mqtt:\n  enabled: true\n  broker: {}\n  client_id: edge-hb-{}\n  qos: 1\n\
+         firmware:\n  max_size: 8Mi\n  public_keys: [\"{}\"]\n  rollout:\n    max_retries: 0\n    failure_threshold: 1\n",
+        srv.url(),
+        broker.url(),
+        broker.port,
+        base64_encode(fw_key.public_key().as_ref()),
+    );
+    Some(Rig::with(Flavor::Grub, "", &top))
+}
+
+/// A sensor on the broker, registered at version 1.0 (acknowledged).
+fn sensor(broker: &Broker, d: &Daemon, id: &str) -> Device {
+    let dev = Device::connect(
+        broker,
+        &format!("sim-{id}"),
+        &[
+            &format!("devices/{id}/update"),
+            &format!("devices/{id}/ack"),
+        ],
+    );
+    if !d
+        .early
+        .iter()
+        .any(|l| l.contains("mqtt::bridge: connected to "))
+    {
+        d.wait_log(|l| l.contains("mqtt::bridge: connected to "))
+            .expect("the edge connects to the broker");
+    }
+    let reg = json!({"type": "sensor", "firmware_version": "1.0", "telemetry_interval": "1h"});
+    dev.publish(&format!("devices/{id}/register"), reg.to_string(), 1);
+    dev.expect(&format!("devices/{id}/ack"));
+    dev
+}
+
+/// A device chunk for `file` (on the server), signed with `key`.
+fn device_chunk(srv: &DdiServer, file: &str, version: &str, key: &Ed25519KeyPair) -> Value {
+    let data = srv.with(|s| s.files[file].clone());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &data);
+    let sig = base64_encode(key.sign(digest.as_ref()).as_ref());
+    let mut c = srv.chunk("bApp", "sensor-fw", version, &[file]);
+    c["metadata"] = json!([
+        {"key": "device_type", "value": "sensor"},
+        {"key": "devices", "value": "s1"},
+        {"key": "signature", "value": sig},
+    ]);
+    c
+}
+
+/// What a device does with an offer it accepts: fetch, check, report,
+/// come back with the new version.
+fn take_offer(dev: &Device, id: &str, offer: &Value) {
+    let url = offer["url"].as_str().unwrap();
+    let (addr, path) = url
+        .strip_prefix("http://")
+        .and_then(|u| u.split_once('/'))
+        .unwrap();
+    let r = request(addr, "GET", &format!("/{path}"), None, &[]);
+    assert_eq!(r.status, 200);
+    let sha = hex(ring::digest::digest(&ring::digest::SHA256, &r.body).as_ref());
+    assert_eq!(offer["sha256"].as_str(), Some(sha.as_str()));
+    let status = |s: Value| dev.publish(&format!("devices/{id}/update/status"), s.to_string(), 1);
+    let rollout = offer["rollout"].clone();
+    status(json!({"status": "installing", "rollout": rollout}));
+    status(json!({"status": "complete", "rollout": rollout}));
+    let v = offer["version"].as_str().unwrap();
+    let reg = json!({"type": "sensor", "firmware_version": v, "telemetry_interval": "1h"});
+    dev.publish(&format!("devices/{id}/register"), reg.to_string(), 1);
+}
+
+/// A private mosquitto (None: not installed), in `dir`.
+fn broker(dir: &tempfile::TempDir) -> Option<Broker> {
+    have("mosquitto").then(|| Broker::start(dir.path()))
+}
+
+/// One action with the host image and a device chunk: both downloaded and
+/// checked first; the device rollout starts only once the host committed
+/// on its new slot, and the action closes (`success`) only once the
+/// device runs the new firmware, with both outcomes in the details.
+#[test]
+fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() {
+    let srv = DdiServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let fw_key = keypair();
+    let Some(broker) = broker(&tmp) else { return };
+    let Some(mut rig) = device_rig(&srv, &broker, &fw_key) else {
+        return;
+    };
+    rig.healthy(true);
+    let mut d = rig.start();
+    let dev = sensor(&broker, &d, "s1");
+    let img = new_image(0x44, 200_000);
+    serve_image(&srv, &rig, "rootfs-2.0.img", &img, "2.0");
+    srv.with(|s| {
+        s.files
+            .insert("sensor-2.0.bin".into(), new_image(0x66, 50_000))
+    });
+    let os = srv.chunk(
+        "os",
+        "rootfs",
+        "2.0",
+        &["rootfs-2.0.img", "rootfs-2.0.img.manifest"],
+    );
+    let fw = device_chunk(&srv, "sensor-2.0.bin", "2.0", &fw_key);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("90", "forced", None, vec![os, fw])));
+    wait(&d, "-> pending-reboot");
+    assert_eq!(
+        d.get("/v1/edge/rollouts/hawkbit-90-1").status,
+        404,
+        "no device rollout before the host has committed"
+    );
+    d.kill9();
+
+    assert_eq!(rig.boot(), "B");
+    let d = rig.start();
+    wait(&d, "-> committed");
+    let offer = dev.expect("devices/s1/update");
+    assert_eq!(offer["rollout"], "hawkbit-90-1", "{offer}");
+    assert_eq!(offer["version"], "2.0", "{offer}");
+    let fb = srv.feedback_to("deploymentBase/90");
+    assert!(
+        fb.iter().all(|f| execution(f) == "proceeding"),
+        "closed before the device finished: {fb:?}"
+    );
+    take_offer(&dev, "s1", &offer);
+    let closed = wait_feedback(&srv, "deploymentBase/90", |f| execution(f) == "closed");
+    assert_eq!(
+        closed["status"]["result"]["finished"], "success",
+        "{closed}"
+    );
+    let details = closed["status"]["details"].to_string();
+    assert!(
+        details.contains("rollout hawkbit-90-1 of sensor 2.0: complete"),
+        "{details}"
+    );
+    assert!(details.contains("1 of 1 devices updated"), "{details}");
+    assert!(
+        details.contains("running version 2.0 on slot B"),
+        "{details}"
+    );
+}
+
+/// A device image whose signature does not verify refuses the whole
+/// action before the host's slot is written; a deployment of device
+/// chunks only runs their rollout, and a device that fails closes the
+/// action with `failure` and the device's own error.
+#[test]
+fn a_bad_device_signature_refuses_the_action_and_a_failed_device_fails_it() {
+    let srv = DdiServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let fw_key = keypair();
+    let Some(broker) = broker(&tmp) else { return };
+    let Some(rig) = device_rig(&srv, &broker, &fw_key) else {
+        return;
+    };
+    let d = rig.start();
+    let dev = sensor(&broker, &d, "s1");
+    let img = new_image(0x45, 60_000);
+    serve_image(&srv, &rig, "rootfs-3.0.img", &img, "3.0");
+    srv.with(|s| {
+        s.files
+            .insert("sensor-3.0.bin".into(), new_image(0x67, 40_000))
+    });
+    let os = srv.chunk(
+        "os",
+        "rootfs",
+        "3.0",
+        &["rootfs-3.0.img", "rootfs-3.0.img.manifest"],
+    );
+    let forged = device_chunk(&srv, "sensor-3.0.bin", "3.0", &keypair());
+    srv.with(|s| {
+        s.deployment = Some(DdiServer::deployment(
+            "91",
+            "forced",
+            None,
+            vec![os, forged],
+        ))
+    });
+    let f = wait_feedback(&srv, "deploymentBase/91", |f| execution(f) == "closed");
+    assert_eq!(f["status"]["result"]["finished"], "failure", "{f}");
+    let details = f["status"]["details"].to_string();
+    assert!(
+        details.contains("chunk `sensor-fw`: signature")
+            && details.contains("before any slot write"),
+        "{details}"
+    );
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE], "no slot written");
+    assert_eq!(ota(&d)["state"], "idle");
+    assert_eq!(d.get("/v1/edge/rollouts/hawkbit-91-1").status, 404);
+
+    let fw = device_chunk(&srv, "sensor-3.0.bin", "3.0", &fw_key);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment("92", "forced", None, vec![fw])));
+    let offer = dev.expect("devices/s1/update");
+    assert_eq!(offer["rollout"], "hawkbit-92-0", "{offer}");
+    let fail = json!({"status": "failed", "rollout": offer["rollout"], "error": "simulated flash failure"});
+    dev.publish("devices/s1/update/status", fail.to_string(), 1);
+    let f = wait_feedback(&srv, "deploymentBase/92", |f| execution(f) == "closed");
+    assert_eq!(f["status"]["result"]["finished"], "failure", "{f}");
+    assert!(
+        f["status"]["details"]
+            .to_string()
+            .contains("s1: simulated flash failure"),
+        "{f}"
+    );
+    assert_eq!(rig.slot("B"), vec![OLD_B; SLOT_SIZE], "no slot written");
 }

@@ -1,11 +1,13 @@
 //! One action's life on this node (module note in `hawkbit`): taking it
-//! on, downloading and checking its OS chunk, handing it to the
+//! on, downloading and checking its chunks, handing the OS chunk to the
 //! coordinator, following the deployment into feedback, and cancelling.
+//! Device chunks' own steps are in `devices`.
 
 use std::path::{Path, PathBuf};
 
 use super::actor::{Download, DETAIL_LINES, STEPS};
 use super::ddi::{self, Chunk, DeploymentBase, Execution, Finished, Handling};
+use super::devices::DeviceChunk;
 use super::outbox::{self, ActionRec, Phase};
 use super::{Hawkbit, HawkbitError};
 use crate::ota::bundle::Manifest;
@@ -50,8 +52,8 @@ impl Hawkbit {
             }
             match r.phase {
                 Phase::Downloading if download.is_none() => {
-                    if let Some((chunk, _)) = self.os_chunk(&db) {
-                        *download = Some(self.start_download(&r.id, chunk));
+                    if let Ok(os) = self.os_chunk(&db) {
+                        *download = Some(self.start_download(&r.id, os, r.devices.clone()));
                     }
                 }
                 Phase::Downloaded => self.hand_over(r, &db).await?,
@@ -61,10 +63,11 @@ impl Hawkbit {
         }
         if rec
             .as_ref()
-            .is_some_and(|r| r.phase == Phase::Handed && r.id != db.id)
+            .is_some_and(|r| matches!(r.phase, Phase::Handed | Phase::Devices) && r.id != db.id)
         {
-            // The coordinator is still busy with the last action; its
-            // outcome is reported first. The server offers this one again.
+            // The coordinator or the device rollouts are still busy with
+            // the last action; its outcome is reported first. The server
+            // offers this one again.
             return Ok(());
         }
         self.begin(db, rec, download).await
@@ -103,144 +106,157 @@ impl Hawkbit {
             id: db.id.clone(),
             ..Default::default()
         };
-        let chunk = match self.os_chunk(&db) {
-            Some((c, None)) => c,
-            Some((_, Some(why))) => {
-                self.close(&mut r, Finished::Failure, vec![why]).await?;
-                *rec = Some(r);
-                return Ok(());
-            }
-            None => {
-                let why = "no OS chunk with an artifact to install".to_owned();
+        let plan = self
+            .os_chunk(&db)
+            .and_then(|os| Ok((os, self.device_chunks(&db)?)))
+            .and_then(|p| match p {
+                (None, d) if d.is_empty() => Err("no OS chunk or device chunk to install".into()),
+                p => Ok(p),
+            });
+        let (os, devices) = match plan {
+            Ok(p) => p,
+            Err(why) => {
                 self.close(&mut r, Finished::Failure, vec![why]).await?;
                 *rec = Some(r);
                 return Ok(());
             }
         };
-        r.version = chunk.version.clone();
+        let names: Vec<String> = os
+            .iter()
+            .map(|c| format!("{} {}", c.name, c.version))
+            .chain(devices.iter().map(|c| format!("{} {}", c.name, c.version)))
+            .collect();
+        r.version = os.map_or_else(|| devices[0].version.clone(), |c| c.version.clone());
+        r.host = os.is_some();
+        r.devices = devices;
+        let what = names.join(", ");
         let fb = ddi::feedback(
             Execution::Proceeding,
             Finished::None,
             Some((1, STEPS)),
-            &[format!("downloading {} {}", chunk.name, chunk.version)],
+            &[format!("downloading {what}")],
         );
         outbox::commit(&self.inner.store, &r, Some((Execution::Proceeding, fb)))
             .await
-            .map(|()| log::info!("hawkbit: action {}: {} {}", r.id, chunk.name, chunk.version))?;
-        *download = Some(self.start_download(&r.id, chunk));
+            .map(|()| log::info!("hawkbit: action {}: {what}", r.id))?;
+        *download = Some(self.start_download(&r.id, os, r.devices.clone()));
         *rec = Some(r);
         Ok(())
     }
 
-    /// The OS chunk, and why it cannot be installed (None: it can).
-    fn os_chunk<'a>(&self, db: &'a DeploymentBase) -> Option<(&'a Chunk, Option<String>)> {
-        let chunks = &db.deployment.chunks;
-        let os = chunks.iter().find(|c| c.is_os())?;
-        if let Some(other) = chunks.iter().find(|c| !c.is_os()) {
-            return Some((
-                os,
-                Some(format!(
-                    "chunk `{}` (part {}): only the OS chunk is supported",
-                    other.name, other.part
-                )),
-            ));
-        }
+    /// The OS chunk (None: there is none), or why it cannot be installed.
+    fn os_chunk<'a>(&self, db: &'a DeploymentBase) -> Result<Option<&'a Chunk>, String> {
+        let Some(os) = db.deployment.chunks.iter().find(|c| c.is_os()) else {
+            return Ok(None);
+        };
         let Some(image) = os
             .artifacts
             .iter()
             .find(|a| !a.filename.ends_with(".manifest"))
         else {
-            return Some((os, Some("the OS chunk has no artifact".into())));
+            return Err("the OS chunk has no artifact".into());
         };
         if image.size > self.inner.staging_max {
-            return Some((
-                os,
-                Some(format!(
-                    "{}: {} bytes is larger than ota.staging_max_size ({} bytes); not downloaded",
-                    image.filename, image.size, self.inner.staging_max
-                )),
+            return Err(format!(
+                "{}: {} bytes is larger than ota.staging_max_size ({} bytes); not downloaded",
+                image.filename, image.size, self.inner.staging_max
             ));
         }
         if image.href().is_none() {
-            return Some((os, Some(format!("{}: no download link", image.filename))));
+            return Err(format!("{}: no download link", image.filename));
         }
         if image.hashes.sha256.is_none() && image.hashes.sha1.is_none() {
-            return Some((
-                os,
-                Some(format!(
-                    "{}: no sha256 or sha1 digest to check",
-                    image.filename
-                )),
+            return Err(format!(
+                "{}: no sha256 or sha1 digest to check",
+                image.filename
             ));
         }
-        Some((os, None))
+        Ok(Some(os))
+    }
+
+    /// Downloads and checks every chunk: the OS image first, then the
+    /// device images (`devices`), all before anything is handed over.
+    fn start_download(
+        &self,
+        action: &str,
+        os: Option<&Chunk>,
+        devices: Vec<DeviceChunk>,
+    ) -> Download {
+        let me = self.clone();
+        let action = action.to_owned();
+        let os = os.cloned();
+        Box::pin(async move {
+            if let Some(chunk) = &os {
+                me.download_os(&action, chunk).await?;
+            }
+            me.fetch_devices(&devices).await
+        })
     }
 
     /// Downloads the OS chunk's image (and its `.manifest`, if the chunk
     /// has one) into `*.part` files, then checks the image's digest.
-    fn start_download(&self, action: &str, chunk: &Chunk) -> Download {
-        let me = self.clone();
+    async fn download_os(&self, action: &str, chunk: &Chunk) -> Result<(), HawkbitError> {
         let work = self.inner.ota.work_dir().to_path_buf();
-        let action = action.to_owned();
-        let chunk = chunk.clone();
-        Box::pin(async move {
-            let image = chunk
-                .artifacts
-                .iter()
-                .find(|a| !a.filename.ends_with(".manifest"))
-                .cloned()
-                .unwrap_or_default();
-            let href = image.href().unwrap_or_default().to_owned();
-            let dest = part_path(&work, &action);
-            let want = image.size;
-            let from = smol::fs::metadata(&dest).await.map_or(0, |m| m.len());
-            log::info!("hawkbit: action {action}: downloading {href} from byte {from} of {want}");
-            let have = me
-                .inner
+        let image = chunk
+            .artifacts
+            .iter()
+            .find(|a| !a.filename.ends_with(".manifest"))
+            .cloned()
+            .unwrap_or_default();
+        let href = image.href().unwrap_or_default().to_owned();
+        let dest = part_path(&work, action);
+        let want = image.size;
+        let from = smol::fs::metadata(&dest).await.map_or(0, |m| m.len());
+        log::info!("hawkbit: action {action}: downloading {href} from byte {from} of {want}");
+        let have = self
+            .inner
+            .server
+            .download(&href, &dest, self.inner.bytes_per_sec, &|_| {})
+            .await?;
+        if want > 0 && have < want {
+            return Err(HawkbitError::Server {
+                url: href,
+                detail: format!("{have} of {want} bytes; the next attempt resumes"),
+            });
+        }
+        let manifest_name = format!("{}.manifest", image.filename);
+        if let Some(m) = chunk.artifacts.iter().find(|a| a.filename == manifest_name) {
+            let mdest = manifest_part_path(&work, action);
+            let _ = smol::fs::remove_file(&mdest).await;
+            let mhref = m.href().unwrap_or_default().to_owned();
+            self.inner
                 .server
-                .download(&href, &dest, me.inner.bytes_per_sec, &|_| {})
+                .download(&mhref, &mdest, 0, &|_| {})
                 .await?;
-            if want > 0 && have < want {
-                return Err(HawkbitError::Server {
-                    url: href,
-                    detail: format!("{have} of {want} bytes; the next attempt resumes"),
-                });
-            }
-            let manifest_name = format!("{}.manifest", image.filename);
-            if let Some(m) = chunk.artifacts.iter().find(|a| a.filename == manifest_name) {
-                let mdest = manifest_part_path(&work, &action);
-                let _ = smol::fs::remove_file(&mdest).await;
-                let mhref = m.href().unwrap_or_default().to_owned();
-                me.inner.server.download(&mhref, &mdest, 0, &|_| {}).await?;
-            }
-            let (algo, hex) = match (&image.hashes.sha256, &image.hashes.sha1) {
-                (Some(h), _) => (&ring::digest::SHA256, h.clone()),
-                (None, Some(h)) => (&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, h.clone()),
-                // `os_chunk` refuses an artifact without either before any
-                // download starts; an empty digest never matches.
-                (None, None) => (&ring::digest::SHA256, String::new()),
-            };
-            let p = dest.clone();
-            let got = smol::unblock(move || digest_file(&p, algo))
-                .await
-                .map_err(|source| HawkbitError::File {
-                    path: dest.clone(),
-                    source,
-                })?;
-            if !got.eq_ignore_ascii_case(hex.trim()) {
-                let _ = smol::fs::remove_file(&dest).await;
-                return Err(HawkbitError::Digest {
-                    url: href,
-                    want: hex,
-                    got,
-                });
-            }
-            Ok(())
-        })
+        }
+        let (algo, hex) = match (&image.hashes.sha256, &image.hashes.sha1) {
+            (Some(h), _) => (&ring::digest::SHA256, h.clone()),
+            (None, Some(h)) => (&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, h.clone()),
+            // `os_chunk` refuses an artifact without either before any
+            // download starts; an empty digest never matches.
+            (None, None) => (&ring::digest::SHA256, String::new()),
+        };
+        let p = dest.clone();
+        let got = smol::unblock(move || digest_file(&p, algo))
+            .await
+            .map_err(|source| HawkbitError::File {
+                path: dest.clone(),
+                source,
+            })?;
+        if !got.eq_ignore_ascii_case(hex.trim()) {
+            let _ = smol::fs::remove_file(&dest).await;
+            return Err(HawkbitError::Digest {
+                url: href,
+                want: hex,
+                got,
+            });
+        }
+        Ok(())
     }
 
     /// A download ended: on success the action waits for its handover
-    /// (`hand_over`, at the next poll); a bad digest closes it; other
+    /// (`hand_over`, at the next poll); a bad digest or device image
+    /// closes it; other
     /// errors (the link, the server) are retried at the next poll.
     pub(super) async fn downloaded(
         &self,
@@ -258,7 +274,7 @@ impl Hawkbit {
                 );
                 outbox::commit(&self.inner.store, r, Some((Execution::Proceeding, fb))).await
             }
-            Err(e @ HawkbitError::Digest { .. }) => {
+            Err(e @ (HawkbitError::Digest { .. } | HawkbitError::Firmware { .. })) => {
                 self.close(r, Finished::Failure, vec![e.to_string()]).await
             }
             Err(e) => {
@@ -286,6 +302,9 @@ impl Hawkbit {
         {
             return Ok(());
         }
+        if !r.host {
+            return self.start_devices(r).await;
+        }
         let work = self.inner.ota.work_dir().to_path_buf();
         let file = part_path(&work, &r.id);
         let mfile = manifest_part_path(&work, &r.id);
@@ -304,7 +323,9 @@ impl Hawkbit {
         };
         let href = self
             .os_chunk(db)
-            .and_then(|(c, _)| c.artifacts.first())
+            .ok()
+            .flatten()
+            .and_then(|c| c.artifacts.first())
             .and_then(|a| a.href())
             .unwrap_or_default()
             .to_owned();
@@ -344,8 +365,10 @@ impl Hawkbit {
 
     /// Maps the coordinator's deployment to the handed action's feedback.
     pub(super) async fn follow(&self, r: &mut ActionRec) -> Result<(), HawkbitError> {
-        if r.phase != Phase::Handed {
-            return Ok(());
+        match r.phase {
+            Phase::Handed => {}
+            Phase::Devices => return self.follow_devices(r).await,
+            _ => return Ok(()),
         }
         let st = self.inner.ota.status();
         let d = &st.deployment;
@@ -359,13 +382,17 @@ impl Hawkbit {
             return self.close(r, Finished::Failure, vec![why]).await;
         }
         let (finished, mut details) = match d.state {
-            State::Committed if !st.booted_slot.is_empty() && st.booted_slot == d.target_slot => (
-                Finished::Success,
-                vec![format!(
+            State::Committed if !st.booted_slot.is_empty() && st.booted_slot == d.target_slot => {
+                let done = format!(
                     "health gate passed: slot {} committed; running version {} on slot {}",
                     d.target_slot, d.version, st.booted_slot
-                )],
-            ),
+                );
+                if !r.devices.is_empty() {
+                    r.host_done = done;
+                    return self.start_devices(r).await;
+                }
+                (Finished::Success, vec![done])
+            }
             State::Failed | State::RolledBack => (
                 Finished::Failure,
                 vec![format!("{}: {}", d.state.as_str(), d.last_error)],
@@ -404,8 +431,8 @@ impl Hawkbit {
     }
 
     /// Ends the action with `closed` feedback (queued in the same
-    /// transaction as the record).
-    async fn close(
+    /// transaction as the record), and removes its partial files.
+    pub(super) async fn close(
         &self,
         r: &mut ActionRec,
         finished: Finished,
@@ -423,6 +450,12 @@ impl Hawkbit {
         let work = self.inner.ota.work_dir().to_path_buf();
         let _ = smol::fs::remove_file(part_path(&work, &r.id)).await;
         let _ = smol::fs::remove_file(manifest_part_path(&work, &r.id)).await;
+        if let Some(ro) = &self.inner.rollouts {
+            let dir = &ro.artifacts().settings().dir;
+            for c in &r.devices {
+                let _ = smol::fs::remove_file(dir.join(format!(".{}.part", c.rollout))).await;
+            }
+        }
         Ok(())
     }
 
@@ -471,6 +504,7 @@ impl Hawkbit {
                 .cancel_external(&format!("hawkbit:{}", r.id))
                 .await
                 .map_err(|e| e.to_string()),
+            Phase::Devices => Err("the device firmware rollouts have begun".to_owned()),
             Phase::Closed => Ok(()),
         };
         match honoured {

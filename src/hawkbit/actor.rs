@@ -1,5 +1,5 @@
 //! The DDI client's one loop (module note in `hawkbit`): poll, follow the
-//! coordinator, flush the feedback outbox, sleep until the next deadline.
+//! coordinator (or the device rollouts), flush the feedback outbox, sleep until the next deadline.
 //! What happens to one action is in `action`.
 
 use std::future::Future;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::ddi::{self, DeploymentBase};
-use super::outbox::{self, ActionRec};
+use super::outbox::{self, ActionRec, Phase};
 use super::{Hawkbit, HawkbitError};
 use crate::ota::State;
 
@@ -80,6 +80,12 @@ impl Hawkbit {
         }
         loop {
             let changed = self.inner.ota.changed();
+            // Device rollouts move on in the engine's ticks: while the
+            // action waits on them, each tick is a reason to look.
+            let ticked = match (&self.inner.rollouts, &rec) {
+                (Some(ro), Some(r)) if r.phase == Phase::Devices => Some(ro.ticked()),
+                _ => None,
+            };
             if let Some(r) = rec.as_mut() {
                 if let Err(e) = self.follow(r).await {
                     log::error!("hawkbit: {e}");
@@ -138,7 +144,13 @@ impl Hawkbit {
                 _ => next_poll,
             };
             let sleep = async {
-                smol::future::or(changed, async {
+                let ticked = async {
+                    match ticked {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                smol::future::or(smol::future::or(changed, ticked), async {
                     async_io::Timer::at(wake_at).await;
                 })
                 .await;

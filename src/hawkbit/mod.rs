@@ -34,12 +34,15 @@
 //! **Credentials** (`TargetToken` / `GatewayToken`) go only to the
 //! server's own origin; a download link elsewhere gets none (`ddi`).
 //!
-//! Not handled yet: chunks other than the OS chunk (a device firmware
-//! chunk is refused with feedback rather than ignored).
+//! **Device chunks** (`devices`): a chunk that names MQTT devices becomes
+//! a firmware rollout to them, started once the host part committed; the
+//! action closes when the host and every rollout have finished. Any other
+//! chunk refuses the action with feedback rather than being ignored.
 
 mod action;
 mod actor;
 mod ddi;
+mod devices;
 mod outbox;
 
 use std::path::PathBuf;
@@ -47,6 +50,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use crate::firmware::rollout::Rollouts;
 use crate::ota::Ota;
 use crate::store::{Store, StoreError};
 use crate::sync::transport::TransportError;
@@ -75,6 +79,13 @@ pub enum HawkbitError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("chunk `{chunk}`: {source}; refused before any slot write")]
+    Firmware {
+        chunk: String,
+        // Boxed: the firmware error is large, and every result here
+        // would carry its size.
+        source: Box<crate::firmware::FirmwareError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -102,6 +113,8 @@ struct Inner {
     node_id: String,
     server: ddi::Server,
     ota: Ota,
+    /// The firmware rollouts device chunks become (None: not an edge).
+    rollouts: Option<Rollouts>,
     store: Store,
     /// `ota.download_rate`: the same cap as every host bundle download.
     bytes_per_sec: u64,
@@ -122,6 +135,7 @@ impl Hawkbit {
         cfg: &crate::config::Hawkbit,
         ota_cfg: &crate::config::Ota,
         ota: Ota,
+        rollouts: Option<Rollouts>,
         store: Store,
     ) -> Result<Hawkbit, HawkbitError> {
         let node_id = store.node_id().to_owned();
@@ -164,6 +178,7 @@ impl Hawkbit {
                 node_id,
                 server,
                 ota,
+                rollouts,
                 store,
                 bytes_per_sec: ota_cfg.download_rate.0,
                 staging_max: ota_cfg.staging_max_size.0,

@@ -24,8 +24,16 @@ pub(crate) struct ActionRec {
     pub phase: Phase,
     /// Why it was refused or failed before the handover.
     pub error: String,
-    /// The last progress step queued, so a restart does not repeat it.
+    /// The last progress queued (a coordinator state, or the device
+    /// rollouts' summary), so a restart does not repeat it.
     pub reported: String,
+    /// The action has an OS chunk for the A/B coordinator.
+    pub host: bool,
+    /// Its device chunks: a firmware rollout each, once the host is done.
+    pub devices: Vec<super::devices::DeviceChunk>,
+    /// How the host part ended (the slot committed), for the closing
+    /// feedback of an action that then waits on its devices.
+    pub host_done: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +46,8 @@ pub(crate) enum Phase {
     Downloaded,
     /// Given to the A/B coordinator.
     Handed,
+    /// The host part is done (or there was none); the device rollouts run.
+    Devices,
     /// `closed` feedback queued; nothing more to do.
     Closed,
 }
