@@ -434,7 +434,7 @@ fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() 
     d.kill9();
 
     assert_eq!(rig.boot(), "B");
-    let d = rig.start();
+    let mut d = rig.start();
     wait(&d, "-> committed");
     let offer = dev.expect("devices/s1/update");
     assert_eq!(offer["rollout"], "hawkbit-90-1", "{offer}");
@@ -444,6 +444,17 @@ fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() 
         fb.iter().all(|f| execution(f) == "proceeding"),
         "closed before the device finished: {fb:?}"
     );
+    // Once devices may be flashing, a cancel is refused.
+    srv.with(|s| s.cancel = Some(json!({"id": "93", "cancelAction": {"stopId": "90"}})));
+    let f = wait_feedback(&srv, "cancelAction/93", |_| true);
+    assert_eq!(execution(&f), "rejected", "{f}");
+    srv.with(|s| s.cancel = None);
+    // A kill -9 while the device rollout runs: the restarted edge offers
+    // again (at its new address) and still closes the action.
+    d.kill9();
+    let d = rig.start();
+    let offer = dev.expect("devices/s1/update");
+    assert_eq!(offer["rollout"], "hawkbit-90-1", "{offer}");
     take_offer(&dev, "s1", &offer);
     let closed = wait_feedback(&srv, "deploymentBase/90", |f| execution(f) == "closed");
     assert_eq!(
