@@ -471,6 +471,8 @@ fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() 
         details.contains("running version 2.0 on slot B"),
         "{details}"
     );
+    let r = d.get("/v1/edge/rollouts/hawkbit-90-1").json();
+    assert_eq!(r["state"], "complete", "{r}");
 }
 
 /// A device image whose signature does not verify refuses the whole

@@ -447,6 +447,13 @@ impl Hawkbit {
         }
         let fb = ddi::feedback(Execution::Closed, finished, None, &details);
         outbox::commit(&self.inner.store, r, Some((Execution::Closed, fb))).await?;
+        self.remove_parts(r).await;
+        Ok(())
+    }
+
+    /// The action's partial downloads: the OS image, its manifest, and the
+    /// device images (staging and the artifact quota keep their bytes).
+    async fn remove_parts(&self, r: &ActionRec) {
         let work = self.inner.ota.work_dir().to_path_buf();
         let _ = smol::fs::remove_file(part_path(&work, &r.id)).await;
         let _ = smol::fs::remove_file(manifest_part_path(&work, &r.id)).await;
@@ -456,7 +463,6 @@ impl Hawkbit {
                 let _ = smol::fs::remove_file(dir.join(format!(".{}.part", c.rollout))).await;
             }
         }
-        Ok(())
     }
 
     /// `cancelAction`: honoured before the slot write, refused after.
@@ -511,9 +517,7 @@ impl Hawkbit {
             Ok(()) => {
                 r.phase = Phase::Closed;
                 r.error = "cancelled by the server".into();
-                let work = self.inner.ota.work_dir().to_path_buf();
-                let _ = smol::fs::remove_file(part_path(&work, &r.id)).await;
-                let _ = smol::fs::remove_file(manifest_part_path(&work, &r.id)).await;
+                self.remove_parts(r).await;
                 outbox::commit(&self.inner.store, r, None).await?;
                 log::info!("hawkbit: action {} cancelled by the server", r.id);
                 outbox::queue(

@@ -139,6 +139,14 @@ impl Hawkbit {
                     .map(|r| format!("{:?}", r.phase).to_lowercase())
                     .unwrap_or_default();
             });
+            let devices_started = self.inner.rollouts.is_some()
+                && rec.as_ref().is_some_and(|r| r.phase == Phase::Devices);
+            if ticked.is_none() && devices_started {
+                // The rollouts just started: round again with a listener
+                // on their ticks, or a device finishing before the next
+                // poll would go unseen until then.
+                continue;
+            }
             let wake_at = match retry_send {
                 Some(t) if pending > 0 => t.min(next_poll),
                 _ => next_poll,
