@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::store::StoreError;
 
 pub use artifacts::Artifacts;
+pub(crate) use verify::check_meta;
 /// For the tests and tools that sign images.
 pub use verify::{base64_encode, hex};
 

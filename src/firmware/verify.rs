@@ -8,7 +8,7 @@ use ring::signature::{UnparsedPublicKey, ED25519};
 use super::{FirmwareError, NewArtifact, MAX_NOTES};
 use crate::config::base64_decode;
 
-pub(super) fn check_meta(meta: &NewArtifact) -> Result<(), FirmwareError> {
+pub(crate) fn check_meta(meta: &NewArtifact) -> Result<(), FirmwareError> {
     check_name("device_type", &meta.device_type)?;
     check_name("version", &meta.version)?;
     if meta.notes.len() > MAX_NOTES {

@@ -180,53 +180,8 @@ impl Rollouts {
 
     /// Creates a rollout (running) after re-verifying its artifact.
     pub(crate) async fn create(&self, spec: Spec) -> Result<Rollout, FirmwareError> {
+        let (id, deadline) = self.check(&spec)?;
         let defaults = &self.inner.artifacts.settings().defaults;
-        let invalid = |field, message: String| FirmwareError::Invalid { field, message };
-        let id = spec.id.clone().unwrap_or_else(|| {
-            format!(
-                "{}-{}-{:06x}",
-                spec.device_type,
-                spec.version,
-                fastrand::u32(..0xFF_FFFF)
-            )
-        });
-        if !valid_id(&id) {
-            return Err(invalid(
-                "id",
-                format!("`{}`: 1-64 of A-Z a-z 0-9 - _ . :", id.escape_debug()),
-            ));
-        }
-        if id == "host" || id == "status" || id == RUN_PREFIX {
-            // `{id}/...` would take in the host rollouts (`host/{id}`),
-            // the OTA reports (`status/{node}`) or the per-edge executions
-            // (`edge/{rollout}/{edge}`) as this rollout's devices.
-            return Err(invalid("id", format!("`{id}` is reserved")));
-        }
-        if spec
-            .devices
-            .iter()
-            .any(|d| !crate::devices::payload::valid_id(d))
-        {
-            return Err(invalid(
-                "devices",
-                "device ids are 1-128 of A-Z a-z 0-9 - _ . :".into(),
-            ));
-        }
-        if spec.wave_size == Some(0) {
-            return Err(invalid("wave_size", "must be at least 1".into()));
-        }
-        if spec.wave_percent.is_some_and(|p| !(1..=100).contains(&p)) {
-            return Err(invalid("wave_percent", "must be 1-100".into()));
-        }
-        let deadline = match &spec.device_deadline {
-            None => defaults.device_deadline,
-            Some(s) => s
-                .parse::<crate::config::Duration>()
-                .map_err(|e| invalid("device_deadline", e))?,
-        };
-        if deadline.is_zero() {
-            return Err(invalid("device_deadline", "must be greater than 0s".into()));
-        }
         let artifact = self
             .inner
             .artifacts
@@ -278,6 +233,62 @@ impl Rollouts {
         log::info!("rollout {id} created: {} {}", r.device_type, r.version);
         self.wake();
         Ok(r)
+    }
+
+    /// The spec's checks that need no store: its id (the one given, or a
+    /// new one) and device deadline, or the field at fault.
+    pub(crate) fn check(
+        &self,
+        spec: &Spec,
+    ) -> Result<(String, crate::config::Duration), FirmwareError> {
+        let defaults = &self.inner.artifacts.settings().defaults;
+        let invalid = |field, message: String| FirmwareError::Invalid { field, message };
+        let id = spec.id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}-{:06x}",
+                spec.device_type,
+                spec.version,
+                fastrand::u32(..0xFF_FFFF)
+            )
+        });
+        if !valid_id(&id) {
+            return Err(invalid(
+                "id",
+                format!("`{}`: 1-64 of A-Z a-z 0-9 - _ . :", id.escape_debug()),
+            ));
+        }
+        if id == "host" || id == "status" || id == RUN_PREFIX {
+            // `{id}/...` would take in the host rollouts (`host/{id}`),
+            // the OTA reports (`status/{node}`) or the per-edge executions
+            // (`edge/{rollout}/{edge}`) as this rollout's devices.
+            return Err(invalid("id", format!("`{id}` is reserved")));
+        }
+        if spec
+            .devices
+            .iter()
+            .any(|d| !crate::devices::payload::valid_id(d))
+        {
+            return Err(invalid(
+                "devices",
+                "device ids are 1-128 of A-Z a-z 0-9 - _ . :".into(),
+            ));
+        }
+        if spec.wave_size == Some(0) {
+            return Err(invalid("wave_size", "must be at least 1".into()));
+        }
+        if spec.wave_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(invalid("wave_percent", "must be 1-100".into()));
+        }
+        let deadline = match &spec.device_deadline {
+            None => defaults.device_deadline,
+            Some(s) => s
+                .parse::<crate::config::Duration>()
+                .map_err(|e| invalid("device_deadline", e))?,
+        };
+        if deadline.is_zero() {
+            return Err(invalid("device_deadline", "must be greater than 0s".into()));
+        }
+        Ok((id, deadline))
     }
 
     pub(crate) async fn list(&self) -> Result<Vec<Summary>, FirmwareError> {
