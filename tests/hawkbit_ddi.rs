@@ -390,9 +390,30 @@ fn take_offer(dev: &Device, id: &str, offer: &Value) {
     dev.publish(&format!("devices/{id}/register"), reg.to_string(), 1);
 }
 
-/// A private mosquitto (None: not installed), in `dir`.
-fn broker(dir: &tempfile::TempDir) -> Option<Broker> {
-    have("mosquitto").then(|| Broker::start(dir.path()))
+/// What a device-chunk test needs: the recording server, a broker (in
+/// its own temp dir), the firmware signing key and the rig (None: no
+/// mosquitto or no grub-editenv here).
+struct DeviceSetup {
+    srv: DdiServer,
+    broker: Broker,
+    fw_key: Ed25519KeyPair,
+    rig: Rig,
+    _tmp: tempfile::TempDir,
+}
+
+fn device_setup() -> Option<DeviceSetup> {
+    let srv = DdiServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let fw_key = keypair();
+    let broker = have("mosquitto").then(|| Broker::start(tmp.path()))?;
+    let rig = device_rig(&srv, &broker, &fw_key)?;
+    Some(DeviceSetup {
+        srv,
+        broker,
+        fw_key,
+        rig,
+        _tmp: tmp,
+    })
 }
 
 /// One action with the host image and a device chunk: both downloaded and
@@ -401,11 +422,14 @@ fn broker(dir: &tempfile::TempDir) -> Option<Broker> {
 /// device runs the new firmware, with both outcomes in the details.
 #[test]
 fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() {
-    let srv = DdiServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let fw_key = keypair();
-    let Some(broker) = broker(&tmp) else { return };
-    let Some(mut rig) = device_rig(&srv, &broker, &fw_key) else {
+    let Some(DeviceSetup {
+        srv,
+        broker,
+        fw_key,
+        mut rig,
+        _tmp,
+    }) = device_setup()
+    else {
         return;
     };
     rig.healthy(true);
@@ -475,17 +499,21 @@ fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() 
     assert_eq!(r["state"], "complete", "{r}");
 }
 
-/// A device image whose signature does not verify refuses the whole
-/// action before the host's slot is written; a deployment of device
+/// A device chunk naming a device id no rollout takes, or whose image's
+/// signature does not verify, refuses the whole action before the host's
+/// slot is written; a deployment of device
 /// chunks only runs their rollout, and a device that fails closes the
 /// action with `failure` and the device's own error.
 #[test]
 fn a_bad_device_signature_refuses_the_action_and_a_failed_device_fails_it() {
-    let srv = DdiServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let fw_key = keypair();
-    let Some(broker) = broker(&tmp) else { return };
-    let Some(rig) = device_rig(&srv, &broker, &fw_key) else {
+    let Some(DeviceSetup {
+        srv,
+        broker,
+        fw_key,
+        rig,
+        _tmp,
+    }) = device_setup()
+    else {
         return;
     };
     let d = rig.start();
@@ -502,6 +530,22 @@ fn a_bad_device_signature_refuses_the_action_and_a_failed_device_fails_it() {
         "3.0",
         &["rootfs-3.0.img", "rootfs-3.0.img.manifest"],
     );
+    // A device id no rollout would take: refused before a byte is fetched
+    // (not after the host's slot was written).
+    let mut odd = device_chunk(&srv, "sensor-3.0.bin", "3.0", &fw_key);
+    odd["metadata"][1]["value"] = json!("s1, ../s2");
+    let deployment = DdiServer::deployment("89", "forced", None, vec![os.clone(), odd]);
+    srv.with(|s| s.deployment = Some(deployment));
+    let f = wait_feedback(&srv, "deploymentBase/89", |f| execution(f) == "closed");
+    assert_eq!(f["status"]["result"]["finished"], "failure", "{f}");
+    assert!(
+        f["status"]["details"]
+            .to_string()
+            .contains("devices: device ids"),
+        "{f}"
+    );
+    assert_eq!(srv.with(|s| s.downloads), 0, "nothing fetched");
+
     let forged = device_chunk(&srv, "sensor-3.0.bin", "3.0", &keypair());
     srv.with(|s| {
         s.deployment = Some(DdiServer::deployment(

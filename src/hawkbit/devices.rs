@@ -23,7 +23,7 @@ use super::ddi::{self, DeploymentBase, Execution, Finished};
 use super::outbox::{self, ActionRec, Phase};
 use super::{Hawkbit, HawkbitError};
 use crate::firmware::rollout::{DevState, Spec, State};
-use crate::firmware::{FirmwareError, NewArtifact};
+use crate::firmware::{check_meta, FirmwareError, NewArtifact};
 
 /// One device chunk of an action, persisted with it (`ActionRec`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,28 @@ pub(crate) struct DeviceChunk {
     pub signature: String,
     pub size: u64,
     pub href: String,
+}
+
+impl DeviceChunk {
+    fn spec(&self) -> Spec {
+        Spec {
+            id: Some(self.rollout.clone()),
+            device_type: self.device_type.clone(),
+            version: self.version.clone(),
+            devices: self.devices.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn artifact(&self) -> NewArtifact {
+        NewArtifact {
+            device_type: self.device_type.clone(),
+            version: self.version.clone(),
+            sha256: self.sha256.clone(),
+            signature: self.signature.clone(),
+            notes: format!("hawkBit chunk {} ({})", self.name, self.rollout),
+        }
+    }
 }
 
 impl Hawkbit {
@@ -63,15 +85,10 @@ impl Hawkbit {
                     "{what}: names no MQTT devices (metadata `device_type`, optionally `devices`); only the OS chunk and device chunks are supported"
                 ));
             };
-            let Some(keys) = self
-                .inner
-                .rollouts
-                .as_ref()
-                .map(|r| &r.artifacts().settings().keys)
-            else {
+            let Some(ro) = &self.inner.rollouts else {
                 return Err(format!("{what}: this node runs no firmware rollouts"));
             };
-            if keys.is_empty() {
+            if ro.artifacts().settings().keys.is_empty() {
                 return Err(format!(
                     "{what}: no firmware.public_keys configured to check device firmware"
                 ));
@@ -85,7 +102,7 @@ impl Hawkbit {
             let Some(signature) = meta("signature") else {
                 return Err(format!("{what}: no `signature` metadata"));
             };
-            out.push(DeviceChunk {
+            let chunk = DeviceChunk {
                 rollout: format!("hawkbit-{}-{i}", db.id),
                 name: c.name.clone(),
                 device_type,
@@ -100,7 +117,15 @@ impl Hawkbit {
                 signature,
                 size: a.size,
                 href: href.to_owned(),
-            });
+            };
+            // Everything that can be checked before a byte is fetched
+            // (names, digest and signature format, device ids), with the
+            // same rules as an upload and a rollout from the API: a
+            // mistake must not surface after the host's slot was written.
+            check_meta(&chunk.artifact())
+                .and_then(|()| ro.check(&chunk.spec()))
+                .map_err(|e| format!("{what}: {e}"))?;
+            out.push(chunk);
         }
         Ok(out)
     }
@@ -114,7 +139,8 @@ impl Hawkbit {
         };
         let store = ro.artifacts();
         for c in chunks {
-            if store.resolve(c.sha256.clone(), None).await.is_ok() {
+            let stored = store.resolve(c.sha256.clone(), None).await;
+            if stored.is_ok_and(|a| a.device_type == c.device_type && a.version == c.version) {
                 continue;
             }
             let part = store.settings().dir.join(format!(".{}.part", c.rollout));
@@ -129,15 +155,8 @@ impl Hawkbit {
                     detail: format!("{have} of {} bytes; the next attempt resumes", c.size),
                 });
             }
-            let meta = NewArtifact {
-                device_type: c.device_type.clone(),
-                version: c.version.clone(),
-                sha256: c.sha256.clone(),
-                signature: c.signature.clone(),
-                notes: format!("hawkBit chunk {} ({})", c.name, c.rollout),
-            };
             store
-                .import_file(part, meta)
+                .import_file(part, c.artifact())
                 .await
                 .map_err(|source| HawkbitError::Firmware {
                     chunk: c.name.clone(),
@@ -155,14 +174,7 @@ impl Hawkbit {
             return self.close(r, Finished::Failure, vec![why]).await;
         };
         for c in &r.devices {
-            let spec = Spec {
-                id: Some(c.rollout.clone()),
-                device_type: c.device_type.clone(),
-                version: c.version.clone(),
-                devices: c.devices.clone(),
-                ..Default::default()
-            };
-            match ro.create(spec).await {
+            match ro.create(c.spec()).await {
                 Ok(_) | Err(FirmwareError::Conflict { .. }) => {}
                 Err(e) => {
                     let mut why = vec![format!("{}: rollout not created: {e}", c.name)];
