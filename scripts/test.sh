@@ -17,7 +17,7 @@ sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests use; installed only when missing.
 packages=(python3 cmake pkg-config mosquitto mosquitto-clients dbus curl systemd util-linux libglib2.0-bin openssl
-          u-boot-tools libubootenv-tool grub-common rauc rauc-service squashfs-tools
+          u-boot-tools libubootenv-tool grub-common cpio rauc rauc-service squashfs-tools
           chromium chromium-driver python3-venv)
 missing=()
 for p in "${packages[@]}"; do

@@ -1,8 +1,11 @@
 //! The hawkBit DDI client against a real DDI server, gooseBit from PyPI
 //! (tests/common/goosebit.rs), driving the RAUC backend on Debian's real
 //! `rauc service` (tests/common/ota_rauc_rig.rs: private bus, slots as
-//! image files, simulated reboots). Software is uploaded to gooseBit and
-//! assigned through its REST API; what gooseBit shows is read back there.
+//! image files, simulated reboots), and the GRUB backend with our signed
+//! image packed as a `.swu` (real `grub-editenv`, tests/common/ota_rig.rs;
+//! the archive made by GNU `cpio -H newc`, as SWUpdate's docs make one).
+//! Software is uploaded to gooseBit and assigned through its REST API;
+//! what gooseBit shows is read back there.
 //!
 //! Skips loudly without KONSUL_TEST_GOOSEBIT (scripts/test.sh sets it) or
 //! without what the RAUC rig needs (root, loop devices).
@@ -16,6 +19,8 @@ use common::*;
 mod goosebit;
 #[path = "common/ota_rauc_rig.rs"]
 mod ota_rauc_rig;
+#[path = "common/ota_rig.rs"]
+mod ota_rig;
 
 use goosebit::Goosebit;
 use ota_rauc_rig::*;
@@ -291,4 +296,86 @@ fn a_download_killed_midway_resumes_with_range_after_a_restart() {
         served.contains("/download HTTP/1.1\" 206"),
         "gooseBit served a Range request: {served}"
     );
+}
+
+/// (f): the GRUB backend with our signed image. gooseBit takes only RAUC
+/// bundles and SWUpdate's `.swu`, so the image and its manifest travel in
+/// a `.swu` (`sw-description` first, as gooseBit reads it); the node
+/// unpacks it after the digest check and the flow is the RAUC one's:
+/// installed, rebooted, the gate commits, and only then does gooseBit
+/// show it finished, with the version running on the new slot.
+#[test]
+fn our_signed_image_in_a_swu_goes_through_the_grub_flow() {
+    let Some(python) = goosebit::python() else {
+        return;
+    };
+    if !ota_rig::have("grub-editenv") || !ota_rig::have("cpio") {
+        return;
+    }
+    let mut rig = ota_rig::Rig::new(ota_rig::Flavor::Grub, "");
+    let g = Goosebit::start(&python, &rig.path("goosebit"));
+    let cfg = std::fs::read_to_string(rig.path("edge.yaml")).unwrap();
+    // gooseBit assigns only software whose `sw-description` names the
+    // target's board and revision, which it learns from `configData`.
+    std::fs::write(rig.path("hwrevision"), "konsul-board 1.0\n").unwrap();
+    let cfg = format!(
+        "{cfg}hawkbit:\n  server: {}\n  tenant: DEFAULT\n  poll_floor: 1s\n  hwrevision_file: {}\n",
+        g.url(),
+        rig.path("hwrevision").display()
+    );
+    std::fs::write(rig.path("edge.yaml"), cfg).unwrap();
+    rig.healthy(true);
+    let mut d = rig.start();
+    wait_long(&d, "hawkbit: configData sent");
+    eventually("gooseBit registered the node", || {
+        state_is(&g, "registered")
+    });
+
+    let img = ota_rig::new_image(0x5a, 150_000);
+    let swu_dir = rig.path("swu");
+    std::fs::create_dir(&swu_dir).unwrap();
+    std::fs::write(
+        swu_dir.join("sw-description"),
+        "software = {\n  version = \"2.0.0\";\n  konsul-board = { hardware-compatibility = [ \"1.0\" ]; };\n};\n",
+    )
+    .unwrap();
+    rig.image("swu/rootfs.img", &img, "2.0.0", None);
+    let swu = rig.path("update.swu");
+    let packed = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("printf 'sw-description\\nrootfs.img\\nrootfs.img.manifest\\n' | cpio -o -H newc --quiet > ../update.swu")
+        .current_dir(&swu_dir)
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    let sw = g.upload(&swu);
+    g.assign(NODE, sw, false);
+    wait_long(&d, "unpacked from the .swu");
+    wait_long(&d, "running the reboot command");
+    assert_eq!(&rig.slot("B")[..img.len()], &img[..]);
+    wait_for("gooseBit sees the update running", LONG, || {
+        state_is(&g, "running").then_some(())
+    });
+    d.kill9();
+
+    assert_eq!(rig.boot(), "B");
+    let d = rig.start();
+    wait_long(&d, "-> committed");
+    wait_long(
+        &d,
+        &format!("closed feedback for deploymentBase/{sw} delivered"),
+    );
+    assert_eq!(g.state(NODE), "finished");
+    let log = g.device_log(NODE);
+    assert!(
+        log.contains("health gate passed: slot B committed; running version 2.0.0 on slot B"),
+        "{log}"
+    );
+    let left: Vec<_> = std::fs::read_dir(rig.path("ota"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hawkbit-"))
+        .collect();
+    assert!(left.is_empty(), "nothing of the download is left: {left:?}");
 }

@@ -26,6 +26,12 @@ pub struct Hawkbit {
     /// `config.polling.sleep`: a misconfigured server cannot make every
     /// node in a fleet poll in a tight loop.
     pub poll_floor: Duration,
+    /// SWUpdate's `/etc/hwrevision` (`<board> <revision>`): sent as
+    /// `hw_boardname` and `hw_revision`, which SWUpdate-minded servers
+    /// (gooseBit) match software against. With the RAUC backend, RAUC's
+    /// `compatible` names the board instead. A missing file: the device
+    /// tree's model (or DMI's product name) and no revision.
+    pub hwrevision_file: PathBuf,
 }
 
 impl Default for Hawkbit {
@@ -38,6 +44,7 @@ impl Default for Hawkbit {
             gateway_token_file: None,
             ca_file: None,
             poll_floor: Duration::secs(10),
+            hwrevision_file: PathBuf::from("/etc/hwrevision"),
         }
     }
 }

@@ -21,6 +21,11 @@ fn manifest_part_path(work: &Path, action: &str) -> PathBuf {
     work.join(format!("hawkbit-{action}.manifest.part"))
 }
 
+/// The image unpacked from a `.swu` download (`swu`).
+fn image_path(work: &Path, action: &str) -> PathBuf {
+    work.join(format!("hawkbit-{action}.img"))
+}
+
 fn action_ok(id: &str) -> bool {
     (1..=48).contains(&id.len())
         && id
@@ -251,7 +256,27 @@ impl Hawkbit {
                 got,
             });
         }
-        Ok(())
+        // Our image in a `.swu` (what SWUpdate-minded servers take): out
+        // with it and its manifest, once, now that the digest holds.
+        let (img, mfile) = (image_path(&work, action), manifest_part_path(&work, action));
+        let unpacked = smol::unblock(move || match super::swu::is_swu(&dest) {
+            true => super::swu::unpack(&dest, &img, &mfile).map(Some),
+            false => Ok(None),
+        })
+        .await;
+        match unpacked {
+            Ok(Some(name)) => {
+                log::info!(
+                    "hawkbit: action {action}: {name} and its manifest unpacked from the .swu"
+                );
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(HawkbitError::Package {
+                url: href,
+                detail: format!("the .swu: {e}"),
+            }),
+        }
     }
 
     /// A download ended: on success the action waits for its handover
@@ -274,9 +299,11 @@ impl Hawkbit {
                 );
                 outbox::commit(&self.inner.store, r, Some((Execution::Proceeding, fb))).await
             }
-            Err(e @ (HawkbitError::Digest { .. } | HawkbitError::Firmware { .. })) => {
-                self.close(r, Finished::Failure, vec![e.to_string()]).await
-            }
+            Err(
+                e @ (HawkbitError::Digest { .. }
+                | HawkbitError::Package { .. }
+                | HawkbitError::Firmware { .. }),
+            ) => self.close(r, Finished::Failure, vec![e.to_string()]).await,
             Err(e) => {
                 log::warn!(
                     "hawkbit: download of action {}: {e}; resumes at the next poll",
@@ -306,7 +333,12 @@ impl Hawkbit {
             return self.start_devices(r).await;
         }
         let work = self.inner.ota.work_dir().to_path_buf();
-        let file = part_path(&work, &r.id);
+        let part = part_path(&work, &r.id);
+        let unpacked = image_path(&work, &r.id);
+        let file = match smol::fs::metadata(&unpacked).await {
+            Ok(_) => unpacked,
+            Err(_) => part.clone(),
+        };
         let mfile = manifest_part_path(&work, &r.id);
         let manifest = match smol::fs::read_to_string(&mfile).await {
             Ok(text) => match serde_json::from_str::<Manifest>(&text)
@@ -340,6 +372,7 @@ impl Hawkbit {
         match self.inner.ota.start_external(ext, &file).await {
             Ok(()) => {
                 let _ = smol::fs::remove_file(&mfile).await;
+                let _ = smol::fs::remove_file(&part).await;
                 r.phase = Phase::Handed;
                 r.reported = State::Verifying.as_str().into();
                 let fb = ddi::feedback(
@@ -355,8 +388,6 @@ impl Hawkbit {
                 Ok(())
             }
             Err(e) => {
-                let _ = smol::fs::remove_file(&file).await;
-                let _ = smol::fs::remove_file(&mfile).await;
                 let why = format!("refused before any slot write: {e}");
                 self.close(r, Finished::Failure, vec![why]).await
             }
@@ -457,6 +488,7 @@ impl Hawkbit {
         let work = self.inner.ota.work_dir().to_path_buf();
         let _ = smol::fs::remove_file(part_path(&work, &r.id)).await;
         let _ = smol::fs::remove_file(manifest_part_path(&work, &r.id)).await;
+        let _ = smol::fs::remove_file(image_path(&work, &r.id)).await;
         if let Some(ro) = &self.inner.rollouts {
             let dir = &ro.artifacts().settings().dir;
             for c in &r.devices {

@@ -269,21 +269,35 @@ impl Hawkbit {
         };
         let board = board().await;
         // RAUC's `compatible` is what a RAUC-aware server (gooseBit) matches
-        // bundles against; SWUpdate-based servers read `hw_boardname`.
+        // bundles against; SWUpdate-based servers read `hw_boardname` and
+        // `hw_revision`, from /etc/hwrevision as SWUpdate does.
         let compatible = match self.inner.ota.bootloader().await {
             Ok(b) => b["compatible"].as_str().unwrap_or_default().to_owned(),
             Err(_) => String::new(),
         };
-        json!({
+        let hwrevision = smol::fs::read_to_string(&self.inner.cfg.hwrevision_file)
+            .await
+            .unwrap_or_default();
+        let mut hw = hwrevision.split_whitespace().map(str::to_owned);
+        let (hw_board, hw_revision) = (hw.next(), hw.next());
+        let mut attrs = json!({
             "node_id": self.inner.node_id,
-            "hw_boardname": if compatible.is_empty() { board.clone() } else { compatible },
+            "hw_boardname": match (compatible.is_empty(), hw_board) {
+                (false, _) => compatible,
+                (true, Some(b)) => b,
+                (true, None) => board.clone(),
+            },
             "version": version,
             // What SWUpdate-based servers (gooseBit) read as the version.
             "sw_version": version,
             "booted_slot": st.booted_slot,
             "board": board,
             "konsul_edge": env!("CARGO_PKG_VERSION"),
-        })
+        });
+        if let Some(rev) = hw_revision {
+            attrs["hw_revision"] = json!(rev);
+        }
+        attrs
     }
 }
 

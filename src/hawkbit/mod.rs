@@ -44,6 +44,7 @@ mod actor;
 mod ddi;
 mod devices;
 mod outbox;
+mod swu;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -74,6 +75,8 @@ pub enum HawkbitError {
         want: String,
         got: String,
     },
+    #[error("{url}: {detail}; refused before any slot write")]
+    Package { url: String, detail: String },
     #[error("{path}: {source}")]
     File {
         path: PathBuf,
