@@ -34,6 +34,10 @@
 //! **Credentials** (`TargetToken` / `GatewayToken`) go only to the
 //! server's own origin; a download link elsewhere gets none (`ddi`).
 //!
+//! For `uboot`/`grub` the image's signed manifest comes as a second
+//! artifact, or with the image in one SWUpdate `.swu` (`swu`), the format
+//! servers such as gooseBit take besides RAUC bundles.
+//!
 //! **Device chunks** (`devices`): a chunk that names MQTT devices becomes
 //! a firmware rollout to them, started once the host part committed; the
 //! action closes when the host and every rollout have finished. Any other
