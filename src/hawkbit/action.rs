@@ -257,11 +257,19 @@ impl Hawkbit {
             });
         }
         // Our image in a `.swu` (what SWUpdate-minded servers take): out
-        // with it and its manifest, once, now that the digest holds.
+        // with it and its manifest, once, now that the digest holds. The
+        // archive goes at once, so staging holds the image only once (a
+        // restart before the action is marked downloaded fetches it again).
         let (img, mfile) = (image_path(&work, action), manifest_part_path(&work, action));
-        let unpacked = smol::unblock(move || match super::swu::is_swu(&dest) {
-            true => super::swu::unpack(&dest, &img, &mfile).map(Some),
-            false => Ok(None),
+        // On the blocking pool: file I/O as large as the image.
+        #[allow(clippy::disallowed_methods)]
+        let unpacked = smol::unblock(move || {
+            if !super::swu::is_swu(&dest) {
+                return Ok(None);
+            }
+            let name = super::swu::unpack(&dest, &img, &mfile)?;
+            let _ = std::fs::remove_file(&dest);
+            Ok::<_, std::io::Error>(Some(name))
         })
         .await;
         match unpacked {
