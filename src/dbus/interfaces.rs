@@ -593,11 +593,9 @@ impl FirmwareIface {
     async fn command(
         &self,
         hdr: &Header<'_>,
-        method: &str,
         id: String,
         cmd: crate::firmware::rollout::Command,
     ) -> Result<Dict, Error> {
-        let _ = method;
         self.0
             .allow(
                 hdr,
@@ -683,8 +681,8 @@ impl FirmwareIface {
         Ok(to_dict(&json!(r)))
     }
 
-    /// Stops offering (devices in flight are still tracked). Needs the
-    /// access policy's consent. Errors: NotFound, CasConflict (not running, or
+    /// Stops offering (devices in flight are still tracked). Needs root
+    /// or group konsul. Errors: NotFound, CasConflict (not running, or
     /// defined at the hub: command it there).
     #[zbus(out_args("rollout"))]
     async fn pause_rollout(
@@ -692,13 +690,8 @@ impl FirmwareIface {
         id: String,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<Dict, Error> {
-        self.command(
-            &hdr,
-            "PauseRollout",
-            id,
-            crate::firmware::rollout::Command::Pause,
-        )
-        .await
+        self.command(&hdr, id, crate::firmware::rollout::Command::Pause)
+            .await
     }
 
     /// Continues a paused rollout, or one the failure threshold halted.
@@ -709,13 +702,8 @@ impl FirmwareIface {
         id: String,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<Dict, Error> {
-        self.command(
-            &hdr,
-            "ResumeRollout",
-            id,
-            crate::firmware::rollout::Command::Resume,
-        )
-        .await
+        self.command(&hdr, id, crate::firmware::rollout::Command::Resume)
+            .await
     }
 
     /// Ends a rollout for good; its artifact may then be evicted. Needs
@@ -726,12 +714,7 @@ impl FirmwareIface {
         id: String,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<Dict, Error> {
-        self.command(
-            &hdr,
-            "AbortRollout",
-            id,
-            crate::firmware::rollout::Command::Abort,
-        )
-        .await
+        self.command(&hdr, id, crate::firmware::rollout::Command::Abort)
+            .await
     }
 }
