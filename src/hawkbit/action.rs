@@ -179,8 +179,11 @@ impl Hawkbit {
         Ok(Some(os))
     }
 
-    /// Downloads and checks every chunk: the OS image first, then the
-    /// device images (`devices`), all before anything is handed over.
+    /// Downloads and checks every chunk before anything is handed over:
+    /// the device images first (`devices`: stored once verified, so a
+    /// retry skips them), the OS image last (a `.swu` is unpacked and
+    /// dropped at its end, and must not be fetched again for a retry of
+    /// a device image).
     fn start_download(
         &self,
         action: &str,
@@ -191,10 +194,11 @@ impl Hawkbit {
         let action = action.to_owned();
         let os = os.cloned();
         Box::pin(async move {
-            if let Some(chunk) = &os {
-                me.download_os(&action, chunk).await?;
+            me.fetch_devices(&devices).await?;
+            match &os {
+                Some(chunk) => me.download_os(&action, chunk).await,
+                None => Ok(()),
             }
-            me.fetch_devices(&devices).await
         })
     }
 
@@ -288,9 +292,9 @@ impl Hawkbit {
     }
 
     /// A download ended: on success the action waits for its handover
-    /// (`hand_over`, at the next poll); a bad digest or device image
-    /// closes it; other
-    /// errors (the link, the server) are retried at the next poll.
+    /// (`hand_over`, at the next poll); a bad digest, `.swu` or device
+    /// image closes it; other errors (the link, the server) are retried
+    /// at the next poll.
     pub(super) async fn downloaded(
         &self,
         r: &mut ActionRec,
