@@ -47,6 +47,8 @@ use serde::{Deserialize, Serialize};
 use crate::store::StoreError;
 
 pub use artifacts::Artifacts;
+/// For the hawkBit client's device chunks, checked before they are fetched.
+#[cfg(feature = "hawkbit")]
 pub(crate) use verify::check_meta;
 /// For the tests and tools that sign images.
 pub use verify::{base64_encode, hex};
