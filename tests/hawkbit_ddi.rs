@@ -355,6 +355,16 @@ fn sensor(broker: &Broker, d: &Daemon, id: &str) -> Device {
     dev
 }
 
+/// Puts a host image `rootfs-{v}.img` (signed, with its manifest) and a
+/// device image `sensor-{v}.bin` on the server; returns the OS chunk.
+fn serve_host_and_device(srv: &DdiServer, rig: &Rig, v: &str, fill: u8) -> Value {
+    let name = format!("rootfs-{v}.img");
+    serve_image(srv, rig, &name, &new_image(fill, 120_000), v);
+    let device_image = new_image(fill ^ 0x22, 40_000);
+    srv.with(|s| s.files.insert(format!("sensor-{v}.bin"), device_image));
+    srv.chunk("os", "rootfs", v, &[&name, &format!("{name}.manifest")])
+}
+
 /// A device chunk for `file` (on the server), signed with `key`.
 fn device_chunk(srv: &DdiServer, file: &str, version: &str, key: &Ed25519KeyPair) -> Value {
     let data = srv.with(|s| s.files[file].clone());
@@ -435,18 +445,7 @@ fn one_action_updates_the_host_then_its_devices_and_closes_when_both_finished() 
     rig.healthy(true);
     let mut d = rig.start();
     let dev = sensor(&broker, &d, "s1");
-    let img = new_image(0x44, 200_000);
-    serve_image(&srv, &rig, "rootfs-2.0.img", &img, "2.0");
-    srv.with(|s| {
-        s.files
-            .insert("sensor-2.0.bin".into(), new_image(0x66, 50_000))
-    });
-    let os = srv.chunk(
-        "os",
-        "rootfs",
-        "2.0",
-        &["rootfs-2.0.img", "rootfs-2.0.img.manifest"],
-    );
+    let os = serve_host_and_device(&srv, &rig, "2.0", 0x44);
     let fw = device_chunk(&srv, "sensor-2.0.bin", "2.0", &fw_key);
     srv.with(|s| s.deployment = Some(DdiServer::deployment("90", "forced", None, vec![os, fw])));
     wait(&d, "-> pending-reboot");
@@ -518,18 +517,7 @@ fn a_bad_device_signature_refuses_the_action_and_a_failed_device_fails_it() {
     };
     let d = rig.start();
     let dev = sensor(&broker, &d, "s1");
-    let img = new_image(0x45, 60_000);
-    serve_image(&srv, &rig, "rootfs-3.0.img", &img, "3.0");
-    srv.with(|s| {
-        s.files
-            .insert("sensor-3.0.bin".into(), new_image(0x67, 40_000))
-    });
-    let os = srv.chunk(
-        "os",
-        "rootfs",
-        "3.0",
-        &["rootfs-3.0.img", "rootfs-3.0.img.manifest"],
-    );
+    let os = serve_host_and_device(&srv, &rig, "3.0", 0x45);
     // A device id no rollout would take: refused before a byte is fetched
     // (not after the host's slot was written).
     let mut odd = device_chunk(&srv, "sensor-3.0.bin", "3.0", &fw_key);
