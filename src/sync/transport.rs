@@ -366,16 +366,8 @@ impl Client {
         if offset > 0 {
             b = b.header(hyper::header::RANGE, format!("bytes={offset}-"));
         }
-        let own_auth = headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        if let (Some(t), false) = (&self.token, own_auth) {
-            b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = b
+        let req = self
+            .with_headers(b, headers)
             .body(Full::new(Bytes::new()))
             .map_err(|e| TransportError::Http {
                 url: url.clone(),
@@ -404,6 +396,25 @@ impl Client {
         }
     }
 
+    /// The caller's headers, and this client's bearer token unless the
+    /// caller sent its own `Authorization` (a DDI `TargetToken`).
+    fn with_headers(
+        &self,
+        mut b: hyper::http::request::Builder,
+        headers: &[(&str, &str)],
+    ) -> hyper::http::request::Builder {
+        let own_auth = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        if let (Some(t), false) = (&self.token, own_auth) {
+            b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        b
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn post_inner(
         &self,
@@ -423,21 +434,13 @@ impl Client {
         let _ = stream.get_ref().set_nodelay(true);
         let stream = Metered::new(stream, wire.clone());
         let request = |host: &str| {
-            let mut b = hyper::Request::builder()
+            let b = hyper::Request::builder()
                 .method(method.clone())
                 .uri(format!("{}{path}", ep.base))
                 .header(hyper::header::HOST, host)
                 .header(hyper::header::CONTENT_LENGTH, body.len());
-            let own_auth = headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
-            for (k, v) in headers {
-                b = b.header(*k, *v);
-            }
-            if let (Some(t), false) = (&self.token, own_auth) {
-                b = b.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-            }
-            b.body(Full::new(Bytes::from(body.clone())))
+            self.with_headers(b, headers)
+                .body(Full::new(Bytes::from(body.clone())))
                 .map_err(|e| TransportError::Http {
                     url: url.into(),
                     detail: e.to_string(),
