@@ -1,6 +1,7 @@
 //! Writing artifacts: a streamed upload, a fetch from the hub that
-//! resumes a partial file, or a file downloaded elsewhere, all ending in the same verify, fsync, rename,
-//! record sequence; and the quota's eviction that makes room first.
+//! resumes a partial file, or a file downloaded elsewhere, all ending in
+//! the same verify, fsync, rename, record sequence; and the quota's
+//! eviction that makes room first.
 //! Separate from `artifacts` because this is the only part that creates
 //! files and the only one that evicts.
 
@@ -299,7 +300,8 @@ impl Artifacts {
         part: PathBuf,
         meta: NewArtifact,
     ) -> Result<Artifact, FirmwareError> {
-        check_meta(&meta)?;
+        // The metadata is checked by the callers before they fetch, and
+        // again by `finish_upload`.
         // Hash what is on disk (the file may have been resumed).
         let path = part.clone();
         // The closure runs on the blocking pool.

@@ -504,7 +504,7 @@ impl Hawkbit {
         if let Some(ro) = &self.inner.rollouts {
             let dir = &ro.artifacts().settings().dir;
             for c in &r.devices {
-                let _ = smol::fs::remove_file(dir.join(format!(".{}.part", c.rollout))).await;
+                let _ = smol::fs::remove_file(c.part_path(dir)).await;
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The DDI client's one loop (module note in `hawkbit`): poll, follow the
-//! coordinator (or the device rollouts), flush the feedback outbox, sleep until the next deadline.
+//! coordinator (or the device rollouts), flush the feedback outbox, sleep
+//! until the next deadline.
 //! What happens to one action is in `action`.
 
 use std::future::Future;

@@ -16,6 +16,8 @@
 //! when every rollout has ended: `success` only if all are complete with
 //! no failed device.
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 use super::actor::{DETAIL_LINES, STEPS};
@@ -42,6 +44,11 @@ pub(crate) struct DeviceChunk {
 }
 
 impl DeviceChunk {
+    /// Its image's partial download, in the artifact directory `dir`.
+    pub(super) fn part_path(&self, dir: &Path) -> PathBuf {
+        dir.join(format!(".{}.part", self.rollout))
+    }
+
     fn spec(&self) -> Spec {
         Spec {
             id: Some(self.rollout.clone()),
@@ -143,7 +150,7 @@ impl Hawkbit {
             if stored.is_ok_and(|a| a.device_type == c.device_type && a.version == c.version) {
                 continue;
             }
-            let part = store.settings().dir.join(format!(".{}.part", c.rollout));
+            let part = c.part_path(&store.settings().dir);
             let have = self
                 .inner
                 .server
