@@ -45,6 +45,18 @@ fn serve_image(srv: &DdiServer, rig: &Rig, name: &str, data: &[u8], version: &st
     });
 }
 
+/// Offers action `id`: a 400 KB image (version 3.0) that a rig capped at
+/// `download_rate: 20Ki` takes seconds to fetch. Starts the daemon and
+/// returns once that download has begun.
+fn start_slow_download(srv: &DdiServer, rig: &Rig, id: &str, fill: u8) -> Daemon {
+    serve_image(srv, rig, "big.img", &new_image(fill, 400_000), "3.0");
+    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
+    srv.with(|s| s.deployment = Some(DdiServer::deployment(id, "forced", None, vec![chunk])));
+    let d = rig.start();
+    wait(&d, &format!("hawkbit: action {id}: downloading"));
+    d
+}
+
 fn last_feedback(srv: &DdiServer, path: &str) -> Option<Value> {
     srv.feedback_to(path).last().cloned()
 }
@@ -124,12 +136,7 @@ fn cancel_is_honoured_before_the_slot_write_and_refused_after_it() {
         return;
     };
     rig.healthy(true);
-    let big = new_image(0x10, 400_000);
-    serve_image(&srv, &rig, "big.img", &big, "3.0");
-    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
-    srv.with(|s| s.deployment = Some(DdiServer::deployment("10", "forced", None, vec![chunk])));
-    let d = rig.start();
-    wait(&d, "hawkbit: action 10: downloading");
+    let d = start_slow_download(&srv, &rig, "10", 0x10);
     srv.with(|s| s.cancel = Some(json!({"id": "11", "cancelAction": {"stopId": "10"}})));
     let f = wait_feedback(&srv, "cancelAction/11", |_| true);
     assert_eq!(execution(&f), "canceled", "{f}");
@@ -247,12 +254,7 @@ fn an_action_superseded_while_downloading_is_closed_and_its_partial_file_removed
     let Some(rig) = rig(&srv, "  download_rate: 20Ki\n") else {
         return;
     };
-    let big = new_image(0x11, 400_000);
-    serve_image(&srv, &rig, "big.img", &big, "3.0");
-    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
-    srv.with(|s| s.deployment = Some(DdiServer::deployment("60", "forced", None, vec![chunk])));
-    let d = rig.start();
-    wait(&d, "hawkbit: action 60: downloading");
+    let d = start_slow_download(&srv, &rig, "60", 0x11);
     let small = new_image(0x21, 30_000);
     serve_image(&srv, &rig, "small.img", &small, "4.0");
     let chunk = srv.chunk("os", "rootfs", "4.0", &["small.img", "small.img.manifest"]);
@@ -283,12 +285,7 @@ fn a_cancel_offered_again_and_again_queues_one_answer() {
     let Some(rig) = rig(&srv, "  download_rate: 20Ki\n") else {
         return;
     };
-    let big = new_image(0x12, 400_000);
-    serve_image(&srv, &rig, "big.img", &big, "3.0");
-    let chunk = srv.chunk("os", "rootfs", "3.0", &["big.img", "big.img.manifest"]);
-    srv.with(|s| s.deployment = Some(DdiServer::deployment("70", "forced", None, vec![chunk])));
-    let d = rig.start();
-    wait(&d, "hawkbit: action 70: downloading");
+    let d = start_slow_download(&srv, &rig, "70", 0x12);
     srv.with(|s| {
         s.refuse_feedback = true;
         s.deployment = None;
